@@ -1,0 +1,5 @@
+//! Midge: a thread-per-core MQTT broker for device fleets with mutual TLS.
+//!
+//! Layering: `codec`, `session` and `routing` are sans-IO and must not import glommio or
+//! rustls; `shard` is the only module that imports glommio; `tls` owns rustls.
+pub mod codec;
