@@ -3,3 +3,4 @@
 //! Layering: `codec`, `session` and `routing` are sans-IO and must not import glommio or
 //! rustls; `shard` is the only module that imports glommio; `tls` owns rustls.
 pub mod codec;
+pub mod message;
