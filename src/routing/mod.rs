@@ -19,6 +19,8 @@
 //! Shard ids are bits of a `u64`: at most [`MAX_SHARDS`] (64) shards.
 
 mod local;
+#[cfg(test)]
+mod proptests;
 mod replica;
 mod retained;
 mod trie;
