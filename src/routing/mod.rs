@@ -1,0 +1,46 @@
+//! Routing: who gets a published message, on this shard and across shards. Sans-IO.
+//!
+//! Owns: the topic-filter trie ([`SubscriptionTrie`]), the cross-shard routing replica
+//! ([`RoutingReplica`], [`RouteDelta`]), this shard's subscriber table
+//! ([`LocalSubscriptions`]) and the retained store ([`RetainedStore`]). Must not touch:
+//! glommio, rustls, sockets, mailboxes or session state; the shard runtime moves deltas,
+//! forwards and retained broadcasts between shards and calls in here.
+//!
+//! Publish path as the runtime wires it (shard `me`, per-shard `counter` bumped per publish):
+//! 1. `replica.match_shards(&topic, &mut shard_match)`;
+//! 2. `mask = shard_match.choose(counter, &mut chosen)` picks one shard per share group;
+//! 3. locally: if `shard_match.plain` has `me`, `local.match_plain_into(..)`; for each
+//!    `(group, me)` in `chosen`, `local.pick_shared(group, counter)`;
+//! 4. for every other shard in `mask`: one forward carrying the `Message` (shared `Bytes`),
+//!    whether its plain bit was set, and the groups chosen for it; the receiver runs step 3.
+//!
+//! SUBSCRIBE: `local.subscribe(..)`; a returned delta is applied to the local replica and
+//! broadcast to all other shards; then `retained.match_filter(..)` (local replica).
+//! Shard ids are bits of a `u64`: at most [`MAX_SHARDS`] (64) shards.
+
+mod local;
+#[cfg(test)]
+mod proptests;
+mod replica;
+mod retained;
+mod trie;
+
+pub use local::{LocalSubscription, LocalSubscriptions, SubscribeOutcome, UnsubscribeOutcome};
+pub use replica::{
+    pick_shard, shards_in, RouteDelta, RouteOp, RoutingReplica, ShardId, ShardMatch, MAX_SHARDS,
+};
+pub use retained::{RefuseReason, RetainOutcome, RetainedLimits, RetainedStore};
+pub use trie::{pick_one_per_group, Match, SubscriptionTrie};
+
+use thiserror::Error;
+
+/// Deepest topic filter (and retained topic) routing accepts, in levels. Every level costs a
+/// trie node, so a 64 KiB filter of `/` would cost ~32k nodes; mosquitto refuses more than
+/// 200 `/` for the same reason (TOPIC_HIERARCHY_LIMIT), which is 201 levels.
+pub const MAX_FILTER_LEVELS: usize = 201;
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum RoutingError {
+    #[error("topic filter has {levels} levels, more than the {MAX_FILTER_LEVELS} allowed")]
+    TooManyLevels { levels: usize },
+}
