@@ -39,6 +39,10 @@
 //!   `Subscribe { resumed: true, .. }` (update tables only, send no retained messages).
 //!
 //! The router's local subscriber table is maintained exactly from `Subscribe`/`Unsubscribe`.
+//!
+//! Reason strings are only ever put on the DISCONNECT of a protocol violation (the spec allows
+//! that whatever Request Problem Information says [MQTT-3.1.2-29]), so that property needs no
+//! state here.
 
 mod state;
 #[cfg(test)]
@@ -253,10 +257,6 @@ struct Conn {
     next_out_alias: u16,
     /// Index = alias - 1; allocated on first use.
     in_aliases: Vec<Option<TopicName>>,
-    /// v5 Request Problem Information; we only put reason strings on DISCONNECT, which the
-    /// spec allows regardless, so this is recorded for future ack reason strings.
-    #[allow(dead_code)]
-    request_problem_information: bool,
     /// [MQTT-3.14.2-2]: expiry 0 at CONNECT may not become non-zero at DISCONNECT.
     connect_expiry_zero: bool,
     will: Option<LastWill>,
@@ -352,6 +352,8 @@ pub struct Session {
     transmit: VecDeque<Packet>,
     events: VecDeque<SessionEvent>,
     ended: bool,
+    /// Spec citation of a violation being closed on, for the DISCONNECT reason string.
+    detail: Option<&'static str>,
 }
 
 impl Session {
@@ -427,7 +429,6 @@ impl Session {
             out_aliases: AHashMap::new(),
             next_out_alias: 1,
             in_aliases: Vec::new(),
-            request_problem_information: props.request_problem_information.unwrap_or(true),
             connect_expiry_zero: requested_expiry == 0,
             will: connect.will.clone(),
         };
@@ -475,6 +476,7 @@ impl Session {
             transmit: VecDeque::new(),
             events,
             ended: false,
+            detail: None,
         };
         session.transmit.push_back(Packet::ConnAck(ConnAck {
             session_present,
@@ -643,6 +645,7 @@ impl Session {
             }
         };
         if let Err(v) = &result {
+            self.detail = Some(v.detail);
             self.close(
                 CloseReason::ProtocolViolation(v.reason),
                 Some(v.reason),
@@ -1120,10 +1123,16 @@ impl Session {
         };
         if let Some(code) = send_disconnect {
             if conn.version.is_v5() {
-                self.transmit.push_back(Packet::Disconnect(Disconnect {
+                let mut d = Disconnect {
                     reason: code,
                     ..Disconnect::default()
-                }));
+                };
+                // Tell the client what it did wrong, unless that could break its Maximum
+                // Packet Size (details are well under 256 bytes).
+                if conn.client_max_packet_size.is_none_or(|m| m >= 256) {
+                    d.properties.reason_string = self.detail.take().map(ByteString::from_static);
+                }
+                self.transmit.push_back(Packet::Disconnect(d));
             }
         }
         self.events.push_back(SessionEvent::Close { reason });

@@ -20,6 +20,7 @@ use crate::codec::{
 /// A scripted MQTT client: records every packet the server sent and, when `auto_ack`, answers
 /// the QoS flows like a conforming client (PUBACK, PUBREC/PUBCOMP with exactly-once delivery).
 struct Client {
+    version: ProtocolVersion,
     auto_ack: bool,
     /// Every packet received from the server, in order.
     received: Vec<Packet>,
@@ -30,6 +31,7 @@ struct Client {
 
 impl Client {
     fn respond(&mut self, p: &Packet) -> Option<Packet> {
+        assert_wire_roundtrip(p, self.version);
         self.received.push(p.clone());
         match p {
             Packet::Publish(p) => match p.qos {
@@ -95,6 +97,7 @@ impl Pair {
             config,
             server,
             client: Client {
+                version: connect.protocol,
                 auto_ack: true,
                 received: Vec::new(),
                 app: Vec::new(),
@@ -175,6 +178,7 @@ impl Pair {
             .as_ref()
             .map_or_else(|| client_id_for(&connect), |s| s.client_id().clone());
         self.server = Session::accept(&self.config, &connect, id, state, self.now);
+        self.client.version = connect.protocol;
         self.client.qos2_ids.clear();
         self.pump();
     }
@@ -202,6 +206,18 @@ impl Pair {
             })
             .collect()
     }
+}
+
+/// Everything the session emits must survive the real codec unchanged, within the client's
+/// Maximum Packet Size when it set one.
+fn assert_wire_roundtrip(p: &Packet, version: ProtocolVersion) {
+    let mut buf = bytes::BytesMut::new();
+    crate::codec::encode(p, version, &mut buf);
+    assert_eq!(buf.len(), crate::codec::encoded_len(p, version));
+    let back = crate::codec::decode(&mut buf, version, &crate::codec::Limits::default())
+        .expect("session emitted an undecodable packet")
+        .expect("whole packet");
+    assert_eq!(&back, p);
 }
 
 fn client_id_for(c: &Connect) -> ByteString {
@@ -1601,6 +1617,124 @@ fn will_properties_become_message_properties() {
         Some("text/plain")
     );
     let _ = Arc::strong_count(w.properties.as_ref().expect("props"));
+}
+
+#[test]
+fn inbound_qos2_full_flow_with_client_model() {
+    // The client model answers our PUBREC with PUBREL; we complete with PUBCOMP.
+    let mut pair = Pair::v5();
+    pair.client.take();
+    pair.send(publish("a", QoS::ExactlyOnce, 42)).unwrap();
+    assert_eq!(
+        pair.client.take(),
+        vec![
+            Packet::PubRec(PubResp::new(42)),
+            Packet::PubComp(PubResp::new(42))
+        ]
+    );
+    assert_eq!(pair.routed().len(), 1);
+    assert!(pair.server.state().incoming_qos2.is_empty());
+}
+
+#[test]
+fn clean_start_fires_pending_will_of_discarded_session() {
+    let c = persistent(with_will(connect_v5("a"), Some(60)), 600);
+    let mut pair = Pair::new(SessionConfig::default(), c);
+    pair.server.connection_lost(pair.now);
+    pair.pump();
+    assert!(pair.wills().is_empty(), "delay still running");
+    pair.advance_to(pair.at(5.0));
+    pair.reconnect(connect_v5("a")); // clean start ends the old session: will goes now
+    assert_eq!(pair.wills().len(), 1);
+}
+
+#[test]
+fn violation_disconnect_carries_reason_string() {
+    let mut pair = Pair::v5();
+    pair.client.take();
+    let _ = pair.send(publish_alias(Some("a"), 0));
+    let got = pair.client.take();
+    let Some(Packet::Disconnect(d)) = got.last() else {
+        panic!("expected DISCONNECT, got {got:?}");
+    };
+    assert!(d
+        .properties
+        .reason_string
+        .as_deref()
+        .is_some_and(|r| r.contains("MQTT-3.3.2-8")));
+}
+
+fn big_msg(qos: QoS, len: usize) -> Message {
+    Message {
+        payload: Bytes::from(vec![b'x'; len]),
+        ..msg("dev/1/t", "", qos)
+    }
+}
+
+#[test]
+fn messages_above_client_maximum_packet_size_are_discarded() {
+    let mut c = connect_v5("a");
+    c.properties.maximum_packet_size = Some(100);
+    let mut pair = Pair::new(SessionConfig::default(), c);
+    pair.client.take();
+    // PUBLISH QoS 1, topic "dev/1/t": 2 header + 2+7 topic + 2 id + 1 props length = 14 bytes
+    // around the payload, so 86 bytes of payload is exactly 100.
+    let fits = big_msg(QoS::AtLeastOnce, 86);
+    let too_big = big_msg(QoS::AtLeastOnce, 87);
+    assert_eq!(
+        pair.deliver(&too_big, opts(QoS::AtLeastOnce)),
+        DeliveryOutcome::Dropped(DropReason::PacketTooLarge)
+    );
+    assert_eq!(
+        pair.deliver(&fits, opts(QoS::AtLeastOnce)),
+        DeliveryOutcome::Sent
+    );
+    let p = pair.client.publishes();
+    assert_eq!(p.len(), 1);
+    assert_eq!(
+        crate::codec::encoded_len(&Packet::Publish(p[0].clone()), ProtocolVersion::V5),
+        100
+    );
+    // Discarded "as if sent": nothing waits in the window or the queue [MQTT-3.1.2-25].
+    assert_eq!(pair.server.state().inflight_len(), 0);
+    assert_eq!(pair.server.state().queued_len(), 0);
+}
+
+#[test]
+fn alias_is_skipped_when_it_would_exceed_client_maximum_packet_size() {
+    let mut c = connect_v5("a");
+    c.properties.maximum_packet_size = Some(100);
+    c.properties.topic_alias_maximum = Some(4);
+    let mut pair = Pair::new(SessionConfig::default(), c);
+    pair.client.take();
+    // Exactly 100 bytes without an alias; topic + 3-byte alias property would be 103.
+    pair.deliver(&big_msg(QoS::AtLeastOnce, 86), opts(QoS::AtLeastOnce));
+    // A smaller one afterwards can take the alias.
+    pair.deliver(&big_msg(QoS::AtLeastOnce, 10), opts(QoS::AtLeastOnce));
+    pair.deliver(&big_msg(QoS::AtLeastOnce, 10), opts(QoS::AtLeastOnce));
+    let p = pair.client.publishes();
+    let seen: Vec<(&str, Option<u16>)> = p
+        .iter()
+        .map(|p| (p.topic.as_str(), p.properties.topic_alias))
+        .collect();
+    assert_eq!(
+        seen,
+        [("dev/1/t", None), ("dev/1/t", Some(1)), ("", Some(1))]
+    );
+}
+
+#[test]
+fn queued_message_too_large_for_new_connection_is_discarded_on_resume() {
+    let mut pair = Pair::new(SessionConfig::default(), persistent(connect_v5("a"), 600));
+    pair.client.auto_ack = false;
+    pair.deliver(&big_msg(QoS::AtLeastOnce, 500), opts(QoS::AtLeastOnce));
+    pair.server.connection_lost(pair.now);
+    pair.client.take();
+    let mut c = resume(connect_v5("a"));
+    c.properties.maximum_packet_size = Some(100);
+    pair.reconnect(c);
+    assert!(pair.client.publishes().is_empty());
+    assert_eq!(pair.server.state().inflight_len(), 0);
 }
 
 impl Session {
