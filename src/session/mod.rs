@@ -251,6 +251,8 @@ struct Conn {
     last_rx: Instant,
     /// Max outgoing QoS 1/2 unacknowledged (see `SessionConfig::max_inflight`).
     send_window: usize,
+    /// Carried-over inflight entries not yet re-sent on this connection.
+    resend_pending: usize,
     client_max_packet_size: Option<u32>,
     client_alias_max: u16,
     out_aliases: AHashMap<TopicName, u16>,
@@ -420,6 +422,7 @@ impl Session {
                 .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
             last_rx: now,
             send_window,
+            resend_pending: 0,
             client_max_packet_size: if v5 { props.maximum_packet_size } else { None },
             client_alias_max: if v5 {
                 props.topic_alias_maximum.unwrap_or(0)
@@ -493,7 +496,14 @@ impl Session {
                     resumed: true,
                 });
             }
-            session.resend_inflight(now);
+            // Re-send what the client has not acknowledged, then queued messages, as the
+            // window allows.
+            for f in &mut session.state.inflight {
+                f.resend = true;
+            }
+            if let Some(conn) = session.conn.as_mut() {
+                conn.resend_pending = session.state.inflight.len();
+            }
             session.fill_window(now);
         }
         session
@@ -766,6 +776,7 @@ impl Session {
                 packet_id,
                 state,
                 out,
+                resend: false,
             });
         }
     }
@@ -797,13 +808,28 @@ impl Session {
         true
     }
 
-    /// Moves queued messages into the window while it has room.
+    /// Fills the window while it has room: first PUBLISH/PUBREL re-sends carried over from
+    /// an earlier connection (in their original order), then queued messages.
     fn fill_window(&mut self, now: Instant) {
         loop {
-            let Some(conn) = self.conn.as_ref() else {
+            let Some(conn) = self.conn.as_mut() else {
                 return;
             };
-            if self.state.inflight.len() >= conn.send_window {
+            let window = conn.send_window;
+            let pending = conn.resend_pending;
+            debug_assert!(pending <= self.state.inflight.len());
+            if pending > 0 {
+                // Carried-over entries count against the window only once re-sent; they
+                // are always the last `pending` entries (nothing new is added meanwhile).
+                if self.state.inflight.len() - pending >= window {
+                    return;
+                }
+                conn.resend_pending -= 1;
+                let idx = self.state.inflight.len() - pending;
+                self.resend_entry(idx, now);
+                continue;
+            }
+            if self.state.inflight.len() >= window {
                 return;
             }
             let Some(out) = self.state.pop_queued() else {
@@ -820,27 +846,34 @@ impl Session {
         }
     }
 
-    /// On resume: re-send unacknowledged PUBLISHes with DUP=1 and PUBRELs, in their original
-    /// order [MQTT-4.4.0-1].
-    fn resend_inflight(&mut self, now: Instant) {
-        let inflight = std::mem::take(&mut self.state.inflight);
-        let mut kept = VecDeque::with_capacity(inflight.len());
-        for f in inflight {
-            match f.state {
-                InflightState::AwaitingPubComp => {
-                    self.transmit
-                        .push_back(Packet::PubRel(PubResp::new(f.packet_id)));
-                    kept.push_back(f);
-                }
-                _ => {
-                    // Too large for this connection's limit: discarded as if delivered.
-                    if self.emit_publish(&f.out, f.packet_id, true, now) {
-                        kept.push_back(f);
-                    }
+    /// Re-sends one carried-over entry with its original packet id [MQTT-4.4.0-1]: PUBLISH
+    /// with DUP=1, or PUBREL for a message the client already acknowledged with PUBREC.
+    fn resend_entry(&mut self, idx: usize, now: Instant) {
+        let f = &mut self.state.inflight[idx];
+        f.resend = false;
+        let packet_id = f.packet_id;
+        if f.state == InflightState::AwaitingPubComp {
+            self.transmit
+                .push_back(Packet::PubRel(PubResp::new(packet_id)));
+            return;
+        }
+        let out = f.out.clone();
+        if !self.emit_publish(&out, packet_id, true, now) {
+            // Too large for this connection's limit: discarded as if delivered.
+            self.state.inflight.remove(idx);
+        }
+    }
+
+    /// Removes a finished inflight entry, keeping the re-send accounting right if the client
+    /// acknowledged an entry we had not re-sent yet.
+    fn remove_inflight(&mut self, pos: usize) {
+        if let Some(f) = self.state.inflight.remove(pos) {
+            if f.resend {
+                if let Some(conn) = self.conn.as_mut() {
+                    conn.resend_pending -= 1;
                 }
             }
         }
-        self.state.inflight = kept;
     }
 
     fn on_publish(&mut self, mut p: Publish, now: Instant) -> Result<(), ProtocolViolation> {
@@ -946,7 +979,7 @@ impl Session {
     fn on_puback(&mut self, packet_id: u16, now: Instant) {
         if let Some(pos) = self.state.inflight_position(packet_id) {
             if self.state.inflight[pos].state == InflightState::AwaitingPubAck {
-                self.state.inflight.remove(pos);
+                self.remove_inflight(pos);
                 self.fill_window(now);
             }
         }
@@ -959,11 +992,18 @@ impl Session {
             Some(pos) => match self.state.inflight[pos].state {
                 InflightState::AwaitingPubRec if v5 && r.reason.is_error() => {
                     // The client refused it: the flow ends here and frees the slot [MQTT-4.9].
-                    self.state.inflight.remove(pos);
+                    self.remove_inflight(pos);
                     self.fill_window(now);
                 }
                 InflightState::AwaitingPubRec | InflightState::AwaitingPubComp => {
-                    self.state.inflight[pos].state = InflightState::AwaitingPubComp;
+                    let f = &mut self.state.inflight[pos];
+                    f.state = InflightState::AwaitingPubComp;
+                    if std::mem::take(&mut f.resend) {
+                        // Answered before we re-sent it: this PUBREL is its re-send.
+                        if let Some(conn) = self.conn.as_mut() {
+                            conn.resend_pending -= 1;
+                        }
+                    }
                     self.transmit
                         .push_back(Packet::PubRel(PubResp::new(r.packet_id)));
                 }
@@ -981,7 +1021,7 @@ impl Session {
     fn on_pubcomp(&mut self, packet_id: u16, now: Instant) {
         if let Some(pos) = self.state.inflight_position(packet_id) {
             if self.state.inflight[pos].state == InflightState::AwaitingPubComp {
-                self.state.inflight.remove(pos);
+                self.remove_inflight(pos);
                 self.fill_window(now);
             }
         }

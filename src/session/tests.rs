@@ -991,6 +991,37 @@ fn offline_queue_and_resume_resends_dup_and_pubrel_then_queue() {
 }
 
 #[test]
+fn resume_with_smaller_receive_maximum_resends_as_window_allows() {
+    let mut pair = Pair::new(SessionConfig::default(), persistent(connect_v5("a"), 600));
+    pair.client.auto_ack = false;
+    for p in ["m1", "m2", "m3"] {
+        pair.deliver(&msg("t", p, QoS::AtLeastOnce), opts(QoS::AtLeastOnce));
+    }
+    pair.server.connection_lost(pair.now);
+    pair.deliver(&msg("t", "m4", QoS::AtLeastOnce), opts(QoS::AtLeastOnce));
+    pair.client.take();
+    let mut c = resume(connect_v5("a"));
+    c.properties.receive_maximum = Some(1);
+    pair.reconnect(c);
+    let summary = |ps: Vec<Publish>| -> Vec<(u16, bool, Bytes)> {
+        ps.into_iter()
+            .map(|p| (p.packet_id, p.dup, p.payload))
+            .collect()
+    };
+    // Only one unacknowledged PUBLISH at a time on the new connection [MQTT-4.9.0-2].
+    assert_eq!(summary(pair.client.publishes()), [(1, true, "m1".into())]);
+    // The client may acknowledge an entry not re-sent yet; it is simply done.
+    pair.send(Packet::PubAck(PubResp::new(2))).unwrap();
+    assert!(pair.client.publishes().is_empty());
+    pair.send(Packet::PubAck(PubResp::new(1))).unwrap();
+    assert_eq!(summary(pair.client.publishes()), [(3, true, "m3".into())]);
+    pair.send(Packet::PubAck(PubResp::new(3))).unwrap();
+    assert_eq!(summary(pair.client.publishes()), [(4, false, "m4".into())]);
+    pair.send(Packet::PubAck(PubResp::new(4))).unwrap();
+    assert_eq!(pair.server.state().inflight_len(), 0);
+}
+
+#[test]
 fn offline_qos0_queued_when_configured() {
     let config = SessionConfig {
         queue_qos0_offline: true,
