@@ -39,6 +39,10 @@
 //!   `Subscribe { resumed: true, .. }` (update tables only, send no retained messages).
 //!
 //! The router's local subscriber table is maintained exactly from `Subscribe`/`Unsubscribe`.
+//!
+//! Reason strings are only ever put on the DISCONNECT of a protocol violation (the spec allows
+//! that whatever Request Problem Information says [MQTT-3.1.2-29]), so that property needs no
+//! state here.
 
 mod state;
 #[cfg(test)]
@@ -247,16 +251,14 @@ struct Conn {
     last_rx: Instant,
     /// Max outgoing QoS 1/2 unacknowledged (see `SessionConfig::max_inflight`).
     send_window: usize,
+    /// Carried-over inflight entries not yet re-sent on this connection.
+    resend_pending: usize,
     client_max_packet_size: Option<u32>,
     client_alias_max: u16,
     out_aliases: AHashMap<TopicName, u16>,
     next_out_alias: u16,
     /// Index = alias - 1; allocated on first use.
     in_aliases: Vec<Option<TopicName>>,
-    /// v5 Request Problem Information; we only put reason strings on DISCONNECT, which the
-    /// spec allows regardless, so this is recorded for future ack reason strings.
-    #[allow(dead_code)]
-    request_problem_information: bool,
     /// [MQTT-3.14.2-2]: expiry 0 at CONNECT may not become non-zero at DISCONNECT.
     connect_expiry_zero: bool,
     will: Option<LastWill>,
@@ -352,6 +354,8 @@ pub struct Session {
     transmit: VecDeque<Packet>,
     events: VecDeque<SessionEvent>,
     ended: bool,
+    /// Spec citation of a violation being closed on, for the DISCONNECT reason string.
+    detail: Option<&'static str>,
 }
 
 impl Session {
@@ -418,6 +422,7 @@ impl Session {
                 .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
             last_rx: now,
             send_window,
+            resend_pending: 0,
             client_max_packet_size: if v5 { props.maximum_packet_size } else { None },
             client_alias_max: if v5 {
                 props.topic_alias_maximum.unwrap_or(0)
@@ -427,7 +432,6 @@ impl Session {
             out_aliases: AHashMap::new(),
             next_out_alias: 1,
             in_aliases: Vec::new(),
-            request_problem_information: props.request_problem_information.unwrap_or(true),
             connect_expiry_zero: requested_expiry == 0,
             will: connect.will.clone(),
         };
@@ -475,6 +479,7 @@ impl Session {
             transmit: VecDeque::new(),
             events,
             ended: false,
+            detail: None,
         };
         session.transmit.push_back(Packet::ConnAck(ConnAck {
             session_present,
@@ -491,7 +496,14 @@ impl Session {
                     resumed: true,
                 });
             }
-            session.resend_inflight(now);
+            // Re-send what the client has not acknowledged, then queued messages, as the
+            // window allows.
+            for f in &mut session.state.inflight {
+                f.resend = true;
+            }
+            if let Some(conn) = session.conn.as_mut() {
+                conn.resend_pending = session.state.inflight.len();
+            }
             session.fill_window(now);
         }
         session
@@ -643,6 +655,7 @@ impl Session {
             }
         };
         if let Err(v) = &result {
+            self.detail = Some(v.detail);
             self.close(
                 CloseReason::ProtocolViolation(v.reason),
                 Some(v.reason),
@@ -763,6 +776,7 @@ impl Session {
                 packet_id,
                 state,
                 out,
+                resend: false,
             });
         }
     }
@@ -794,13 +808,28 @@ impl Session {
         true
     }
 
-    /// Moves queued messages into the window while it has room.
+    /// Fills the window while it has room: first PUBLISH/PUBREL re-sends carried over from
+    /// an earlier connection (in their original order), then queued messages.
     fn fill_window(&mut self, now: Instant) {
         loop {
-            let Some(conn) = self.conn.as_ref() else {
+            let Some(conn) = self.conn.as_mut() else {
                 return;
             };
-            if self.state.inflight.len() >= conn.send_window {
+            let window = conn.send_window;
+            let pending = conn.resend_pending;
+            debug_assert!(pending <= self.state.inflight.len());
+            if pending > 0 {
+                // Carried-over entries count against the window only once re-sent; they
+                // are always the last `pending` entries (nothing new is added meanwhile).
+                if self.state.inflight.len() - pending >= window {
+                    return;
+                }
+                conn.resend_pending -= 1;
+                let idx = self.state.inflight.len() - pending;
+                self.resend_entry(idx, now);
+                continue;
+            }
+            if self.state.inflight.len() >= window {
                 return;
             }
             let Some(out) = self.state.pop_queued() else {
@@ -817,27 +846,34 @@ impl Session {
         }
     }
 
-    /// On resume: re-send unacknowledged PUBLISHes with DUP=1 and PUBRELs, in their original
-    /// order [MQTT-4.4.0-1].
-    fn resend_inflight(&mut self, now: Instant) {
-        let inflight = std::mem::take(&mut self.state.inflight);
-        let mut kept = VecDeque::with_capacity(inflight.len());
-        for f in inflight {
-            match f.state {
-                InflightState::AwaitingPubComp => {
-                    self.transmit
-                        .push_back(Packet::PubRel(PubResp::new(f.packet_id)));
-                    kept.push_back(f);
-                }
-                _ => {
-                    // Too large for this connection's limit: discarded as if delivered.
-                    if self.emit_publish(&f.out, f.packet_id, true, now) {
-                        kept.push_back(f);
-                    }
+    /// Re-sends one carried-over entry with its original packet id [MQTT-4.4.0-1]: PUBLISH
+    /// with DUP=1, or PUBREL for a message the client already acknowledged with PUBREC.
+    fn resend_entry(&mut self, idx: usize, now: Instant) {
+        let f = &mut self.state.inflight[idx];
+        f.resend = false;
+        let packet_id = f.packet_id;
+        if f.state == InflightState::AwaitingPubComp {
+            self.transmit
+                .push_back(Packet::PubRel(PubResp::new(packet_id)));
+            return;
+        }
+        let out = f.out.clone();
+        if !self.emit_publish(&out, packet_id, true, now) {
+            // Too large for this connection's limit: discarded as if delivered.
+            self.state.inflight.remove(idx);
+        }
+    }
+
+    /// Removes a finished inflight entry, keeping the re-send accounting right if the client
+    /// acknowledged an entry we had not re-sent yet.
+    fn remove_inflight(&mut self, pos: usize) {
+        if let Some(f) = self.state.inflight.remove(pos) {
+            if f.resend {
+                if let Some(conn) = self.conn.as_mut() {
+                    conn.resend_pending -= 1;
                 }
             }
         }
-        self.state.inflight = kept;
     }
 
     fn on_publish(&mut self, mut p: Publish, now: Instant) -> Result<(), ProtocolViolation> {
@@ -943,7 +979,7 @@ impl Session {
     fn on_puback(&mut self, packet_id: u16, now: Instant) {
         if let Some(pos) = self.state.inflight_position(packet_id) {
             if self.state.inflight[pos].state == InflightState::AwaitingPubAck {
-                self.state.inflight.remove(pos);
+                self.remove_inflight(pos);
                 self.fill_window(now);
             }
         }
@@ -956,11 +992,18 @@ impl Session {
             Some(pos) => match self.state.inflight[pos].state {
                 InflightState::AwaitingPubRec if v5 && r.reason.is_error() => {
                     // The client refused it: the flow ends here and frees the slot [MQTT-4.9].
-                    self.state.inflight.remove(pos);
+                    self.remove_inflight(pos);
                     self.fill_window(now);
                 }
                 InflightState::AwaitingPubRec | InflightState::AwaitingPubComp => {
-                    self.state.inflight[pos].state = InflightState::AwaitingPubComp;
+                    let f = &mut self.state.inflight[pos];
+                    f.state = InflightState::AwaitingPubComp;
+                    if std::mem::take(&mut f.resend) {
+                        // Answered before we re-sent it: this PUBREL is its re-send.
+                        if let Some(conn) = self.conn.as_mut() {
+                            conn.resend_pending -= 1;
+                        }
+                    }
                     self.transmit
                         .push_back(Packet::PubRel(PubResp::new(r.packet_id)));
                 }
@@ -978,7 +1021,7 @@ impl Session {
     fn on_pubcomp(&mut self, packet_id: u16, now: Instant) {
         if let Some(pos) = self.state.inflight_position(packet_id) {
             if self.state.inflight[pos].state == InflightState::AwaitingPubComp {
-                self.state.inflight.remove(pos);
+                self.remove_inflight(pos);
                 self.fill_window(now);
             }
         }
@@ -1120,10 +1163,16 @@ impl Session {
         };
         if let Some(code) = send_disconnect {
             if conn.version.is_v5() {
-                self.transmit.push_back(Packet::Disconnect(Disconnect {
+                let mut d = Disconnect {
                     reason: code,
                     ..Disconnect::default()
-                }));
+                };
+                // Tell the client what it did wrong, unless that could break its Maximum
+                // Packet Size (details are well under 256 bytes).
+                if conn.client_max_packet_size.is_none_or(|m| m >= 256) {
+                    d.properties.reason_string = self.detail.take().map(ByteString::from_static);
+                }
+                self.transmit.push_back(Packet::Disconnect(d));
             }
         }
         self.events.push_back(SessionEvent::Close { reason });

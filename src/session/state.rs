@@ -54,6 +54,9 @@ pub(crate) struct Inflight {
     pub packet_id: u16,
     pub state: InflightState,
     pub out: Outgoing,
+    /// Carried over from an earlier connection and not yet re-sent on this one (re-sends
+    /// wait for room in this connection's window).
+    pub resend: bool,
 }
 
 /// A will whose delay is running after the connection closed [MQTT-3.1.3-9].
