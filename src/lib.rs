@@ -6,3 +6,4 @@ pub mod codec;
 pub mod message;
 pub mod routing;
 pub mod session;
+pub mod shard;

@@ -542,6 +542,11 @@ impl Session {
         (!self.ended).then_some(self.state)
     }
 
+    /// Packets waiting in `poll_transmit` (the runtime bounds QoS 0 to slow readers by it).
+    pub fn pending_transmit(&self) -> usize {
+        self.transmit.len()
+    }
+
     pub fn poll_transmit(&mut self) -> Option<Packet> {
         self.transmit.pop_front()
     }

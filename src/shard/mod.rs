@@ -1,0 +1,265 @@
+//! The sharded runtime: the only module that imports glommio.
+//!
+//! Owns: starting one pinned glommio executor per shard, their SO_REUSEPORT listeners, the
+//! cross-shard mailbox mesh, connection tasks, signal-driven shutdown and reload. Must not
+//! touch: protocol rules (codec/session), matching (routing), TLS policy (tls). Shards share
+//! nothing mutable: per-shard state lives in `Rc<RefCell<_>>` on its own thread, and shards
+//! talk only through the mailboxes.
+
+mod conn;
+pub mod mailbox;
+pub mod notify;
+pub mod registry;
+
+use std::io;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use thiserror::Error;
+
+/// What the runtime needs to know about one listener.
+#[derive(Debug, Clone)]
+pub struct ListenerSpec {
+    pub addr: SocketAddr,
+    pub allow_anonymous: bool,
+    /// Connections this listener accepts in total across shards (0 = unlimited).
+    pub max_connections: usize,
+}
+
+/// Runtime settings, derived from `config::Config`.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    pub shards: usize,
+    pub listeners: Vec<ListenerSpec>,
+    /// A client that opens a connection and sends no complete CONNECT within this is dropped.
+    pub connect_timeout: Duration,
+    /// Capacity of each cross-shard queue.
+    pub mailbox_capacity: usize,
+    /// Diagnostics: each shard also listens on its own ephemeral loopback port, so tests and
+    /// operators can reach a chosen shard regardless of the kernel's REUSEPORT hash.
+    pub shard_listeners: bool,
+    /// Per-session limits (inflight, queues, packet size, keepalive, ...).
+    pub session: crate::session::SessionConfig,
+    pub retained: crate::routing::RetainedLimits,
+    /// Publishes with a larger payload are acknowledged but not delivered (mosquitto's
+    /// `message_size_limit`).
+    pub message_size_limit: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            shards: default_shards(),
+            listeners: vec![ListenerSpec {
+                addr: SocketAddr::from(([127, 0, 0, 1], 1883)),
+                allow_anonymous: true,
+                max_connections: 0,
+            }],
+            connect_timeout: Duration::from_secs(10),
+            mailbox_capacity: 1024,
+            shard_listeners: false,
+            session: crate::session::SessionConfig::default(),
+            retained: crate::routing::RetainedLimits::default(),
+            message_size_limit: usize::MAX,
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum StartError {
+    #[error(
+        "{addr} is already in use by another process (is mosquitto or another Midge running?)"
+    )]
+    AddrInUse { addr: SocketAddr },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: io::Error },
+    #[error("cannot start shard {shard}: {reason}")]
+    Executor { shard: usize, reason: String },
+}
+
+/// Flags the shards poll; set from signal handlers or the embedding program.
+#[derive(Debug, Default)]
+pub struct Control {
+    shutdown: AtomicBool,
+    reload_generation: AtomicU64,
+}
+
+impl Control {
+    pub fn request_shutdown(&self) {
+        self.shutdown.store(true, Ordering::Release);
+    }
+    pub fn shutdown_requested(&self) -> bool {
+        self.shutdown.load(Ordering::Acquire)
+    }
+    pub fn request_reload(&self) {
+        self.reload_generation.fetch_add(1, Ordering::AcqRel);
+    }
+    pub fn reload_generation(&self) -> u64 {
+        self.reload_generation.load(Ordering::Acquire)
+    }
+}
+
+/// A running broker.
+pub struct Broker {
+    /// The bound address of each configured listener, in configuration order.
+    pub listen_addrs: Vec<SocketAddr>,
+    /// With `shard_listeners`: each shard's own plain listener, indexed by shard.
+    pub shard_addrs: Vec<SocketAddr>,
+    pub control: Arc<Control>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Broker {
+    pub fn shutdown(&self) {
+        self.control.request_shutdown();
+    }
+
+    /// Wait for every shard to finish.
+    pub fn join(self) {
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Refuse a port another process already serves. glommio binds with SO_REUSEPORT, so a
+/// second broker would otherwise silently share the port; a plain bind without that option
+/// fails if anyone holds it. Port 0 is resolved here to one concrete port for all shards.
+fn probe_listener(addr: SocketAddr) -> Result<SocketAddr, StartError> {
+    match StdListener::bind(addr) {
+        Ok(l) => l
+            .local_addr()
+            .map_err(|source| StartError::Bind { addr, source }),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(StartError::AddrInUse { addr }),
+        Err(source) => Err(StartError::Bind { addr, source }),
+    }
+}
+
+/// The CPUs shards are pinned to, shard i on `cpus[i % len]`.
+fn shard_cpus() -> Vec<usize> {
+    let mut ids: Vec<usize> = core_affinity::get_core_ids()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    if ids.is_empty() {
+        ids.push(0);
+    }
+    ids
+}
+
+/// Default shard count: one per core the process may run on.
+pub fn default_shards() -> usize {
+    shard_cpus().len()
+}
+
+/// Start the broker; returns once every shard is listening.
+pub fn start(cfg: RuntimeConfig) -> Result<Broker, StartError> {
+    let shards = cfg.shards.max(1);
+    if shards > crate::routing::MAX_SHARDS {
+        return Err(StartError::Executor {
+            shard: shards - 1,
+            reason: format!(
+                "at most {} shards are supported",
+                crate::routing::MAX_SHARDS
+            ),
+        });
+    }
+    let mut resolved = Vec::with_capacity(cfg.listeners.len());
+    for l in &cfg.listeners {
+        let addr = probe_listener(l.addr)?;
+        resolved.push(ListenerSpec { addr, ..l.clone() });
+    }
+    let cpus = shard_cpus();
+    let control = Arc::new(Control::default());
+    let mesh = glommio::channels::channel_mesh::MeshBuilder::full(shards, cfg.mailbox_capacity);
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<(usize, Option<SocketAddr>), StartError>>();
+    let shared = Arc::new(runtime::Shared::new(cfg.clone(), resolved.clone(), shards));
+
+    let mut threads = Vec::with_capacity(shards);
+    for id in 0..shards {
+        let cpu = cpus[id % cpus.len()];
+        let mesh = mesh.clone();
+        let control = control.clone();
+        let ready = ready_tx.clone();
+        let shared = shared.clone();
+        let builder = glommio::LocalExecutorBuilder::new(glommio::Placement::Fixed(cpu))
+            .name(&format!("midge-shard-{id}"))
+            // glommio's 10 MiB default cannot be locked under the usual 8 MiB memlock limit.
+            .io_memory(256 << 10);
+        let handle = builder
+            .spawn(move || async move {
+                runtime::shard_main(id, cpu, shared, mesh, control, ready).await;
+            })
+            .map_err(|e| StartError::Executor {
+                shard: id,
+                reason: e.to_string(),
+            })?;
+        threads.push(std::thread::spawn(move || {
+            let _ = handle.join();
+        }));
+    }
+    drop(ready_tx);
+
+    let mut shard_addrs = vec![None; shards];
+    for _ in 0..shards {
+        match ready_rx.recv() {
+            Ok(Ok((id, addr))) => shard_addrs[id] = addr,
+            Ok(Err(e)) => {
+                control.request_shutdown();
+                return Err(e);
+            }
+            Err(_) => {
+                control.request_shutdown();
+                return Err(StartError::Executor {
+                    shard: 0,
+                    reason: "a shard exited during start-up".into(),
+                });
+            }
+        }
+    }
+    Ok(Broker {
+        listen_addrs: resolved.iter().map(|l| l.addr).collect(),
+        shard_addrs: shard_addrs.into_iter().flatten().collect(),
+        control,
+        threads,
+    })
+}
+
+mod runtime;
+
+/// Run until SIGINT/SIGTERM (graceful: clients get 0x8B, exit 0); SIGHUP requests a reload.
+pub fn run_until_signalled(cfg: RuntimeConfig) -> Result<(), StartError> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let broker = start(cfg)?;
+    let control = broker.control.clone();
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]).map_err(|e| {
+            StartError::Executor {
+                shard: 0,
+                reason: format!("cannot install signal handlers: {e}"),
+            }
+        })?;
+    let handle = signals.handle();
+    std::thread::spawn(move || {
+        for sig in signals.forever() {
+            match sig {
+                SIGHUP => {
+                    tracing::info!("SIGHUP: reload requested");
+                    control.request_reload();
+                }
+                _ => {
+                    tracing::info!("signal {sig}: shutting down");
+                    control.request_shutdown();
+                    break;
+                }
+            }
+        }
+    });
+    broker.join();
+    handle.close();
+    Ok(())
+}

@@ -1,0 +1,846 @@
+//! One shard: its state, its cross-shard message handling, and its tasks.
+//!
+//! Owns: `Shard` (per-core state behind one `RefCell`, never shared with other threads), the
+//! `ShardMsg` protocol between shards, routing of publishes (local delivery + one forward per
+//! remote shard), takeover and session hand-over, and shutdown of the shard. Must not touch:
+//! socket reads/writes (that is `conn`), protocol rules (session/codec).
+//!
+//! Borrow discipline: `Shard::st` is borrowed only in short synchronous sections, never across
+//! an `.await`, so tasks on the shard cannot observe each other half-way.
+
+use std::cell::{Cell, RefCell};
+use std::mem;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use ahash::{AHashMap, AHashSet};
+use bytestring::ByteString;
+use futures_lite::future;
+use glommio::channels::channel_mesh::{Full, MeshBuilder};
+use glommio::net::TcpListener;
+use smallvec::SmallVec;
+use tracing::{debug, info, warn};
+
+use super::mailbox::{spawn_receivers, Forwarded, MeshMailbox, Outbox, ShardId};
+use super::notify::Notify;
+use super::registry::{conn_key, conn_shard, home_shard, ConnKey, Registered, Registry};
+use super::{conn, Control, ListenerSpec, RuntimeConfig, StartError};
+use crate::codec::{Packet, QoS, ReasonCode, TopicFilter};
+use crate::message::Message;
+use crate::routing::{
+    self, shards_in, LocalSubscription, LocalSubscriptions, RetainedStore, RouteDelta,
+    RoutingReplica, ShardMatch,
+};
+use crate::session::{CloseReason, DeliveryOutcome, Session, SessionEvent, SessionState};
+
+/// Broker-wide read-only settings plus the few atomics shards share (connection counts).
+pub(crate) struct Shared {
+    pub cfg: RuntimeConfig,
+    pub listeners: Vec<ListenerSpec>,
+    pub shards: usize,
+    pub connections: Vec<AtomicUsize>,
+}
+
+impl Shared {
+    pub fn new(cfg: RuntimeConfig, listeners: Vec<ListenerSpec>, shards: usize) -> Self {
+        let connections = listeners.iter().map(|_| AtomicUsize::new(0)).collect();
+        Shared {
+            cfg,
+            listeners,
+            shards,
+            connections,
+        }
+    }
+}
+
+/// Messages between shards. All `Send`: payloads are refcounted `Bytes`.
+pub(crate) enum ShardMsg {
+    /// A shard gained its first / lost its last subscriber on a filter.
+    Route(RouteDelta),
+    /// Deliver to this shard's plain subscribers (if `plain`) and to one local member of each
+    /// share group in `groups`.
+    Forward {
+        msg: Message,
+        plain: bool,
+        groups: SmallVec<[TopicFilter; 1]>,
+    },
+    /// A retained message (or its deletion) to apply to this shard's retained replica.
+    Retain(Message),
+    /// To the home shard: `conn` is connecting with `client_id`.
+    Register {
+        client_id: ByteString,
+        conn: ConnKey,
+    },
+    /// To the shard hosting `previous`: close it (if live) and hand its session to `conn`.
+    Takeover { previous: ConnKey, conn: ConnKey },
+    /// To the shard hosting `conn`: the registration is done; here is the previous session.
+    Handover {
+        conn: ConnKey,
+        state: Option<Box<SessionState>>,
+    },
+    /// To the home shard: the session of `conn` ended for good.
+    Unregister {
+        client_id: ByteString,
+        conn: ConnKey,
+    },
+}
+
+/// The link between a session and its live connection task.
+#[derive(Default)]
+pub(crate) struct ConnLink {
+    /// Woken when the session has packets to send or must close.
+    pub notify: Notify,
+    /// The session asked to close (after flushing what is queued).
+    pub closing: Cell<bool>,
+    /// Packets left by a session that was taken away from this connection (takeover): the
+    /// connection writes them and closes.
+    pub last_words: RefCell<Vec<Packet>>,
+    /// The session was taken away (takeover) or the shard is stopping.
+    pub detached: Cell<bool>,
+}
+
+pub(crate) struct Slot {
+    pub session: Session,
+    pub link: Option<Rc<ConnLink>>,
+}
+
+/// A connection waiting for its home shard's answer.
+#[derive(Default)]
+pub(crate) struct Pending {
+    pub result: RefCell<Option<Option<Box<SessionState>>>>,
+    pub notify: Notify,
+}
+
+#[derive(Default, Debug, Clone, Copy)]
+pub struct Stats {
+    pub publishes_in: u64,
+    pub deliveries: u64,
+    pub dropped_queue_full: u64,
+    pub dropped_qos0_slow: u64,
+    pub dropped_too_large: u64,
+    pub dropped_expired: u64,
+    pub forwards_out: u64,
+    pub oversize_publishes: u64,
+}
+
+pub(crate) struct State {
+    pub registry: Registry,
+    pub sessions: AHashMap<ConnKey, Slot>,
+    /// Sessions without a live connection, for expiry and will-delay timers.
+    pub offline: AHashSet<ConnKey>,
+    pub local: LocalSubscriptions<ConnKey>,
+    pub replica: RoutingReplica,
+    pub retained: RetainedStore,
+    pub pending: AHashMap<ConnKey, Rc<Pending>>,
+    pub stats: Stats,
+    /// QoS 1/2 forwards a saturated peer refused; the publishing connection retries them
+    /// before it sends its acknowledgements.
+    pub held: Vec<(ShardId, ShardMsg)>,
+    // Scratch buffers reused across publishes (no allocation per message).
+    match_buf: Vec<(ConnKey, LocalSubscription)>,
+    shard_match: ShardMatch,
+    chosen: Vec<(TopicFilter, routing::ShardId)>,
+    events: Vec<SessionEvent>,
+    retained_buf: Vec<Message>,
+}
+
+pub(crate) struct Shard {
+    pub id: ShardId,
+    pub shared: Arc<Shared>,
+    pub outbox: Outbox<ShardMsg, MeshMailbox<ShardMsg>>,
+    pub st: RefCell<State>,
+    next_conn: Cell<u64>,
+    pub_counter: Cell<u64>,
+    pub stopping: Cell<bool>,
+    pub stop_notify: Notify,
+    pub live_conns: Cell<usize>,
+    /// Messages to this shard from itself, handled on the next turn (never re-entrantly).
+    self_queue: RefCell<Vec<ShardMsg>>,
+    self_notify: Notify,
+}
+
+/// Most packets a session may have waiting to be written before QoS 0 deliveries to it are
+/// dropped: a subscriber that does not read must not grow memory (QoS 1/2 are bounded by the
+/// session's inflight window and queue).
+const MAX_PENDING_TRANSMIT: usize = 1000;
+
+impl Shard {
+    pub fn next_conn_key(&self) -> ConnKey {
+        let n = self.next_conn.get() + 1;
+        self.next_conn.set(n);
+        conn_key(self.id, n)
+    }
+
+    fn routing_id(&self) -> routing::ShardId {
+        // start() refuses more than MAX_SHARDS shards.
+        routing::ShardId::new(self.id).unwrap_or(routing::ShardId::new(0).unwrap())
+    }
+
+    /// Send a control message to `to`, or queue it for this shard's own next turn.
+    pub fn send_control(&self, to: ShardId, msg: ShardMsg) {
+        if to == self.id {
+            self.self_queue.borrow_mut().push(msg);
+            self.self_notify.notify();
+        } else {
+            self.outbox.send_control(to, msg);
+        }
+    }
+
+    fn broadcast_delta(&self, st: &mut State, delta: RouteDelta) {
+        st.replica.apply(&delta);
+        for peer in 0..self.shared.shards {
+            if peer != self.id {
+                self.outbox
+                    .send_control(peer, ShardMsg::Route(delta.clone()));
+            }
+        }
+    }
+
+    /// Handle a message from another shard (or from ourselves).
+    pub fn handle_msg(&self, msg: ShardMsg) {
+        let now = Instant::now();
+        match msg {
+            ShardMsg::Route(delta) => {
+                self.st.borrow_mut().replica.apply(&delta);
+            }
+            ShardMsg::Forward { msg, plain, groups } => {
+                let mut st = self.st.borrow_mut();
+                self.deliver_local(&mut st, &msg, plain, &groups, now);
+            }
+            ShardMsg::Retain(msg) => {
+                self.st.borrow_mut().retained.set(msg);
+            }
+            ShardMsg::Register { client_id, conn } => {
+                let reg = self.st.borrow_mut().registry.register(client_id, conn);
+                match reg {
+                    Registered::Fresh => self
+                        .send_control(conn_shard(conn), ShardMsg::Handover { conn, state: None }),
+                    Registered::Takeover { previous } => self
+                        .send_control(conn_shard(previous), ShardMsg::Takeover { previous, conn }),
+                }
+            }
+            ShardMsg::Takeover { previous, conn } => {
+                let state = self.take_session(previous, now);
+                self.send_control(conn_shard(conn), ShardMsg::Handover { conn, state });
+            }
+            ShardMsg::Handover { conn, state } => {
+                let pending = self.st.borrow_mut().pending.remove(&conn);
+                match pending {
+                    Some(p) => {
+                        *p.result.borrow_mut() = Some(state);
+                        p.notify.notify();
+                    }
+                    None => {
+                        // Only a stopping shard abandons a pending registration; the state
+                        // goes with the process.
+                        debug!(
+                            shard = self.id,
+                            has_state = state.is_some(),
+                            "late hand-over"
+                        );
+                    }
+                }
+            }
+            ShardMsg::Unregister { client_id, conn } => {
+                self.st.borrow_mut().registry.unregister(&client_id, conn);
+            }
+        }
+    }
+
+    /// Detach the session of `key` (takeover): close its connection with 0x8E if live, remove
+    /// its subscriptions from this shard, and return its persistent state.
+    fn take_session(&self, key: ConnKey, now: Instant) -> Option<Box<SessionState>> {
+        let mut st = self.st.borrow_mut();
+        let mut slot = st.sessions.remove(&key)?;
+        st.offline.remove(&key);
+        if slot.session.is_connected() {
+            slot.session.disconnect(ReasonCode::SESSION_TAKEN_OVER, now);
+        }
+        // Run the session's last events (will, close) with the session out of the map.
+        let mut events = mem::take(&mut st.events);
+        while let Some(ev) = slot.session.poll_event() {
+            events.push(ev);
+        }
+        for ev in events.drain(..) {
+            self.handle_event(&mut st, key, ev, now);
+        }
+        st.events = events;
+        if let Some(link) = slot.link.take() {
+            let mut words = link.last_words.borrow_mut();
+            while let Some(p) = slot.session.poll_transmit() {
+                words.push(p);
+            }
+            link.detached.set(true);
+            link.closing.set(true);
+            link.notify.notify();
+        }
+        let state = slot.session.into_state()?;
+        for (filter, _) in state.subscriptions() {
+            let out = st.local.unsubscribe(filter, &key);
+            if let Some(d) = out.delta {
+                self.broadcast_delta(&mut st, d);
+            }
+        }
+        Some(Box::new(state))
+    }
+
+    /// Drain `key`'s session events and act on them. Call after every input to a session.
+    pub fn pump(&self, st: &mut State, key: ConnKey, now: Instant) {
+        let mut events = mem::take(&mut st.events);
+        loop {
+            let Some(slot) = st.sessions.get_mut(&key) else {
+                break;
+            };
+            while let Some(ev) = slot.session.poll_event() {
+                events.push(ev);
+            }
+            if events.is_empty() {
+                break;
+            }
+            for ev in events.drain(..) {
+                self.handle_event(st, key, ev, now);
+            }
+        }
+        st.events = events;
+    }
+
+    fn handle_event(&self, st: &mut State, key: ConnKey, ev: SessionEvent, now: Instant) {
+        match ev {
+            SessionEvent::Publish(msg) | SessionEvent::Will(msg) => {
+                // Held-back QoS 1/2 forwards are resolved by the connection task; here a full
+                // peer drops (wills and retained-only paths cannot wait).
+                let held = self.route(st, msg, now);
+                st.held.extend(held);
+            }
+            SessionEvent::Subscribe {
+                filter,
+                options,
+                subscription_id,
+                existed,
+                resumed,
+            } => {
+                let sub = LocalSubscription {
+                    options,
+                    subscription_id,
+                };
+                match st.local.subscribe(&filter, key, sub) {
+                    Ok(out) => {
+                        if let Some(d) = out.delta {
+                            self.broadcast_delta(st, d);
+                        }
+                    }
+                    Err(e) => {
+                        warn!(shard = self.id, %filter, "subscription not added: {e}");
+                        return;
+                    }
+                }
+                let send_retained = !resumed
+                    && match options.retain_handling {
+                        crate::codec::RetainHandling::OnSubscribe => true,
+                        crate::codec::RetainHandling::OnNewSubscribe => !existed,
+                        crate::codec::RetainHandling::Never => false,
+                    };
+                if send_retained {
+                    let mut buf = mem::take(&mut st.retained_buf);
+                    st.retained.match_filter(&filter, now, &mut buf);
+                    let ids: SmallVec<[u32; 1]> = subscription_id.into_iter().collect();
+                    if let Some(slot) = st.sessions.get_mut(&key) {
+                        for m in buf.drain(..) {
+                            slot.session.deliver_retained(&m, options, &ids, now);
+                        }
+                    }
+                    buf.clear();
+                    st.retained_buf = buf;
+                }
+            }
+            SessionEvent::Unsubscribe { filter } => {
+                let out = st.local.unsubscribe(&filter, &key);
+                if let Some(d) = out.delta {
+                    self.broadcast_delta(st, d);
+                }
+            }
+            SessionEvent::Close { reason } => {
+                match reason {
+                    CloseReason::ClientDisconnect(_) | CloseReason::ConnectionLost => {
+                        debug!(shard = self.id, ?reason, "connection closed")
+                    }
+                    _ => info!(shard = self.id, ?reason, "closing connection"),
+                }
+                if let Some(slot) = st.sessions.get_mut(&key) {
+                    if let Some(link) = &slot.link {
+                        link.closing.set(true);
+                        link.notify.notify();
+                    }
+                }
+            }
+            SessionEvent::Ended => {
+                if let Some(slot) = st.sessions.remove(&key) {
+                    st.offline.remove(&key);
+                    let client_id = slot.session.client_id().clone();
+                    if let Some(link) = slot.link {
+                        // Keep the last packets (e.g. DISCONNECT) for the connection to write.
+                        let mut s = slot.session;
+                        let mut words = link.last_words.borrow_mut();
+                        while let Some(p) = s.poll_transmit() {
+                            words.push(p);
+                        }
+                        link.detached.set(true);
+                        link.closing.set(true);
+                        link.notify.notify();
+                    }
+                    let home = home_shard(&client_id, self.shared.shards);
+                    self.send_control(
+                        home,
+                        ShardMsg::Unregister {
+                            client_id,
+                            conn: key,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    /// Route a publish: retained update, local delivery, one forward per remote shard.
+    /// Returns QoS 1/2 forwards a saturated peer refused, for the caller to retry.
+    pub fn route(
+        &self,
+        st: &mut State,
+        msg: Message,
+        now: Instant,
+    ) -> SmallVec<[(ShardId, ShardMsg); 1]> {
+        let mut held = SmallVec::new();
+        st.stats.publishes_in += 1;
+        if msg.payload.len() > self.shared.cfg.message_size_limit {
+            // mosquitto's message_size_limit: the publish is acknowledged but not delivered.
+            st.stats.oversize_publishes += 1;
+            return held;
+        }
+        if msg.retain {
+            st.retained.set(msg.clone());
+            for peer in 0..self.shared.shards {
+                if peer != self.id {
+                    self.outbox
+                        .send_control(peer, ShardMsg::Retain(msg.clone()));
+                }
+            }
+        }
+        let counter = self.pub_counter.get().wrapping_add(1);
+        self.pub_counter.set(counter);
+        let mut sm = mem::take(&mut st.shard_match);
+        let mut chosen = mem::take(&mut st.chosen);
+        sm.clear();
+        chosen.clear();
+        st.replica.match_shards(&msg.topic, &mut sm);
+        let mask = sm.choose(counter, &mut chosen);
+        let me = self.routing_id();
+        let mut mine: SmallVec<[TopicFilter; 1]> = SmallVec::new();
+        for (f, s) in &chosen {
+            if *s == me {
+                mine.push(f.clone());
+            }
+        }
+        for peer in shards_in(mask) {
+            if peer == me {
+                continue;
+            }
+            let groups: SmallVec<[TopicFilter; 1]> = chosen
+                .iter()
+                .filter(|(_, s)| *s == peer)
+                .map(|(f, _)| f.clone())
+                .collect();
+            let fwd = ShardMsg::Forward {
+                msg: msg.clone(),
+                plain: sm.plain & peer.bit() != 0,
+                groups,
+            };
+            st.stats.forwards_out += 1;
+            match self
+                .outbox
+                .send_data(peer.index(), fwd, msg.qos == QoS::AtMostOnce)
+            {
+                Forwarded::Sent | Forwarded::Dropped => {}
+                Forwarded::Full(m) => held.push((peer.index(), m)),
+            }
+        }
+        if mask & me.bit() != 0 {
+            let plain = sm.plain & me.bit() != 0;
+            self.deliver_local(st, &msg, plain, &mine, now);
+        }
+        st.shard_match = sm;
+        st.chosen = chosen;
+        held
+    }
+
+    /// Deliver to this shard's matching sessions: each session gets one copy at the highest
+    /// granted QoS with all its matching subscription identifiers [MQTT-3.3.4-2/3].
+    fn deliver_local(
+        &self,
+        st: &mut State,
+        msg: &Message,
+        plain: bool,
+        groups: &[TopicFilter],
+        now: Instant,
+    ) {
+        let mut buf = mem::take(&mut st.match_buf);
+        buf.clear();
+        if plain {
+            st.local.match_plain_into(&msg.topic, &mut buf);
+        }
+        let counter = self.pub_counter.get();
+        for g in groups {
+            if let Some(m) = st.local.pick_shared(g, counter) {
+                buf.push(m);
+            }
+        }
+        if buf.len() > 1 {
+            buf.sort_unstable_by_key(|(k, _)| *k);
+        }
+        let mut i = 0;
+        while i < buf.len() {
+            let key = buf[i].0;
+            let mut opts = buf[i].1.options;
+            let mut ids: SmallVec<[u32; 2]> = SmallVec::new();
+            let mut j = i;
+            while j < buf.len() && buf[j].0 == key {
+                let s = &buf[j].1;
+                if s.options.qos > opts.qos {
+                    opts.qos = s.options.qos;
+                }
+                // A copy is kept for no-local only if every matching subscription says so.
+                opts.no_local &= s.options.no_local;
+                opts.retain_as_published |= s.options.retain_as_published;
+                if let Some(id) = s.subscription_id {
+                    ids.push(id);
+                }
+                j += 1;
+            }
+            i = j;
+            let Some(slot) = st.sessions.get_mut(&key) else {
+                continue;
+            };
+            if msg.qos.min(opts.qos) == QoS::AtMostOnce
+                && slot.session.pending_transmit() >= MAX_PENDING_TRANSMIT
+            {
+                st.stats.dropped_qos0_slow += 1;
+                continue;
+            }
+            match slot.session.deliver(msg, opts, &ids, now) {
+                DeliveryOutcome::Sent => {
+                    st.stats.deliveries += 1;
+                    if let Some(link) = &slot.link {
+                        link.notify.notify();
+                    }
+                }
+                DeliveryOutcome::Queued => st.stats.deliveries += 1,
+                DeliveryOutcome::Dropped(r) => match r {
+                    crate::session::DropReason::QueueFull => st.stats.dropped_queue_full += 1,
+                    crate::session::DropReason::PacketTooLarge => st.stats.dropped_too_large += 1,
+                    crate::session::DropReason::Expired => st.stats.dropped_expired += 1,
+                    _ => {}
+                },
+            }
+        }
+        buf.clear();
+        st.match_buf = buf;
+    }
+
+    /// Register a connecting client with its home shard and wait for the previous session.
+    pub async fn register(
+        &self,
+        client_id: ByteString,
+        key: ConnKey,
+    ) -> Option<Option<Box<SessionState>>> {
+        let pending = Rc::new(Pending::default());
+        self.st.borrow_mut().pending.insert(key, pending.clone());
+        let home = home_shard(&client_id, self.shared.shards);
+        self.send_control(
+            home,
+            ShardMsg::Register {
+                client_id,
+                conn: key,
+            },
+        );
+        loop {
+            if let Some(r) = pending.result.borrow_mut().take() {
+                return Some(r);
+            }
+            let stop = async {
+                self.stop_notify_wait().await;
+                None
+            };
+            let got = async {
+                pending.notify.notified().await;
+                Some(())
+            };
+            if future::or(got, stop).await.is_none() && self.stopping.get() {
+                self.st.borrow_mut().pending.remove(&key);
+                return None;
+            }
+        }
+    }
+
+    async fn stop_notify_wait(&self) {
+        while !self.stopping.get() {
+            self.stop_notify.notified().await;
+        }
+    }
+
+    /// Timers of offline sessions (session expiry, will delay); live sessions are driven by
+    /// their connection tasks.
+    fn tick_offline(&self, now: Instant) {
+        let mut st = self.st.borrow_mut();
+        let due: Vec<ConnKey> = st
+            .offline
+            .iter()
+            .copied()
+            .filter(|k| {
+                st.sessions
+                    .get(k)
+                    .and_then(|s| s.session.poll_timeout())
+                    .is_some_and(|t| t <= now)
+            })
+            .collect();
+        for k in due {
+            if let Some(slot) = st.sessions.get_mut(&k) {
+                slot.session.handle_timeout(now);
+            }
+            self.pump(&mut st, k, now);
+        }
+    }
+
+    /// Ask every live connection to close with 0x8B (server shutting down).
+    fn close_all(&self) {
+        let now = Instant::now();
+        let mut st = self.st.borrow_mut();
+        let live: Vec<ConnKey> = st
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.link.is_some())
+            .map(|(k, _)| *k)
+            .collect();
+        for k in live {
+            if let Some(slot) = st.sessions.get_mut(&k) {
+                slot.session
+                    .disconnect(ReasonCode::SERVER_SHUTTING_DOWN, now);
+            }
+            self.pump(&mut st, k, now);
+        }
+    }
+}
+
+async fn flusher(shard: Rc<Shard>, peer: ShardId) {
+    let notify = shard.outbox.flusher(peer);
+    loop {
+        notify.notified().await;
+        while !shard.outbox.flush(peer) {
+            // The peer is saturated: let it drain (it runs on another core).
+            glommio::timer::sleep(Duration::from_micros(200)).await;
+        }
+    }
+}
+
+async fn self_dispatch(shard: Rc<Shard>) {
+    loop {
+        shard.self_notify.notified().await;
+        loop {
+            let batch = mem::take(&mut *shard.self_queue.borrow_mut());
+            if batch.is_empty() {
+                break;
+            }
+            for m in batch {
+                shard.handle_msg(m);
+            }
+        }
+    }
+}
+
+async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, idx: Option<usize>) {
+    loop {
+        let accepted = future::or(async { Some(listener.accept().await) }, async {
+            shard.stop_notify_wait().await;
+            None
+        })
+        .await;
+        let Some(res) = accepted else { break };
+        let stream = match res {
+            Ok(s) => s,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!(shard = shard.id, "accept failed: {e}");
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if let Err(e) = stream.set_nodelay(true) {
+            debug!("set_nodelay: {e}");
+        }
+        let spec_idx = idx.unwrap_or(0);
+        let max = idx
+            .map(|i| shard.shared.listeners[i].max_connections)
+            .unwrap_or(0);
+        if let Some(i) = idx {
+            let n = shard.shared.connections[i].fetch_add(1, Ordering::AcqRel);
+            if max != 0 && n >= max {
+                shard.shared.connections[i].fetch_sub(1, Ordering::AcqRel);
+                debug!(shard = shard.id, "max_connections reached: refusing");
+                drop(stream);
+                continue;
+            }
+        }
+        let shard2 = shard.clone();
+        glommio::spawn_local(async move {
+            shard2.live_conns.set(shard2.live_conns.get() + 1);
+            let allow_anonymous = idx
+                .map(|i| shard2.shared.listeners[i].allow_anonymous)
+                .unwrap_or(true);
+            conn::serve(shard2.clone(), stream, allow_anonymous).await;
+            shard2.live_conns.set(shard2.live_conns.get() - 1);
+            if let Some(i) = idx {
+                shard2.shared.connections[i].fetch_sub(1, Ordering::AcqRel);
+            }
+            let _ = spec_idx;
+        })
+        .detach();
+    }
+}
+
+/// Bind a shard's listener. Like glommio's own `bind` (SO_REUSEPORT, so every shard has its
+/// own accept queue on the same port), plus SO_REUSEADDR so a restart is not refused while old
+/// connections sit in TIME_WAIT, and a deeper backlog for reconnect storms.
+fn bind_reuseport(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let sk = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sk.set_reuse_address(true)?;
+    sk.set_reuse_port(true)?;
+    sk.bind(&addr.into())?;
+    sk.listen(4096)?;
+    // SAFETY: the fd is a bound, listening TCP socket we own; glommio takes ownership.
+    Ok(unsafe { TcpListener::from_raw_fd(sk.into_raw_fd()) })
+}
+
+type Ready = mpsc::Sender<Result<(usize, Option<std::net::SocketAddr>), StartError>>;
+
+pub(crate) async fn shard_main(
+    id: usize,
+    cpu: usize,
+    shared: Arc<Shared>,
+    mesh: MeshBuilder<ShardMsg, Full>,
+    control: Arc<Control>,
+    ready: Ready,
+) {
+    // Every shard must join, even one that then fails to bind, or the others wait forever.
+    let Ok((senders, receivers)) = mesh.join().await else {
+        let _ = ready.send(Err(StartError::Executor {
+            shard: id,
+            reason: "could not join the shard mesh".into(),
+        }));
+        return;
+    };
+    let outbox = Outbox::new(MeshMailbox::new(senders));
+    let my_routing_id = routing::ShardId::new(id).unwrap_or(routing::ShardId::new(0).unwrap());
+    let shard = Rc::new(Shard {
+        id,
+        shared: shared.clone(),
+        outbox,
+        st: RefCell::new(State {
+            registry: Registry::default(),
+            sessions: AHashMap::new(),
+            offline: AHashSet::new(),
+            local: LocalSubscriptions::new(my_routing_id),
+            replica: RoutingReplica::new(),
+            retained: RetainedStore::new(shared.cfg.retained),
+            pending: AHashMap::new(),
+            stats: Stats::default(),
+            held: Vec::new(),
+            match_buf: Vec::new(),
+            shard_match: ShardMatch::default(),
+            chosen: Vec::new(),
+            events: Vec::new(),
+            retained_buf: Vec::new(),
+        }),
+        next_conn: Cell::new(0),
+        pub_counter: Cell::new(0),
+        stopping: Cell::new(false),
+        stop_notify: Notify::default(),
+        live_conns: Cell::new(0),
+        self_queue: RefCell::new(Vec::new()),
+        self_notify: Notify::default(),
+    });
+
+    let handler_shard = shard.clone();
+    let _receivers = spawn_receivers(
+        receivers,
+        Rc::new(move |_peer, msg| handler_shard.handle_msg(msg)),
+    );
+    for peer in 0..shared.shards {
+        if peer != id {
+            glommio::spawn_local(flusher(shard.clone(), peer)).detach();
+        }
+    }
+    glommio::spawn_local(self_dispatch(shard.clone())).detach();
+
+    let mut bound = Vec::new();
+    for (i, l) in shared.listeners.iter().enumerate() {
+        match bind_reuseport(l.addr) {
+            Ok(listener) => bound.push((listener, Some(i))),
+            Err(e) => {
+                let _ = ready.send(Err(StartError::Bind {
+                    addr: l.addr,
+                    source: std::io::Error::other(e.to_string()),
+                }));
+                return;
+            }
+        }
+    }
+    let mut shard_addr = None;
+    if shared.cfg.shard_listeners {
+        match bind_reuseport(std::net::SocketAddr::from(([127, 0, 0, 1], 0))) {
+            Ok(listener) => {
+                shard_addr = listener.local_addr().ok();
+                bound.push((listener, None));
+            }
+            Err(e) => {
+                let _ = ready.send(Err(StartError::Executor {
+                    shard: id,
+                    reason: format!("shard listener: {e}"),
+                }));
+                return;
+            }
+        }
+    }
+    let addrs: Vec<String> = bound
+        .iter()
+        .filter_map(|(l, _)| l.local_addr().ok().map(|a| a.to_string()))
+        .collect();
+    info!(
+        "shard {id} on core {cpu}: listening on {}",
+        addrs.join(", ")
+    );
+    for (listener, idx) in bound {
+        glommio::spawn_local(accept_loop(shard.clone(), listener, idx)).detach();
+    }
+    let _ = ready.send(Ok((id, shard_addr)));
+
+    // Control loop: shutdown flag and offline-session timers.
+    let tick = Duration::from_millis(50);
+    loop {
+        glommio::timer::sleep(tick).await;
+        shard.tick_offline(Instant::now());
+        if control.shutdown_requested() {
+            break;
+        }
+    }
+    shard.stopping.set(true);
+    shard.stop_notify.notify();
+    shard.close_all();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while shard.live_conns.get() > 0 && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+    shard.outbox.mailbox().close();
+    debug!("shard {id} stopped");
+}
