@@ -66,11 +66,18 @@ async fn write_all<S: AsyncWrite + Unpin>(io: &mut S, buf: &[u8]) -> std::io::Re
 
 /// Read more bytes into `buf`; `Ok(0)` is end of stream.
 async fn read_some<S: AsyncRead + Unpin>(io: &mut S, buf: &mut BytesMut) -> std::io::Result<usize> {
-    let start = buf.len();
-    buf.resize(start + READ_CHUNK, 0);
+    let start = grow(buf);
     let r = io.read(&mut buf[start..]).await;
     buf.truncate(start + *r.as_ref().unwrap_or(&0));
     r
+}
+
+/// Make room for one read; returns where the new bytes go. The caller truncates to what was
+/// read, also when the read was abandoned (cancelled reads must not leave zeros behind).
+fn grow(buf: &mut BytesMut) -> usize {
+    let start = buf.len();
+    buf.resize(start + READ_CHUNK, 0);
+    start
 }
 
 /// Why the CONNECT phase ended without a session.
@@ -230,8 +237,9 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         }
 
         // 2. Wait for bytes, a notification, a timer or shutdown.
+        let start = grow(&mut rbuf);
         let wake = {
-            let read = async { Wake::Read(read_some(&mut io, &mut rbuf).await) };
+            let read = async { Wake::Read(io.read(&mut rbuf[start..]).await) };
             let notified = async {
                 link.notify.notified().await;
                 Wake::Notified
@@ -249,6 +257,11 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             };
             future::or(future::or(read, notified), future::or(timer, stop)).await
         };
+        let got = match &wake {
+            Wake::Read(Ok(n)) => *n,
+            _ => 0,
+        };
+        rbuf.truncate(start + got);
         let now = Instant::now();
         match wake {
             Wake::Read(Ok(0)) | Wake::Read(Err(_)) => {
