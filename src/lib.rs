@@ -4,3 +4,4 @@
 //! rustls; `shard` is the only module that imports glommio; `tls` owns rustls.
 pub mod codec;
 pub mod message;
+pub mod tls;
