@@ -128,12 +128,17 @@ fn memchr_str(hay: &[u8], needle: &[u8]) -> bool {
 }
 
 /// The first legacy property of a parsed certificate that rustls refuses, if any.
-pub(crate) fn legacy_issue_of(cert: &X509Certificate<'_>) -> Option<LegacyIssue> {
+/// `check_signature` false skips the certificate's own signature (a root's self-signature,
+/// which rustls never verifies).
+pub(crate) fn legacy_issue_of(
+    cert: &X509Certificate<'_>,
+    check_signature: bool,
+) -> Option<LegacyIssue> {
     let sig_oid = cert.signature_algorithm.algorithm.to_id_string();
-    if SHA1_SIG_OIDS.contains(&sig_oid.as_str()) {
+    if check_signature && SHA1_SIG_OIDS.contains(&sig_oid.as_str()) {
         return Some(LegacyIssue::Sha1Signature);
     }
-    if MD_SIG_OIDS.contains(&sig_oid.as_str()) {
+    if check_signature && MD_SIG_OIDS.contains(&sig_oid.as_str()) {
         return Some(LegacyIssue::Md5Signature);
     }
     if let Ok(PublicKey::RSA(rsa)) = cert.public_key().parsed() {
@@ -151,7 +156,7 @@ pub(crate) fn legacy_issue_of(cert: &X509Certificate<'_>) -> Option<LegacyIssue>
 /// [`legacy_issue_of`] on DER; `None` if it does not parse (another check reports that).
 pub(crate) fn legacy_issue(der: &[u8]) -> Option<(LegacyIssue, String)> {
     let (_, cert) = X509Certificate::from_der(der).ok()?;
-    legacy_issue_of(&cert).map(|i| (i, format_subject_rfc2253(cert.subject())))
+    legacy_issue_of(&cert, true).map(|i| (i, format_subject_rfc2253(cert.subject())))
 }
 
 pub(crate) fn fmt_unix(secs: i64) -> String {
@@ -183,23 +188,16 @@ pub(crate) fn check_cert(
         detail: format!("certificate does not parse ({e})"),
     })?;
     let subject = format_subject_rfc2253(cert.subject());
-    if let Some(issue) = legacy_issue_of(&cert) {
-        // A CA's own self-signature is never checked by rustls, so SHA-1 on a root is harmless;
-        // only its key size, version and what it signs matter.
-        let harmless = role == Role::Ca
-            && matches!(
-                issue,
-                LegacyIssue::Sha1Signature | LegacyIssue::Md5Signature
-            )
-            && cert.subject().as_raw() == cert.issuer().as_raw();
-        if !harmless {
-            return Err(TlsError::Legacy {
-                path: path.to_path_buf(),
-                subject,
-                issue,
-                hint: role.reissue_hint(),
-            });
-        }
+    // A root's self-signature is never checked by rustls, so SHA-1 there is harmless; its
+    // key size and version, and how it signs others, are what matter.
+    let self_signed_root = role == Role::Ca && cert.subject().as_raw() == cert.issuer().as_raw();
+    if let Some(issue) = legacy_issue_of(&cert, !self_signed_root) {
+        return Err(TlsError::Legacy {
+            path: path.to_path_buf(),
+            subject,
+            issue,
+            hint: role.reissue_hint(),
+        });
     }
     if check_dates {
         let now_s = now.as_secs() as i64;
