@@ -346,7 +346,7 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// A key's value is invalid, the key is unsupported, or it conflicts with another.
-    #[error("{origin}: {}: {message}", describe_key(key))]
+    #[error("{}: {message}", describe_key(origin, key))]
     Key {
         origin: Origin,
         key: String,
@@ -360,11 +360,11 @@ pub enum ConfigError {
     Reload(String),
 }
 
-fn describe_key(key: &str) -> String {
-    if key.starts_with("--") || (key.starts_with('-') && key.len() == 2) {
-        format!("option '{key}'")
-    } else {
-        format!("key '{key}'")
+/// `FILE:LINE: key 'k'` for file settings, `command line: option '--flag'` for options.
+fn describe_key(origin: &Origin, key: &str) -> String {
+    match origin {
+        Origin::Cli(flag) => format!("command line: option '{flag}'"),
+        o => format!("{o}: key '{key}'"),
     }
 }
 
