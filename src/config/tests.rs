@@ -1166,3 +1166,34 @@ fn pid_file_written_and_read_back() {
     write_pid_file(&p, 4242).expect("write");
     assert_eq!(std::fs::read_to_string(&p).expect("read"), "4242\n");
 }
+
+#[test]
+fn tuning_example_config_is_valid() {
+    let f = Fixture::new();
+    let certs = f.path("certs");
+    std::fs::create_dir(&certs).expect("mkdir");
+    for name in [
+        "server.crt",
+        "server.key",
+        "devices-ca.crt",
+        "devices-ca.crl",
+    ] {
+        std::fs::write(certs.join(name), "-----BEGIN-----\n").expect("write");
+    }
+    let text = include_str!("../../tuning/midge.conf.example")
+        .replace("/etc/midge/certs", &certs.display().to_string());
+    let c = f.ok(&text);
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    assert_eq!(c.listeners.len(), 2);
+    let devices = &c.listeners[0];
+    assert_eq!(devices.addr, addr("0.0.0.0:8883"));
+    assert!(!devices.allow_anonymous && devices.can_authenticate());
+    let t = devices.tls.as_ref().expect("tls");
+    assert!(t.require_certificate && t.use_identity_as_username && t.crlfile.is_some());
+    assert_eq!(t.kx_groups, Some(vec![KxGroup::X25519, KxGroup::Secp256r1]));
+    let local = &c.listeners[1];
+    assert_eq!(local.addr, addr("127.0.0.1:1883"));
+    assert!(local.allow_anonymous && local.tls.is_none());
+    assert_eq!(c.log.level, LevelFilter::INFO);
+    assert_eq!(c.limits.max_queued_bytes, 1_048_576);
+}
