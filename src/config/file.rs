@@ -825,13 +825,15 @@ impl Builder {
                     "debug" => LevelFilter::DEBUG,
                     "all" => LevelFilter::TRACE,
                     t @ ("subscribe" | "unsubscribe" | "websockets") => {
+                        // Leaves the level alone: `log_type subscribe` alone must not turn
+                        // error logging off.
                         self.warn(
                             origin,
                             key,
                             format!("Midge has no separate '{t}' log type; ignored"),
                             false,
                         );
-                        LevelFilter::OFF
+                        return Ok(());
                     }
                     other => {
                         return Err(ConfigError::key(
@@ -1009,6 +1011,19 @@ impl Builder {
                 "0 (no maximum) together with max_queued_bytes 0 leaves per-client queues unbounded: \
                  one slow subscriber could exhaust memory. Set a bound, e.g. max_queued_messages 1000",
             ));
+        }
+
+        if limits.message_size_limit > limits.effective_max_packet_size() {
+            self.warnings.push(ConfigWarning {
+                origin: Origin::Default,
+                key: "message_size_limit".into(),
+                message: format!(
+                    "{} is above max_packet_size {}, so it never applies",
+                    limits.message_size_limit,
+                    limits.effective_max_packet_size()
+                ),
+                info: false,
+            });
         }
 
         let shards = match &self.shards {

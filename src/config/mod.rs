@@ -15,7 +15,8 @@
 //! * `listener PORT [ADDRESS]` opens a listener section: the per-listener keys that follow
 //!   (`max_connections`, `max_qos`, `protocol`, `listener_allow_anonymous`, the TLS keys and
 //!   Midge's `tls_*` keys) apply to it. Without ADDRESS the listener binds `0.0.0.0` (all IPv4
-//!   interfaces; mosquitto also binds IPv6 — write `listener PORT ::` for that). Repeating an
+//!   interfaces; mosquitto also binds IPv6 — write `listener PORT ::` for that). A host name
+//!   is resolved once at startup and its first address is bound. Repeating an
 //!   identical `listener` line reopens that section, as in mosquitto.
 //! * Legacy default listener: `port` and `bind_address` (and any per-listener key written
 //!   before the first `listener` line) configure mosquitto's *default listener*, which then
@@ -446,6 +447,21 @@ pub fn load(cli: &Cli) -> Result<Config, ConfigError> {
 pub fn check_config_report(cli: &Cli) -> Result<String, ConfigError> {
     let config = load(cli)?;
     Ok(render_effective(&config))
+}
+
+/// `midge --check-config` for main: print the effective configuration to stdout (exit
+/// status 0) or the error to stderr (exit status 1). Returns the exit status.
+pub fn run_check_config(cli: &Cli) -> i32 {
+    match check_config_report(cli) {
+        Ok(text) => {
+            print!("{text}");
+            0
+        }
+        Err(e) => {
+            eprintln!("midge: configuration error: {e}");
+            1
+        }
+    }
 }
 
 /// Write `pid` to `path` (what mosquitto's `pid_file` does), replacing any old file.

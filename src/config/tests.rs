@@ -488,6 +488,30 @@ fn exact_error_format_names_file_line_and_key() {
 }
 
 #[test]
+fn message_size_limit_above_packet_size_warns() {
+    let c = ok("max_packet_size 1000\nmessage_size_limit 5000\n");
+    assert!(has_warning(&c, "message_size_limit"));
+    assert!(!has_warning(
+        &ok("message_size_limit 5000\n"),
+        "message_size_limit"
+    ));
+}
+
+#[test]
+fn run_check_config_exit_status() {
+    assert_eq!(run_check_config(&Cli::default()), 0);
+    let f = Fixture::new();
+    let p = f.write("bad.conf", "password_file /x\n");
+    assert_eq!(
+        run_check_config(&Cli {
+            config: Some(p),
+            ..Cli::default()
+        }),
+        1
+    );
+}
+
+#[test]
 fn booleans_are_validated() {
     let c = ok("retain_available false\nqueue_qos0_messages true\n");
     assert!(!c.limits.retain_available);
@@ -622,7 +646,13 @@ fn log_type_maps_to_a_level() {
     );
     assert_eq!(level("log_type all\n"), LevelFilter::TRACE);
     assert_eq!(level("log_type none\n"), LevelFilter::OFF);
-    assert!(has_warning(&ok("log_type subscribe\n"), "log_type"));
+    let c = ok("log_type subscribe\n");
+    assert!(has_warning(&c, "log_type"));
+    assert_eq!(
+        c.log.level,
+        LevelFilter::INFO,
+        "subscribe alone keeps the default"
+    );
     assert!(err("log_type verbose\n").contains("got 'verbose'"));
     // -v wins over the file, as mosquitto's -v.
     let f = Fixture::new();
