@@ -1227,3 +1227,27 @@ fn tuning_example_config_is_valid() {
     assert_eq!(c.log.level, LevelFilter::INFO);
     assert_eq!(c.limits.max_queued_bytes, 1_048_576);
 }
+
+#[test]
+fn capath_is_a_directory_of_cas() {
+    let f = Fixture::new();
+    let (cert, key, ca) = f.pem();
+    let dir = f.path("cas");
+    std::fs::create_dir(&dir).expect("mkdir");
+    let c = f.ok(&format!(
+        "listener 8883\ncertfile {cert}\nkeyfile {key}\ncapath {}\nrequire_certificate true\n\
+         use_subject_as_username true\n",
+        dir.display()
+    ));
+    let t = c.listeners[0].tls.as_ref().expect("tls");
+    assert_eq!(t.capath.as_deref(), Some(dir.as_path()));
+    assert!(t.require_certificate && t.use_subject_as_username);
+    assert!(c.listeners[0].can_authenticate());
+    let e = f.err(&format!(
+        "listener 8883\ncertfile {cert}\nkeyfile {key}\ncapath {ca}\n"
+    ));
+    assert!(
+        e.starts_with(&format!("FILE:4: key 'capath': cannot read '{ca}'")),
+        "{e}"
+    );
+}
