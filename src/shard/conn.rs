@@ -6,6 +6,7 @@
 //! everything the session queued in one batched write per wake-up. Must not touch: protocol
 //! rules beyond CONNECT admission (the session decides), routing decisions (the shard does).
 
+use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -13,7 +14,7 @@ use bytes::BytesMut;
 use bytestring::ByteString;
 use futures_lite::future;
 use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tracing::debug;
+use tracing::{debug, info, warn};
 
 use super::runtime::{ConnLink, Shard, Slot};
 use crate::codec::{
@@ -21,6 +22,7 @@ use crate::codec::{
     ReasonCode,
 };
 use crate::session::Session;
+use crate::tls::{resolve_username, ClientIdentity, UsernameOutcome, UsernameRule};
 
 /// Bytes asked of the socket per read. Small on purpose: an idle connection keeps no read
 /// buffer at all (see `serve`), and MQTT device traffic is mostly small packets.
@@ -129,11 +131,20 @@ async fn read_connect<S: AsyncRead + Unpin>(
     .await
 }
 
+/// Who may connect on this connection's listener, and what TLS said about the client.
+pub(crate) struct Auth {
+    pub allow_anonymous: bool,
+    pub rule: UsernameRule,
+    /// The verified client certificate's identity, if the client sent one.
+    pub identity: Option<ClientIdentity>,
+}
+
 /// Serve one accepted connection until it closes.
 pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     shard: Rc<Shard>,
     mut io: S,
-    allow_anonymous: bool,
+    auth: Auth,
+    peer: Option<SocketAddr>,
 ) {
     let mut rbuf = BytesMut::new();
     let mut wbuf = BytesMut::new();
@@ -147,12 +158,38 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     let version = connect.protocol;
     let cfg = &shard.shared.cfg.session;
 
-    // Admission: anonymous policy, limits, client-id rules.
-    if !allow_anonymous && connect.username.is_none() {
-        let r = Refused::ConnAck(version, ReasonCode::NOT_AUTHORIZED, "anonymous not allowed");
-        refuse(&mut io, &mut wbuf, r).await;
-        return;
-    }
+    // Admission: identity and anonymous policy (mosquitto's rules), limits, client-id rules.
+    let username = match resolve_username(
+        auth.rule,
+        auth.identity.as_ref(),
+        connect.username.as_deref(),
+    ) {
+        Ok(UsernameOutcome::Certificate(name)) => Some(name),
+        Ok(UsernameOutcome::Client(name)) => {
+            // Midge has no password database: on a listener that does not allow anonymous
+            // clients, only a certificate identity admits a client.
+            if !auth.allow_anonymous {
+                let r = Refused::ConnAck(
+                    version,
+                    ReasonCode::NOT_AUTHORIZED,
+                    "anonymous clients are not allowed on this listener",
+                );
+                refuse(&mut io, &mut wbuf, r).await;
+                return;
+            }
+            name.map(str::to_owned)
+        }
+        Err(e) => {
+            warn!(peer = ?peer, "connection refused: {e}");
+            let r = Refused::ConnAck(
+                version,
+                ReasonCode::BAD_USER_NAME_OR_PASSWORD,
+                "no usable certificate identity",
+            );
+            refuse(&mut io, &mut wbuf, r).await;
+            return;
+        }
+    };
     if let Err(reason) = cfg.check_connect(&connect) {
         refuse(
             &mut io,
@@ -185,6 +222,17 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         return; // shutting down
     };
     let now = Instant::now();
+    // mosquitto's connect line, so operators (and tests) see the identity used.
+    info!(
+        "New client connected from {} as {} (p{}, c{}, k{}, u'{}') on shard {}",
+        peer.map(|p| p.to_string()).unwrap_or_default(),
+        client_id,
+        version.level(),
+        u8::from(connect.clean_start),
+        connect.keep_alive,
+        username.as_deref().unwrap_or(""),
+        shard.id
+    );
     let session = Session::accept(cfg, &connect, client_id, previous.map(|b| *b), now);
     drop(connect);
     let link = Rc::new(ConnLink::default());

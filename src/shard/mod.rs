@@ -10,6 +10,7 @@ mod conn;
 pub mod mailbox;
 pub mod notify;
 pub mod registry;
+mod tls;
 
 use std::io;
 use std::net::{SocketAddr, TcpListener as StdListener};
@@ -27,6 +28,23 @@ pub struct ListenerSpec {
     pub allow_anonymous: bool,
     /// Connections this listener accepts in total across shards (0 = unlimited).
     pub max_connections: usize,
+    /// Mutual TLS (or server-only TLS) on this listener.
+    pub tls: Option<Arc<TlsListener>>,
+}
+
+/// A TLS listener's shared parts: the hot-reloadable rustls config and the policies the
+/// connection task applies after the handshake.
+#[derive(Debug)]
+pub struct TlsListener {
+    /// Current `ServerConfig`; SIGHUP swaps it, new handshakes on every shard pick it up.
+    pub reloader: Arc<crate::tls::TlsReloader>,
+    pub username_rule: crate::tls::UsernameRule,
+    pub handshake_timeout: Duration,
+    /// Per shard: handshakes in progress beyond this wait in the accept loop (and the
+    /// kernel backlog) instead of competing with established clients for CPU.
+    pub max_handshakes_in_progress: usize,
+    /// Per-shard handshake counters, indexed by shard.
+    pub stats: Vec<Arc<crate::tls::HandshakeStats>>,
 }
 
 /// Runtime settings, derived from `config::Config`.
@@ -57,6 +75,7 @@ impl Default for RuntimeConfig {
                 addr: SocketAddr::from(([127, 0, 0, 1], 1883)),
                 allow_anonymous: true,
                 max_connections: 0,
+                tls: None,
             }],
             connect_timeout: Duration::from_secs(10),
             mailbox_capacity: 1024,

@@ -658,7 +658,29 @@ async fn self_dispatch(shard: Rc<Shard>) {
 }
 
 async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, idx: Option<usize>) {
+    let spec = idx.map(|i| shard.shared.listeners[i].clone());
+    let tls = spec.as_ref().and_then(|l| l.tls.clone());
+    // Handshakes in progress on this shard for this listener (see TlsListener).
+    let handshakes = tls.as_ref().map(|t| {
+        Rc::new(glommio::sync::Semaphore::new(
+            t.max_handshakes_in_progress as u64,
+        ))
+    });
     loop {
+        let mut permit = None;
+        if let Some(sem) = &handshakes {
+            // Take a handshake slot before accepting: a reconnect storm queues in the kernel
+            // backlog instead of starving established clients.
+            let p = future::or(async { Some(sem.acquire_static_permit(1).await) }, async {
+                shard.stop_notify_wait().await;
+                None
+            })
+            .await;
+            match p {
+                Some(Ok(p)) => permit = Some(p),
+                _ => break,
+            }
+        }
         let accepted = future::or(async { Some(listener.accept().await) }, async {
             shard.stop_notify_wait().await;
             None
@@ -677,13 +699,10 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, idx: Option<usize>
         if let Err(e) = stream.set_nodelay(true) {
             debug!("set_nodelay: {e}");
         }
-        let spec_idx = idx.unwrap_or(0);
-        let max = idx
-            .map(|i| shard.shared.listeners[i].max_connections)
-            .unwrap_or(0);
-        if let Some(i) = idx {
+        let peer = stream.peer_addr().ok();
+        if let (Some(i), Some(l)) = (idx, &spec) {
             let n = shard.shared.connections[i].fetch_add(1, Ordering::AcqRel);
-            if max != 0 && n >= max {
+            if l.max_connections != 0 && n >= l.max_connections {
                 shard.shared.connections[i].fetch_sub(1, Ordering::AcqRel);
                 debug!(shard = shard.id, "max_connections reached: refusing");
                 drop(stream);
@@ -691,17 +710,36 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, idx: Option<usize>
             }
         }
         let shard2 = shard.clone();
+        let tls2 = tls.clone();
+        let allow_anonymous = spec.as_ref().map(|l| l.allow_anonymous).unwrap_or(true);
         glommio::spawn_local(async move {
             shard2.live_conns.set(shard2.live_conns.get() + 1);
-            let allow_anonymous = idx
-                .map(|i| shard2.shared.listeners[i].allow_anonymous)
-                .unwrap_or(true);
-            conn::serve(shard2.clone(), stream, allow_anonymous).await;
+            match tls2 {
+                Some(t) => {
+                    let hs = super::tls::handshake(&shard2, &t, stream, peer).await;
+                    drop(permit);
+                    if let Some((io, identity)) = hs {
+                        let auth = conn::Auth {
+                            allow_anonymous,
+                            rule: t.username_rule,
+                            identity,
+                        };
+                        conn::serve(shard2.clone(), io, auth, peer).await;
+                    }
+                }
+                None => {
+                    let auth = conn::Auth {
+                        allow_anonymous,
+                        rule: crate::tls::UsernameRule::FromClient,
+                        identity: None,
+                    };
+                    conn::serve(shard2.clone(), stream, auth, peer).await;
+                }
+            }
             shard2.live_conns.set(shard2.live_conns.get() - 1);
             if let Some(i) = idx {
                 shard2.shared.connections[i].fetch_sub(1, Ordering::AcqRel);
             }
-            let _ = spec_idx;
         })
         .detach();
     }
