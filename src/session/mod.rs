@@ -13,8 +13,9 @@
 //!   [`SessionConfig::check_connect`], resolves takeover, generates a client id if the client
 //!   sent an empty one, and calls [`Session::accept`] with the previous [`SessionState`] if it
 //!   has one. The CONNACK is the first packet from [`Session::poll_transmit`]; on resume it is
-//!   followed by the re-sent unacknowledged PUBLISHes (DUP=1) and PUBRELs [MQTT-4.4.0-1], then
-//!   queued messages.
+//!   followed by the re-sent unacknowledged PUBLISHes (DUP=1, original ids) and PUBRELs
+//!   [MQTT-4.4.0-1], in their original order and as far as the new connection's window allows
+//!   (the rest follow as acks arrive), then queued messages.
 //! * **Input**: [`Session::handle_packet`] for every decoded packet, [`Session::handle_timeout`]
 //!   whenever `now >= poll_timeout()`, [`Session::deliver`] / [`Session::deliver_retained`]
 //!   from the router, [`Session::connection_lost`] when the socket dies without DISCONNECT,
@@ -23,7 +24,9 @@
 //!   - [`Session::poll_transmit`]: packets to encode and write, in order.
 //!   - [`Session::poll_event`]: [`SessionEvent`]s for the runtime/router.
 //!   - [`Session::poll_timeout`]: when to call `handle_timeout` next.
-//! * **Close**: every way a connection ends emits exactly one [`SessionEvent::Close`]. If the
+//! * **Close**: every way a connection ends emits exactly one [`SessionEvent::Close`], followed
+//!   by `Will` if the will is due now and, if the session ends with the connection,
+//!   `Unsubscribe`… and `Ended`. If the
 //!   session sent a DISCONNECT (v5 only) it is the last packet in `poll_transmit`: flush the
 //!   transmit queue, then close the socket. A protocol violation returns `Err` from
 //!   `handle_packet` *and* has already done all of this (DISCONNECT queued, will handled,
@@ -39,6 +42,20 @@
 //!   `Subscribe { resumed: true, .. }` (update tables only, send no retained messages).
 //!
 //! The router's local subscriber table is maintained exactly from `Subscribe`/`Unsubscribe`.
+//!
+//! # Policies (where the spec leaves a choice)
+//!
+//! * Outgoing window = min(client's Receive Maximum, `max_inflight`) for v5, `max_inflight`
+//!   for v3. QoS 0 bypasses the window and the queue while connected.
+//! * Queue full (count or bytes): the new message is dropped and reported as
+//!   [`DropReason::QueueFull`] (mosquitto's policy); queued messages are never evicted.
+//! * Outgoing topic aliases: the first N distinct topics (N = client's Topic Alias Maximum)
+//!   of a connection keep their alias for its life; topics of 3 bytes or less get none.
+//! * Expired queued messages are dropped when dequeued and on each `handle_timeout`; they do
+//!   not arm a timer of their own. Inflight messages are re-sent even if expired (delivery
+//!   had started).
+//! * PUBACK/PUBREC are sent as soon as a PUBLISH is accepted (before routing); a v5 PUBACK
+//!   never says 0x10 "no matching subscribers".
 //!
 //! Reason strings are only ever put on the DISCONNECT of a protocol violation (the spec allows
 //! that whatever Request Problem Information says [MQTT-3.1.2-29]), so that property needs no
@@ -131,10 +148,10 @@ impl SessionConfig {
     pub fn check_connect(&self, connect: &Connect) -> Result<(), ReasonCode> {
         if let Some(will) = &connect.will {
             if will.qos > self.maximum_qos {
-                return Err(ReasonCode::QOS_NOT_SUPPORTED); // [MQTT-3.2.2-12]
+                return Err(ReasonCode::QOS_NOT_SUPPORTED); // MQTT 5 §3.2.2.3.4
             }
             if will.retain && !self.retain_available {
-                return Err(ReasonCode::RETAIN_NOT_SUPPORTED); // [MQTT-3.2.2-13]
+                return Err(ReasonCode::RETAIN_NOT_SUPPORTED); // MQTT 5 §3.2.2.3.5
             }
         }
         // v3 has no Server Keep Alive to negotiate with; mosquitto refuses with "identifier
@@ -183,7 +200,7 @@ pub enum CloseReason {
     ClientDisconnect(ReasonCode),
     /// The client broke the protocol; a v5 client was sent DISCONNECT with this reason.
     ProtocolViolation(ReasonCode),
-    /// Nothing received within 1.5 × keepalive [MQTT-3.1.2-22]; v5 got DISCONNECT 0x8D.
+    /// Nothing received within 1.5 × keepalive ([MQTT-3.1.2-22]; 3.1.1: [MQTT-3.1.2-24]); v5 got DISCONNECT 0x8D.
     KeepAliveTimeout,
     /// The runtime called [`Session::disconnect`] (takeover, shutdown, administrative).
     Server(ReasonCode),
@@ -246,7 +263,7 @@ pub enum DropReason {
 #[derive(Debug)]
 struct Conn {
     version: ProtocolVersion,
-    /// 1.5 × keepalive [MQTT-3.1.2-22]; `None` when keepalive is 0.
+    /// 1.5 × keepalive ([MQTT-3.1.2-22]; 3.1.1: [MQTT-3.1.2-24]); `None` when keepalive is 0.
     keepalive_grace: Option<Duration>,
     last_rx: Instant,
     /// Max outgoing QoS 1/2 unacknowledged (see `SessionConfig::max_inflight`).
@@ -370,6 +387,7 @@ impl Session {
         previous: Option<SessionState>,
         now: Instant,
     ) -> Session {
+        debug_assert!(previous.as_ref().is_none_or(|p| p.client_id == client_id));
         let version = connect.protocol;
         let v5 = version.is_v5();
         let props = &connect.properties;
@@ -597,7 +615,7 @@ impl Session {
         self.close(CloseReason::Server(reason), Some(reason), true, now);
     }
 
-    /// The network connection closed without DISCONNECT: publish the will [MQTT-3.1.2-8].
+    /// The network connection closed without DISCONNECT: publish the will (MQTT 5 §3.1.2.5).
     pub fn connection_lost(&mut self, now: Instant) {
         self.close(CloseReason::ConnectionLost, None, true, now);
         // Nothing can be written any more; unacknowledged messages are in `inflight`.
@@ -609,7 +627,7 @@ impl Session {
         let Some(conn) = self.conn.as_mut() else {
             return Ok(());
         };
-        // Any packet counts for keepalive [MQTT-3.1.2-22].
+        // Any packet counts for keepalive (MQTT 5 §3.1.2.10).
         conn.last_rx = now;
         let result = match packet {
             Packet::Publish(p) => self.on_publish(p, now),
@@ -645,7 +663,7 @@ impl Session {
             )),
             Packet::Auth(_) => Err(violation(
                 ReasonCode::PROTOCOL_ERROR,
-                "AUTH without an Authentication Method in CONNECT [MQTT-4.12.0-1]",
+                "AUTH without an Authentication Method in CONNECT (MQTT 5 §4.12)",
             )),
             Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
                 Err(violation(
@@ -685,7 +703,7 @@ impl Session {
     }
 
     /// Offers a retained message because of a new subscription: always RETAIN=1
-    /// [MQTT-3.3.1-9]. `options`: the new subscription's options.
+    /// (3.1.1: [MQTT-3.3.1-8]). `options`: the new subscription's options.
     pub fn deliver_retained(
         &mut self,
         msg: &Message,
@@ -737,7 +755,7 @@ impl Session {
             }
         }
         if out.qos == QoS::AtMostOnce {
-            // QoS 0 is not subject to the window [MQTT-4.9.0-3]... nor to ordering with it.
+            // QoS 0 is not subject to the window (MQTT 5 §4.9), so it is not held behind it.
             self.emit_publish(&out, 0, false, now);
             return DeliveryOutcome::Sent;
         }
@@ -883,19 +901,19 @@ impl Session {
         if p.qos > self.config.maximum_qos {
             return Err(violation(
                 ReasonCode::QOS_NOT_SUPPORTED,
-                "PUBLISH QoS above Maximum QoS [MQTT-3.2.2-11]",
+                "PUBLISH QoS above our Maximum QoS (MQTT 5 §3.2.2.3.4)",
             ));
         }
         if p.retain && !self.config.retain_available {
             return Err(violation(
                 ReasonCode::RETAIN_NOT_SUPPORTED,
-                "RETAIN=1 while Retain Available is 0 [MQTT-3.2.2-14]",
+                "RETAIN=1 while Retain Available is 0 (MQTT 5 §3.2.2.3.5)",
             ));
         }
         if p.qos != QoS::AtMostOnce && p.packet_id == 0 {
             return Err(violation(
                 ReasonCode::PROTOCOL_ERROR,
-                "QoS 1/2 PUBLISH without packet identifier [MQTT-2.2.1-3]",
+                "QoS 1/2 PUBLISH without packet identifier (MQTT 5 §2.2.1)",
             ));
         }
         if let Some(alias) = p.properties.topic_alias.take() {
@@ -916,7 +934,7 @@ impl Session {
                     None => {
                         return Err(violation(
                             ReasonCode::PROTOCOL_ERROR,
-                            "empty topic with an unmapped topic alias [MQTT-3.3.4]",
+                            "empty topic with an unmapped topic alias (MQTT 5 §3.3.2.3.4)",
                         ))
                     }
                 }
@@ -926,7 +944,7 @@ impl Session {
         } else if p.topic.is_empty() {
             return Err(violation(
                 ReasonCode::PROTOCOL_ERROR,
-                "empty topic name without topic alias [MQTT-3.3.2-1]",
+                "empty topic name without topic alias (MQTT 5 §3.3.2.1)",
             ));
         }
 
@@ -950,7 +968,7 @@ impl Session {
                 {
                     return Err(violation(
                         ReasonCode::RECEIVE_MAXIMUM_EXCEEDED,
-                        "more unacknowledged QoS 2 PUBLISHes than Receive Maximum [MQTT-3.3.4-9]",
+                        "more unacknowledged QoS 2 PUBLISHes than our Receive Maximum (MQTT 5 §4.9)",
                     ));
                 }
                 self.state.incoming_qos2.insert(p.packet_id);
@@ -991,7 +1009,7 @@ impl Session {
         match self.state.inflight_position(r.packet_id) {
             Some(pos) => match self.state.inflight[pos].state {
                 InflightState::AwaitingPubRec if v5 && r.reason.is_error() => {
-                    // The client refused it: the flow ends here and frees the slot [MQTT-4.9].
+                    // The client refused it: the flow ends here and frees the slot (MQTT 5 §4.9).
                     self.remove_inflight(pos);
                     self.fill_window(now);
                 }
@@ -1047,13 +1065,13 @@ impl Session {
             if !self.config.subscription_identifiers_available {
                 return Err(violation(
                     ReasonCode::SUBSCRIPTION_IDENTIFIERS_NOT_SUPPORTED,
-                    "Subscription Identifier while not supported [MQTT-3.8.2.1.2]",
+                    "Subscription Identifier while not supported (MQTT 5 §3.8.2.1.2)",
                 ));
             }
             if id == 0 {
                 return Err(violation(
                     ReasonCode::PROTOCOL_ERROR,
-                    "Subscription Identifier 0 [MQTT-3.8.2.1.2]",
+                    "Subscription Identifier 0 (MQTT 5 §3.8.2.1.2)",
                 ));
             }
         }
