@@ -759,7 +759,11 @@ impl Session {
             self.emit_publish(&out, 0, false, now);
             return DeliveryOutcome::Sent;
         }
-        if self.state.queue.is_empty() && self.state.inflight.len() < conn.send_window {
+        // Anything already waiting (queued, or carried over and not yet re-sent) goes first.
+        if self.state.queue.is_empty()
+            && conn.resend_pending == 0
+            && self.state.inflight.len() < conn.send_window
+        {
             self.send_inflight(out, now);
             DeliveryOutcome::Sent
         } else {
@@ -837,14 +841,15 @@ impl Session {
             let pending = conn.resend_pending;
             debug_assert!(pending <= self.state.inflight.len());
             if pending > 0 {
-                // Carried-over entries count against the window only once re-sent; they
-                // are always the last `pending` entries (nothing new is added meanwhile).
+                // Carried-over entries count against the window only once re-sent.
                 if self.state.inflight.len() - pending >= window {
                     return;
                 }
                 conn.resend_pending -= 1;
-                let idx = self.state.inflight.len() - pending;
-                self.resend_entry(idx, now);
+                // The client may have answered some out of turn, so look for the next one.
+                if let Some(idx) = self.state.inflight.iter().position(|f| f.resend) {
+                    self.resend_entry(idx, now);
+                }
                 continue;
             }
             if self.state.inflight.len() >= window {

@@ -1032,6 +1032,38 @@ fn resume_with_smaller_receive_maximum_resends_as_window_allows() {
 }
 
 #[test]
+fn resume_handles_ack_for_entry_not_yet_resent() {
+    let mut pair = Pair::new(SessionConfig::default(), persistent(connect_v5("a"), 600));
+    pair.client.auto_ack = false;
+    for p in ["m1", "m2", "m3", "m4"] {
+        pair.deliver(&msg("t", p, QoS::ExactlyOnce), opts(QoS::ExactlyOnce));
+    }
+    pair.server.connection_lost(pair.now);
+    pair.client.take();
+    let mut c = resume(connect_v5("a"));
+    c.properties.receive_maximum = Some(2);
+    pair.reconnect(c);
+    let ids =
+        |p: Vec<Publish>| -> Vec<(u16, bool)> { p.iter().map(|p| (p.packet_id, p.dup)).collect() };
+    assert_eq!(ids(pair.client.publishes()), [(1, true), (2, true)]);
+    // The client answers m4 (which it had from the old connection) out of turn: it is now
+    // awaiting PUBCOMP and counts against the window.
+    pair.send(Packet::PubRec(PubResp::new(4))).unwrap();
+    assert_eq!(pair.client.take(), vec![Packet::PubRel(PubResp::new(4))]);
+    for id in [1, 2] {
+        pair.send(Packet::PubRec(PubResp::new(id))).unwrap();
+        pair.send(Packet::PubComp(PubResp::new(id))).unwrap();
+    }
+    // m3 must still be re-sent, once, although m4 behind it no longer is pending.
+    assert_eq!(ids(pair.client.publishes()), [(3, true)]);
+    pair.send(Packet::PubComp(PubResp::new(4))).unwrap();
+    pair.send(Packet::PubRec(PubResp::new(3))).unwrap();
+    pair.send(Packet::PubComp(PubResp::new(3))).unwrap();
+    assert!(pair.client.publishes().is_empty());
+    assert_eq!(pair.server.state().inflight_len(), 0);
+}
+
+#[test]
 fn offline_qos0_queued_when_configured() {
     let config = SessionConfig {
         queue_qos0_offline: true,
