@@ -1810,6 +1810,84 @@ fn queued_message_too_large_for_new_connection_is_discarded_on_resume() {
     assert_eq!(pair.server.state().inflight_len(), 0);
 }
 
+#[test]
+fn state_ships_to_another_thread_and_resumes_there() {
+    // Takeover across shards: the old shard kicks the client and exports the state; the
+    // state crosses threads by value; the new shard resumes it.
+    let config = SessionConfig::default();
+    let mut old = Session::accept(
+        &config,
+        &persistent(connect_v5("dev"), 600),
+        "dev".into(),
+        None,
+        Instant::now(),
+    );
+    let now = Instant::now();
+    old.handle_packet(
+        subscribe(1, &[("cmd/dev", opts(QoS::AtLeastOnce))], None),
+        now,
+    )
+    .unwrap();
+    old.deliver(
+        &msg("cmd/dev", "reboot", QoS::AtLeastOnce),
+        opts(QoS::AtLeastOnce),
+        &[],
+        now,
+    );
+    old.disconnect(ReasonCode::SESSION_TAKEN_OVER, now);
+    let state = old.into_state().expect("session survives takeover");
+    let mut new = std::thread::spawn(move || {
+        Session::accept(
+            &config,
+            &resume(connect_v5("dev")),
+            "dev".into(),
+            Some(state),
+            now,
+        )
+    })
+    .join()
+    .expect("thread");
+    let packets: Vec<Packet> = std::iter::from_fn(|| new.poll_transmit()).collect();
+    assert!(connack(&packets[0]).session_present);
+    assert!(matches!(&packets[1], Packet::Publish(p) if p.dup && p.payload == "reboot"));
+    assert!(std::iter::from_fn(|| new.poll_event())
+        .any(|e| matches!(e, SessionEvent::Subscribe { resumed: true, .. })));
+}
+
+#[test]
+fn v31_client_basic_flow() {
+    let mut pair = Pair::new(
+        SessionConfig::default(),
+        connect(ProtocolVersion::V31, "old"),
+    );
+    assert!(matches!(&pair.client.take()[..], [Packet::ConnAck(a)] if !a.session_present));
+    pair.send(publish("a", QoS::AtLeastOnce, 3)).unwrap();
+    pair.send(subscribe(4, &[("a", opts(QoS::ExactlyOnce))], None))
+        .unwrap();
+    let got = pair.client.take();
+    assert_eq!(got[0], Packet::PubAck(PubResp::new(3)));
+    assert!(matches!(&got[1], Packet::SubAck(a) if a.reason_codes == [ReasonCode::GRANTED_QOS_2]));
+    assert_eq!(pair.routed().len(), 1);
+}
+
+#[test]
+fn poll_timeout_is_earliest_of_will_and_expiry_offline() {
+    let c = persistent(with_will(connect_v5("a"), Some(40)), 100);
+    let mut pair = Pair::new(SessionConfig::default(), c);
+    assert_eq!(
+        pair.server.poll_timeout(),
+        Some(pair.at(90.0)),
+        "keepalive 60 × 1.5"
+    );
+    pair.server.connection_lost(pair.now);
+    assert_eq!(pair.server.poll_timeout(), Some(pair.at(40.0)));
+    pair.advance_to(pair.at(40.0));
+    assert_eq!(pair.server.poll_timeout(), Some(pair.at(100.0)));
+    pair.advance_to(pair.at(100.0));
+    assert_eq!(pair.server.poll_timeout(), None);
+    assert_eq!(pair.wills().len(), 1);
+}
+
 mod model {
     //! Randomised interleavings of deliveries, lost acks and reconnects against the client
     //! model: nothing accepted is lost, QoS 2 arrives exactly once, first deliveries keep
