@@ -165,6 +165,14 @@ impl SessionConfig {
         Ok(())
     }
 
+    /// The decoder limits that go with this configuration (oversize packets are refused
+    /// before buffering; the runtime answers v5 clients with DISCONNECT 0x95).
+    pub fn decode_limits(&self) -> crate::codec::Limits {
+        crate::codec::Limits {
+            max_packet_size: self.max_packet_size,
+        }
+    }
+
     fn receive_maximum(&self) -> u16 {
         if self.max_inflight == 0 {
             u16::MAX
@@ -605,7 +613,11 @@ impl Session {
             self.end_session(now);
             return;
         }
-        self.state.purge_expired(now);
+        // While connected the queue drains and skips expired entries itself; offline, free
+        // their memory now.
+        if self.conn.is_none() {
+            self.state.purge_expired(now);
+        }
     }
 
     /// The server ends the connection (takeover 0x8E, shutdown 0x8B, ...): v5 clients get a
@@ -685,8 +697,10 @@ impl Session {
     }
 
     /// Offers a message that matched one of this client's subscriptions. `options` are the
-    /// matching subscription's (granted) options, `subscription_ids` the identifiers of all
-    /// this client's subscriptions it matched (attached for v5 [MQTT-3.3.4-3]).
+    /// matching subscription's (granted) options, `subscription_ids` the identifiers to attach
+    /// (v5 [MQTT-3.3.4-3]). With overlapping subscriptions the router may call this once per
+    /// matching subscription (one copy each, mosquitto's behaviour) or once with the highest
+    /// granted QoS and all their identifiers; the session does not care.
     pub fn deliver(
         &mut self,
         msg: &Message,
