@@ -134,6 +134,8 @@ async fn read_connect<S: AsyncRead + Unpin>(
 /// Who may connect on this connection's listener, and what TLS said about the client.
 pub(crate) struct Auth {
     pub allow_anonymous: bool,
+    /// The listener's `max_qos`.
+    pub max_qos: crate::codec::QoS,
     pub rule: UsernameRule,
     /// The verified client certificate's identity, if the client sent one.
     pub identity: Option<ClientIdentity>,
@@ -156,7 +158,10 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         }
     };
     let version = connect.protocol;
-    let cfg = &shard.shared.cfg.session;
+    let cfg = &crate::session::SessionConfig {
+        maximum_qos: auth.max_qos.min(shard.shared.cfg.session.maximum_qos),
+        ..shard.shared.cfg.session
+    };
 
     // Admission: identity and anonymous policy (mosquitto's rules), limits, client-id rules.
     let username = match resolve_username(

@@ -28,6 +28,8 @@ pub struct ListenerSpec {
     pub allow_anonymous: bool,
     /// Connections this listener accepts in total across shards (0 = unlimited).
     pub max_connections: usize,
+    /// Highest QoS granted or accepted on this listener (mosquitto's per-listener `max_qos`).
+    pub max_qos: crate::codec::QoS,
     /// Mutual TLS (or server-only TLS) on this listener.
     pub tls: Option<Arc<TlsListener>>,
 }
@@ -75,6 +77,7 @@ impl Default for RuntimeConfig {
                 addr: SocketAddr::from(([127, 0, 0, 1], 1883)),
                 allow_anonymous: true,
                 max_connections: 0,
+                max_qos: crate::codec::QoS::ExactlyOnce,
                 tls: None,
             }],
             connect_timeout: Duration::from_secs(10),
@@ -250,8 +253,12 @@ pub fn start(cfg: RuntimeConfig) -> Result<Broker, StartError> {
 
 mod runtime;
 
-/// Run until SIGINT/SIGTERM (graceful: clients get 0x8B, exit 0); SIGHUP requests a reload.
-pub fn run_until_signalled(cfg: RuntimeConfig) -> Result<(), StartError> {
+/// Run until SIGINT/SIGTERM (graceful: clients get 0x8B, exit 0); on SIGHUP call `on_reload`
+/// (on the signal thread, never on a shard).
+pub fn run_until_signalled(
+    cfg: RuntimeConfig,
+    on_reload: impl Fn() + Send + 'static,
+) -> Result<(), StartError> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let broker = start(cfg)?;
     let control = broker.control.clone();
@@ -267,8 +274,9 @@ pub fn run_until_signalled(cfg: RuntimeConfig) -> Result<(), StartError> {
         for sig in signals.forever() {
             match sig {
                 SIGHUP => {
-                    tracing::info!("SIGHUP: reload requested");
+                    tracing::info!("SIGHUP: reloading");
                     control.request_reload();
+                    on_reload();
                 }
                 _ => {
                     tracing::info!("signal {sig}: shutting down");

@@ -712,6 +712,7 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, idx: Option<usize>
         let shard2 = shard.clone();
         let tls2 = tls.clone();
         let allow_anonymous = spec.as_ref().map(|l| l.allow_anonymous).unwrap_or(true);
+        let max_qos = spec.as_ref().map(|l| l.max_qos).unwrap_or(QoS::ExactlyOnce);
         glommio::spawn_local(async move {
             shard2.live_conns.set(shard2.live_conns.get() + 1);
             match tls2 {
@@ -721,6 +722,7 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, idx: Option<usize>
                     if let Some((io, identity)) = hs {
                         let auth = conn::Auth {
                             allow_anonymous,
+                            max_qos,
                             rule: t.username_rule,
                             identity,
                         };
@@ -730,6 +732,7 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, idx: Option<usize>
                 None => {
                     let auth = conn::Auth {
                         allow_anonymous,
+                        max_qos,
                         rule: crate::tls::UsernameRule::FromClient,
                         identity: None,
                     };

@@ -27,6 +27,7 @@ impl TestBroker {
                 addr: "127.0.0.1:0".parse().unwrap(),
                 allow_anonymous: true,
                 max_connections: 0,
+                max_qos: midge::codec::QoS::ExactlyOnce,
                 tls: None,
             }],
             shard_listeners: true,
