@@ -12,7 +12,7 @@ use super::{defaults, ConfigError, Origin};
 ///
 /// Reads a mosquitto.conf-compatible file (`-c`); options given here override it. With no
 /// arguments Midge listens on 127.0.0.1:1883 and allows anonymous clients there only.
-#[derive(Parser, Debug, Clone, Default, PartialEq)]
+#[derive(Parser, Debug, Clone, Default)]
 #[command(name = "midge", version, about, long_about = None)]
 pub struct Cli {
     /// mosquitto.conf-style configuration file.
@@ -78,11 +78,15 @@ pub struct Cli {
 }
 
 /// Subcommands. Without one, `midge` runs the broker.
-#[derive(Subcommand, Debug, Clone, PartialEq)]
+#[derive(Subcommand, Debug, Clone)]
 pub enum Command {
     /// Ask a running broker to reload (sends SIGHUP, as `systemctl reload` does).
     Reload(ReloadArgs),
-    // LEAD: add `Certs(crate::tls::certs::CertsCommand)` here when merging the tls branch.
+    // LEAD: when merging the tls branch, add here:
+    //     /// Create a CA, server and client certificates and CRLs for a fleet.
+    //     #[command(subcommand)]
+    //     Certs(crate::tls::certs::CertsCommand),
+    // (no PartialEq on this enum or on Cli, because CertsCommand has none).
 }
 
 /// `midge reload`: which process to signal.

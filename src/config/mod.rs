@@ -13,7 +13,8 @@
 //!   blank lines are skipped. A trailing `# …` after a value is an error (mosquitto does not
 //!   support it either), so a mistyped value is never half-read.
 //! * `listener PORT [ADDRESS]` opens a listener section: the per-listener keys that follow
-//!   (`max_connections`, `max_qos`, `protocol`, `listener_allow_anonymous`, the TLS keys and
+//!   (`max_connections`, `max_qos`, `max_topic_alias`, `protocol`, `listener_allow_anonymous`,
+//!   the TLS keys and
 //!   Midge's `tls_*` keys) apply to it. Without ADDRESS the listener binds `0.0.0.0` (all IPv4
 //!   interfaces; mosquitto also binds IPv6 — write `listener PORT ::` for that). A host name
 //!   is resolved once at startup and its first address is bound. Repeating an
@@ -107,6 +108,8 @@ pub struct ListenerConfig {
     pub max_connections: Option<u32>,
     /// `max_qos`: highest QoS a client may use on this listener (per-listener in mosquitto).
     pub max_qos: QoS,
+    /// `max_topic_alias`: topic aliases an MQTT v5 client may create (0 disables them).
+    pub max_topic_alias: u16,
     /// `protocol`: only `mqtt` is supported.
     pub protocol: Protocol,
     /// Certificate-based TLS; `Some` when `certfile` and `keyfile` are set.
@@ -133,6 +136,7 @@ pub enum Protocol {
 }
 
 /// Certificate-based TLS settings of one listener (mosquitto's names, plus Midge's `tls_*`).
+/// Field names and types follow `tls::TlsOptions` so the mapping is one to one.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TlsSettings {
     /// PEM server certificate chain.
@@ -152,23 +156,24 @@ pub struct TlsSettings {
     /// Use the certificate's full subject as the MQTT username.
     pub use_subject_as_username: bool,
     /// `tls_version`: minimum TLS version (1.2 and 1.3 are both allowed by default).
-    pub min_version: TlsVersion,
-    /// `ciphers`: TLS 1.2 cipher suites (OpenSSL names), `None` = provider default. The `tls`
-    /// module maps names and rejects unknown ones.
-    pub ciphers: Option<Vec<String>>,
-    /// `ciphers_tls1.3`: TLS 1.3 cipher suites (OpenSSL/IANA names), `None` = default.
-    pub ciphers_tls13: Option<Vec<String>>,
-    /// `tls_kx_groups`: key-exchange groups in preference order, `None` = provider default
-    /// (which puts the ~15-20% costlier post-quantum hybrid X25519MLKEM768 first).
-    pub kx_groups: Option<Vec<KxGroup>>,
+    pub tls_version: TlsVersion,
+    /// `ciphers`: TLS 1.2 cipher suites, OpenSSL names, `:`-separated; `None` = default. The
+    /// `tls` module maps the names and rejects unknown ones.
+    pub ciphers: Option<String>,
+    /// `ciphers_tls1.3`: TLS 1.3 cipher suites, `:`-separated; `None` = default.
+    pub ciphers_tls13: Option<String>,
+    /// `tls_kx_groups`: key-exchange groups in preference order; empty = the `tls` module's
+    /// default (x25519, secp256r1: the post-quantum hybrid costs ~15-20% per full handshake
+    /// and is opt-in).
+    pub kx_groups: Vec<KxGroup>,
     /// `tls_handshake_timeout`: a handshake not finished in this time is dropped.
     pub handshake_timeout: Duration,
     /// `max_handshakes_in_progress`: per shard; further accepted sockets wait in the kernel
     /// backlog. Bounds the memory and CPU a reconnect storm can claim.
-    pub max_handshakes_in_progress: u32,
+    pub max_handshakes_in_progress: usize,
 }
 
-/// Minimum TLS protocol version.
+/// Minimum TLS version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum TlsVersion {
     Tls12,
@@ -191,40 +196,38 @@ pub enum KxGroup {
     X25519,
     Secp256r1,
     Secp384r1,
-    X25519MlKem768,
-    Secp256r1MlKem768,
-    MlKem768,
+    X25519Mlkem768,
 }
 
 impl KxGroup {
-    /// All groups with their configuration names.
-    pub const ALL: [(KxGroup, &'static str); 6] = [
+    /// All groups with their canonical configuration names.
+    pub const ALL: [(KxGroup, &'static str); 4] = [
         (KxGroup::X25519, "x25519"),
         (KxGroup::Secp256r1, "secp256r1"),
         (KxGroup::Secp384r1, "secp384r1"),
-        (KxGroup::X25519MlKem768, "x25519mlkem768"),
-        (KxGroup::Secp256r1MlKem768, "secp256r1mlkem768"),
-        (KxGroup::MlKem768, "mlkem768"),
+        (KxGroup::X25519Mlkem768, "x25519mlkem768"),
     ];
 
-    /// The configuration name.
-    pub fn name(self) -> &'static str {
-        Self::ALL
-            .iter()
-            .find(|(g, _)| *g == self)
-            .map(|(_, n)| *n)
-            .unwrap_or("?")
+    /// The canonical configuration name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KxGroup::X25519 => "x25519",
+            KxGroup::Secp256r1 => "secp256r1",
+            KxGroup::Secp384r1 => "secp384r1",
+            KxGroup::X25519Mlkem768 => "x25519mlkem768",
+        }
     }
 
-    /// Parse a name; also accepts `p-256`/`prime256v1` and `p-384`.
+    /// Parse a name, case-insensitively; OpenSSL and IANA spellings (`P-256`, `prime256v1`,
+    /// `X25519MLKEM768`, …) are accepted.
     pub fn from_name(s: &str) -> Option<KxGroup> {
-        let s = s.to_ascii_lowercase();
-        match s.as_str() {
-            "p-256" | "prime256v1" => return Some(KxGroup::Secp256r1),
-            "p-384" => return Some(KxGroup::Secp384r1),
-            _ => {}
+        match s.trim().to_ascii_lowercase().as_str() {
+            "x25519" => Some(KxGroup::X25519),
+            "secp256r1" | "p-256" | "p256" | "prime256v1" => Some(KxGroup::Secp256r1),
+            "secp384r1" | "p-384" | "p384" => Some(KxGroup::Secp384r1),
+            "x25519mlkem768" | "x25519-mlkem768" => Some(KxGroup::X25519Mlkem768),
+            _ => None,
         }
-        Self::ALL.iter().find(|(_, n)| *n == s).map(|(g, _)| *g)
     }
 }
 
@@ -389,6 +392,7 @@ impl Default for Config {
                 allow_anonymous: true,
                 max_connections: None,
                 max_qos: QoS::ExactlyOnce,
+                max_topic_alias: defaults::MAX_TOPIC_ALIAS,
                 protocol: Protocol::Mqtt,
                 tls: None,
                 origin: Origin::Default,
