@@ -204,7 +204,7 @@ pub(crate) struct Builder {
     autosave_interval: Duration,
     pid_file: Option<PathBuf>,
     per_listener_settings: bool,
-    /// First `listener` or `allow_anonymous` line: `per_listener_settings` must precede it.
+    /// First `allow_anonymous` line: `per_listener_settings true` must precede it.
     security_seen: Option<Origin>,
     global_allow_anonymous: Option<bool>,
     /// mosquitto's default listener (`port`, `bind_address`, per-listener keys before the
@@ -431,9 +431,6 @@ impl Builder {
                         format!("unexpected '{extra}': expected listener PORT [ADDRESS]"),
                     ));
                 }
-                if self.security_seen.is_none() {
-                    self.security_seen = Some(origin.clone());
-                }
                 // An identical `listener` line reopens that section (mosquitto does the same).
                 let existing = self
                     .listeners
@@ -516,13 +513,15 @@ impl Builder {
             // --- authentication ----------------------------------------------------------
             "per_listener_settings" => {
                 let v = boolean(value)?;
-                if let Some(first) = &self.security_seen {
+                // mosquitto's rule: it cannot be switched on once allow_anonymous was read
+                // under the global meaning.
+                if let (true, Some(first)) = (v, &self.security_seen) {
                     return Err(ConfigError::key(
                         origin,
                         key,
                         format!(
-                            "must come before any `listener` or `allow_anonymous` line (first one at {first}), \
-                             because it changes how they are read"
+                            "must be set before any allow_anonymous line (first one at {first}), \
+                             because it changes what that line applies to"
                         ),
                     ));
                 }

@@ -29,8 +29,8 @@
 //!     to every listener wherever the line appears.
 //!   - With `per_listener_settings true` it applies to the listener section it appears in
 //!     (before the first `listener` line: to the default listener); a listener without its own
-//!     value denies anonymous clients. `per_listener_settings` must come before any `listener`
-//!     or `allow_anonymous` line, because it changes how they are read.
+//!     value denies anonymous clients. `per_listener_settings true` must come before any
+//!     `allow_anonymous` line (mosquitto refuses it otherwise, and so does Midge).
 //!   - `listener_allow_anonymous` (mosquitto 2.1) overrides both for its listener.
 //!   - Not set at all: `false` on every listener, except in *local-only mode*.
 //! * Local-only mode (mosquitto 2.0's "no listener configured" behaviour): when neither the

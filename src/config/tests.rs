@@ -277,11 +277,15 @@ fn per_listener_settings_scopes_allow_anonymous() {
 #[test]
 fn per_listener_settings_must_come_first() {
     assert_eq!(
-        err("listener 1883\nper_listener_settings true\n"),
-        "FILE:2: key 'per_listener_settings': must come before any `listener` or \
-         `allow_anonymous` line (first one at FILE:1), because it changes how they are read"
+        err("allow_anonymous true\nlistener 1883\nper_listener_settings true\n"),
+        "FILE:3: key 'per_listener_settings': must be set before any allow_anonymous line \
+         (first one at FILE:1), because it changes what that line applies to"
     );
-    assert!(err("allow_anonymous true\nper_listener_settings true\n").starts_with("FILE:2:"));
+    // As in mosquitto, listener lines before it and `false` after allow_anonymous are fine.
+    let c = ok("listener 1883\nper_listener_settings true\nallow_anonymous true\n");
+    assert!(c.per_listener_settings && c.listeners[0].allow_anonymous);
+    let c = ok("allow_anonymous true\nper_listener_settings false\nlistener 1883\n");
+    assert!(c.listeners[0].allow_anonymous);
 }
 
 #[test]
