@@ -14,11 +14,9 @@
 //!   support it either), so a mistyped value is never half-read.
 //! * `listener PORT [ADDRESS]` opens a listener section: the per-listener keys that follow
 //!   (`max_connections`, `max_qos`, `max_topic_alias`, `protocol`, `listener_allow_anonymous`,
-//!   the TLS keys and
-//!   Midge's `tls_*` keys) apply to it. Without ADDRESS the listener binds `0.0.0.0` (all IPv4
-//!   interfaces; mosquitto also binds IPv6 — write `listener PORT ::` for that). A host name
-//!   is resolved once at startup and its first address is bound. Repeating an
-//!   identical `listener` line reopens that section, as in mosquitto.
+//!   the TLS keys and Midge's `tls_*` keys) apply to it. Without ADDRESS the listener binds
+//!   `0.0.0.0`. A host name is resolved once at startup and its first address is bound.
+//!   Repeating an identical `listener` line reopens that section, as in mosquitto.
 //! * Legacy default listener: `port` and `bind_address` (and any per-listener key written
 //!   before the first `listener` line) configure mosquitto's *default listener*, which then
 //!   exists in addition to the `listener` sections. `port` alone binds all IPv4 interfaces.
@@ -45,6 +43,24 @@
 //!   error naming the file, line and key.
 //!
 //! Command-line flags override the file.
+//!
+//! # Where Midge differs from mosquitto 2.0, on purpose
+//!
+//! * One address per listener: `listener PORT` binds `0.0.0.0` only (mosquitto also binds
+//!   IPv6; write `listener PORT ::` for that), and local-only mode binds 127.0.0.1 (mosquitto
+//!   also ::1).
+//! * Listeners whose addresses overlap on one port are refused: with SO_REUSEPORT they would
+//!   silently share the port instead of failing to bind.
+//! * `use_identity_as_username` / `use_subject_as_username` need `require_certificate true`:
+//!   otherwise a client without a certificate could pick any username.
+//! * A per-client queue with no bound (`max_queued_messages 0` and `max_queued_bytes 0`) is
+//!   refused: one slow subscriber could exhaust memory.
+//! * `max_packet_size` defaults to 2,000,000 bytes (mosquitto 2.1's default; 2.0 had none).
+//! * `log_dest` takes one of `stderr`, `stdout`, `none`; `file`, `syslog` and `topic` are
+//!   refused (run under systemd and journald keeps the log).
+//! * In local-only mode an explicit `allow_anonymous false` is honoured.
+//! * `-p PORT` together with file listeners adds the default listener (on 127.0.0.1 unless
+//!   `--bind` or `bind_address` says otherwise) beside them.
 
 mod cli;
 pub mod defaults;
