@@ -9,7 +9,7 @@ use std::sync::Arc;
 use crate::config::{Config, ListenerConfig, TlsSettings};
 use crate::session::SessionConfig;
 use crate::shard::{ListenerSpec, RuntimeConfig, TlsListener};
-use crate::tls::{HandshakeStats, KxGroup, TlsError, TlsOptions, TlsReloader, TlsVersion, UsernameRule};
+use crate::tls::{HandshakeStats, TlsError, TlsOptions, TlsReloader, UsernameRule};
 
 /// The TLS options of one listener, field for field.
 pub fn tls_options(t: &TlsSettings) -> Result<TlsOptions, TlsError> {
@@ -20,20 +20,12 @@ pub fn tls_options(t: &TlsSettings) -> Result<TlsOptions, TlsError> {
     o.require_certificate = t.require_certificate;
     o.use_identity_as_username = t.use_identity_as_username;
     o.use_subject_as_username = t.use_subject_as_username;
-    o.tls_version = match t.min_version {
-        crate::config::TlsVersion::Tls12 => TlsVersion::Tls12,
-        crate::config::TlsVersion::Tls13 => TlsVersion::Tls13,
-    };
-    o.ciphers = t.ciphers.as_ref().map(|c| c.join(":"));
-    o.ciphers_tls13 = t.ciphers_tls13.as_ref().map(|c| c.join(":"));
-    o.kx_groups = t
-        .kx_groups
-        .iter()
-        .flatten()
-        .filter_map(|g| KxGroup::parse(g.name()).ok())
-        .collect();
+    o.tls_version = t.tls_version;
+    o.ciphers = t.ciphers.clone();
+    o.ciphers_tls13 = t.ciphers_tls13.clone();
+    o.kx_groups = t.kx_groups.clone();
     o.handshake_timeout = t.handshake_timeout;
-    o.max_handshakes_in_progress = t.max_handshakes_in_progress as usize;
+    o.max_handshakes_in_progress = t.max_handshakes_in_progress;
     Ok(o)
 }
 
@@ -71,6 +63,7 @@ fn listener_spec(
         allow_anonymous: l.allow_anonymous,
         max_connections: l.max_connections.map(|n| n as usize).unwrap_or(0),
         max_qos: l.max_qos,
+        topic_alias_maximum: l.max_topic_alias,
         tls,
     })
 }

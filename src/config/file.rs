@@ -73,7 +73,6 @@ static UNSUPPORTED_KEYS: &[(&str, &str)] = &[
     ("memory_limit", "Midge has no global heap limit; bound queues with max_queued_messages / max_queued_bytes"),
     ("global_max_clients", "use max_connections on each listener"),
     ("global_max_connections", "use max_connections on each listener"),
-    ("max_topic_alias", "topic alias limits are not configurable"),
     ("max_topic_alias_broker", "topic alias limits are not configurable"),
     ("retain_expiry_interval", "it changes retained-message lifetime"),
     ("accept_protocol_versions", "Midge accepts MQTT 3.1, 3.1.1 and 5.0 on every listener"),
@@ -130,6 +129,7 @@ pub(crate) struct RawListener {
     pub(crate) listener_allow_anonymous: Option<bool>,
     pub(crate) max_connections: Option<u32>,
     pub(crate) max_qos: QoS,
+    pub(crate) max_topic_alias: u16,
     pub(crate) tls: RawTls,
 }
 
@@ -146,12 +146,12 @@ pub(crate) struct RawTls {
     pub(crate) require_certificate: At<bool>,
     pub(crate) use_identity_as_username: At<bool>,
     pub(crate) use_subject_as_username: At<bool>,
-    pub(crate) min_version: At<TlsVersion>,
-    pub(crate) ciphers: At<Vec<String>>,
-    pub(crate) ciphers_tls13: At<Vec<String>>,
-    pub(crate) kx_groups: At<Option<Vec<KxGroup>>>,
+    pub(crate) tls_version: At<TlsVersion>,
+    pub(crate) ciphers: At<String>,
+    pub(crate) ciphers_tls13: At<String>,
+    pub(crate) kx_groups: At<Vec<KxGroup>>,
     pub(crate) handshake_timeout: At<Duration>,
-    pub(crate) max_handshakes: At<u32>,
+    pub(crate) max_handshakes: At<usize>,
 }
 
 impl RawTls {
@@ -166,7 +166,7 @@ impl RawTls {
             .or_else(|| o("require_certificate", &self.require_certificate))
             .or_else(|| o("use_identity_as_username", &self.use_identity_as_username))
             .or_else(|| o("use_subject_as_username", &self.use_subject_as_username))
-            .or_else(|| o("tls_version", &self.min_version))
+            .or_else(|| o("tls_version", &self.tls_version))
             .or_else(|| o("ciphers", &self.ciphers))
             .or_else(|| o("ciphers_tls1.3", &self.ciphers_tls13))
             .or_else(|| o("tls_kx_groups", &self.kx_groups))
@@ -185,6 +185,7 @@ impl RawListener {
             listener_allow_anonymous: None,
             max_connections: None,
             max_qos: QoS::ExactlyOnce,
+            max_topic_alias: defaults::MAX_TOPIC_ALIAS,
             tls: RawTls::default(),
         }
     }
@@ -203,7 +204,7 @@ pub(crate) struct Builder {
     autosave_interval: Duration,
     pid_file: Option<PathBuf>,
     per_listener_settings: bool,
-    /// First `listener` or `allow_anonymous` line: `per_listener_settings` must precede it.
+    /// First `allow_anonymous` line: `per_listener_settings true` must precede it.
     security_seen: Option<Origin>,
     global_allow_anonymous: Option<bool>,
     /// mosquitto's default listener (`port`, `bind_address`, per-listener keys before the
@@ -430,9 +431,6 @@ impl Builder {
                         format!("unexpected '{extra}': expected listener PORT [ADDRESS]"),
                     ));
                 }
-                if self.security_seen.is_none() {
-                    self.security_seen = Some(origin.clone());
-                }
                 // An identical `listener` line reopens that section (mosquitto does the same).
                 let existing = self
                     .listeners
@@ -479,6 +477,10 @@ impl Builder {
                 };
                 self.cur(key, origin).max_connections = n;
             }
+            "max_topic_alias" => {
+                let n = num(value, 0, 65535)? as u16;
+                self.cur(key, origin).max_topic_alias = n;
+            }
             "max_qos" => {
                 let q = num(value, 0, 2)?;
                 self.cur(key, origin).max_qos = QoS::from_u8(q as u8).unwrap_or(QoS::ExactlyOnce);
@@ -511,13 +513,15 @@ impl Builder {
             // --- authentication ----------------------------------------------------------
             "per_listener_settings" => {
                 let v = boolean(value)?;
-                if let Some(first) = &self.security_seen {
+                // mosquitto's rule: it cannot be switched on once allow_anonymous was read
+                // under the global meaning.
+                if let (true, Some(first)) = (v, &self.security_seen) {
                     return Err(ConfigError::key(
                         origin,
                         key,
                         format!(
-                            "must come before any `listener` or `allow_anonymous` line (first one at {first}), \
-                             because it changes how they are read"
+                            "must be set before any allow_anonymous line (first one at {first}), \
+                             because it changes what that line applies to"
                         ),
                     ));
                 }
@@ -596,15 +600,11 @@ impl Builder {
                         ))
                     }
                 };
-                self.cur(key, origin).tls.min_version = here(v, origin);
+                self.cur(key, origin).tls.tls_version = here(v, origin);
             }
             "ciphers" | "ciphers_tls1.3" => {
-                let list: Vec<String> = split_value(key, value, origin)?
-                    .split(':')
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_string)
-                    .collect();
-                if list.is_empty() {
+                let v = split_value(key, value, origin)?;
+                if v.split(':').all(|s| s.is_empty()) {
                     return Err(ConfigError::key(
                         origin,
                         key,
@@ -613,20 +613,18 @@ impl Builder {
                 }
                 let tls = &mut self.cur(key, origin).tls;
                 if key == "ciphers" {
-                    tls.ciphers = here(list, origin);
+                    tls.ciphers = here(v.to_string(), origin);
                 } else {
-                    tls.ciphers_tls13 = here(list, origin);
+                    tls.ciphers_tls13 = here(v.to_string(), origin);
                 }
             }
             "tls_kx_groups" => {
                 let v = split_value(key, value, origin)?;
-                let groups = if v == "default" {
-                    None
-                } else {
-                    let mut groups = Vec::new();
-                    for name in v.split(',') {
-                        let g = KxGroup::from_name(name).ok_or_else(|| {
-                            let known: Vec<&str> = KxGroup::ALL.iter().map(|(_, n)| *n).collect();
+                let mut groups = Vec::new();
+                if v != "default" {
+                    for name in v.split([',', ':']) {
+                        let g = KxGroup::parse(name).map_err(|_| {
+                            let known: Vec<&str> = KxGroup::ALL.iter().map(|g| g.as_str()).collect();
                             ConfigError::key(
                                 origin,
                                 key,
@@ -640,8 +638,7 @@ impl Builder {
                             groups.push(g);
                         }
                     }
-                    Some(groups)
-                };
+                }
                 self.cur(key, origin).tls.kx_groups = here(groups, origin);
             }
             "tls_handshake_timeout" => {
@@ -653,7 +650,7 @@ impl Builder {
                 self.cur(key, origin).tls.handshake_timeout = here(d, origin);
             }
             "max_handshakes_in_progress" => {
-                let n = num(value, 1, 1_000_000)? as u32;
+                let n = num(value, 1, 1_000_000)? as usize;
                 self.cur(key, origin).tls.max_handshakes = here(n, origin);
             }
             // --- limits and sessions -----------------------------------------------------------
@@ -983,6 +980,7 @@ impl Builder {
                 allow_anonymous,
                 max_connections: l.max_connections,
                 max_qos: l.max_qos,
+                max_topic_alias: l.max_topic_alias,
                 protocol: Protocol::Mqtt,
                 tls,
                 origin: l.origin.clone(),
@@ -1237,14 +1235,18 @@ fn finish_tls(
         require_certificate,
         use_identity_as_username: flag(&t.use_identity_as_username),
         use_subject_as_username: flag(&t.use_subject_as_username),
-        min_version: t
-            .min_version
+        tls_version: t
+            .tls_version
             .as_ref()
             .map(|x| x.0)
             .unwrap_or(TlsVersion::Tls12),
         ciphers: t.ciphers.as_ref().map(|x| x.0.clone()),
         ciphers_tls13: t.ciphers_tls13.as_ref().map(|x| x.0.clone()),
-        kx_groups: t.kx_groups.as_ref().and_then(|x| x.0.clone()),
+        kx_groups: t
+            .kx_groups
+            .as_ref()
+            .map(|x| x.0.clone())
+            .unwrap_or_default(),
         handshake_timeout: t
             .handshake_timeout
             .as_ref()

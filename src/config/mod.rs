@@ -13,11 +13,10 @@
 //!   blank lines are skipped. A trailing `# …` after a value is an error (mosquitto does not
 //!   support it either), so a mistyped value is never half-read.
 //! * `listener PORT [ADDRESS]` opens a listener section: the per-listener keys that follow
-//!   (`max_connections`, `max_qos`, `protocol`, `listener_allow_anonymous`, the TLS keys and
-//!   Midge's `tls_*` keys) apply to it. Without ADDRESS the listener binds `0.0.0.0` (all IPv4
-//!   interfaces; mosquitto also binds IPv6 — write `listener PORT ::` for that). A host name
-//!   is resolved once at startup and its first address is bound. Repeating an
-//!   identical `listener` line reopens that section, as in mosquitto.
+//!   (`max_connections`, `max_qos`, `max_topic_alias`, `protocol`, `listener_allow_anonymous`,
+//!   the TLS keys and Midge's `tls_*` keys) apply to it. Without ADDRESS the listener binds
+//!   `0.0.0.0`. A host name is resolved once at startup and its first address is bound.
+//!   Repeating an identical `listener` line reopens that section, as in mosquitto.
 //! * Legacy default listener: `port` and `bind_address` (and any per-listener key written
 //!   before the first `listener` line) configure mosquitto's *default listener*, which then
 //!   exists in addition to the `listener` sections. `port` alone binds all IPv4 interfaces.
@@ -28,8 +27,8 @@
 //!     to every listener wherever the line appears.
 //!   - With `per_listener_settings true` it applies to the listener section it appears in
 //!     (before the first `listener` line: to the default listener); a listener without its own
-//!     value denies anonymous clients. `per_listener_settings` must come before any `listener`
-//!     or `allow_anonymous` line, because it changes how they are read.
+//!     value denies anonymous clients. `per_listener_settings true` must come before any
+//!     `allow_anonymous` line (mosquitto refuses it otherwise, and so does Midge).
 //!   - `listener_allow_anonymous` (mosquitto 2.1) overrides both for its listener.
 //!   - Not set at all: `false` on every listener, except in *local-only mode*.
 //! * Local-only mode (mosquitto 2.0's "no listener configured" behaviour): when neither the
@@ -44,6 +43,24 @@
 //!   error naming the file, line and key.
 //!
 //! Command-line flags override the file.
+//!
+//! # Where Midge differs from mosquitto 2.0, on purpose
+//!
+//! * One address per listener: `listener PORT` binds `0.0.0.0` only (mosquitto also binds
+//!   IPv6; write `listener PORT ::` for that), and local-only mode binds 127.0.0.1 (mosquitto
+//!   also ::1).
+//! * Listeners whose addresses overlap on one port are refused: with SO_REUSEPORT they would
+//!   silently share the port instead of failing to bind.
+//! * `use_identity_as_username` / `use_subject_as_username` need `require_certificate true`:
+//!   otherwise a client without a certificate could pick any username.
+//! * A per-client queue with no bound (`max_queued_messages 0` and `max_queued_bytes 0`) is
+//!   refused: one slow subscriber could exhaust memory.
+//! * `max_packet_size` defaults to 2,000,000 bytes (mosquitto 2.1's default; 2.0 had none).
+//! * `log_dest` takes one of `stderr`, `stdout`, `none`; `file`, `syslog` and `topic` are
+//!   refused (run under systemd and journald keeps the log).
+//! * In local-only mode an explicit `allow_anonymous false` is honoured.
+//! * `-p PORT` together with file listeners adds the default listener (on 127.0.0.1 unless
+//!   `--bind` or `bind_address` says otherwise) beside them.
 
 mod cli;
 pub mod defaults;
@@ -59,6 +76,8 @@ use std::time::Duration;
 pub use tracing::level_filters::LevelFilter;
 
 use crate::codec::packet::QoS;
+/// The TLS enums are the `tls` module's own: one definition of each name list.
+pub use crate::tls::{KxGroup, TlsVersion};
 
 pub use cli::{run_reload, Cli, Command, ReloadArgs};
 pub use file::HARMLESS_KEYS;
@@ -107,6 +126,8 @@ pub struct ListenerConfig {
     pub max_connections: Option<u32>,
     /// `max_qos`: highest QoS a client may use on this listener (per-listener in mosquitto).
     pub max_qos: QoS,
+    /// `max_topic_alias`: topic aliases an MQTT v5 client may create (0 disables them).
+    pub max_topic_alias: u16,
     /// `protocol`: only `mqtt` is supported.
     pub protocol: Protocol,
     /// Certificate-based TLS; `Some` when `certfile` and `keyfile` are set.
@@ -133,6 +154,7 @@ pub enum Protocol {
 }
 
 /// Certificate-based TLS settings of one listener (mosquitto's names, plus Midge's `tls_*`).
+/// Field names and types follow `tls::TlsOptions` so the mapping is one to one.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TlsSettings {
     /// PEM server certificate chain.
@@ -152,80 +174,21 @@ pub struct TlsSettings {
     /// Use the certificate's full subject as the MQTT username.
     pub use_subject_as_username: bool,
     /// `tls_version`: minimum TLS version (1.2 and 1.3 are both allowed by default).
-    pub min_version: TlsVersion,
-    /// `ciphers`: TLS 1.2 cipher suites (OpenSSL names), `None` = provider default. The `tls`
-    /// module maps names and rejects unknown ones.
-    pub ciphers: Option<Vec<String>>,
-    /// `ciphers_tls1.3`: TLS 1.3 cipher suites (OpenSSL/IANA names), `None` = default.
-    pub ciphers_tls13: Option<Vec<String>>,
-    /// `tls_kx_groups`: key-exchange groups in preference order, `None` = provider default
-    /// (which puts the ~15-20% costlier post-quantum hybrid X25519MLKEM768 first).
-    pub kx_groups: Option<Vec<KxGroup>>,
+    pub tls_version: TlsVersion,
+    /// `ciphers`: TLS 1.2 cipher suites, OpenSSL names, `:`-separated; `None` = default. The
+    /// `tls` module maps the names and rejects unknown ones.
+    pub ciphers: Option<String>,
+    /// `ciphers_tls1.3`: TLS 1.3 cipher suites, `:`-separated; `None` = default.
+    pub ciphers_tls13: Option<String>,
+    /// `tls_kx_groups`: key-exchange groups in preference order; empty = the `tls` module's
+    /// default (x25519, secp256r1: the post-quantum hybrid costs ~15-20% per full handshake
+    /// and is opt-in).
+    pub kx_groups: Vec<KxGroup>,
     /// `tls_handshake_timeout`: a handshake not finished in this time is dropped.
     pub handshake_timeout: Duration,
     /// `max_handshakes_in_progress`: per shard; further accepted sockets wait in the kernel
     /// backlog. Bounds the memory and CPU a reconnect storm can claim.
-    pub max_handshakes_in_progress: u32,
-}
-
-/// Minimum TLS protocol version.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum TlsVersion {
-    Tls12,
-    Tls13,
-}
-
-impl TlsVersion {
-    /// The mosquitto spelling (`tlsv1.2`).
-    pub fn name(self) -> &'static str {
-        match self {
-            TlsVersion::Tls12 => "tlsv1.2",
-            TlsVersion::Tls13 => "tlsv1.3",
-        }
-    }
-}
-
-/// TLS key-exchange groups Midge knows by name (`tls_kx_groups`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KxGroup {
-    X25519,
-    Secp256r1,
-    Secp384r1,
-    X25519MlKem768,
-    Secp256r1MlKem768,
-    MlKem768,
-}
-
-impl KxGroup {
-    /// All groups with their configuration names.
-    pub const ALL: [(KxGroup, &'static str); 6] = [
-        (KxGroup::X25519, "x25519"),
-        (KxGroup::Secp256r1, "secp256r1"),
-        (KxGroup::Secp384r1, "secp384r1"),
-        (KxGroup::X25519MlKem768, "x25519mlkem768"),
-        (KxGroup::Secp256r1MlKem768, "secp256r1mlkem768"),
-        (KxGroup::MlKem768, "mlkem768"),
-    ];
-
-    /// The configuration name.
-    pub fn name(self) -> &'static str {
-        Self::ALL
-            .iter()
-            .find(|(g, _)| *g == self)
-            .map(|(_, n)| *n)
-            .unwrap_or("?")
-    }
-
-    /// Parse a name; also accepts `p-256`/`prime256v1` and `p-384`.
-    pub fn from_name(s: &str) -> Option<KxGroup> {
-        let s = s.to_ascii_lowercase();
-        match s.as_str() {
-            "p-256" | "prime256v1" => return Some(KxGroup::Secp256r1),
-            "p-384" => return Some(KxGroup::Secp384r1),
-            _ => {}
-        }
-        Self::ALL.iter().find(|(_, n)| *n == s).map(|(g, _)| *g)
-    }
+    pub max_handshakes_in_progress: usize,
 }
 
 /// Per-client limits and session behaviour.
@@ -389,6 +352,7 @@ impl Default for Config {
                 allow_anonymous: true,
                 max_connections: None,
                 max_qos: QoS::ExactlyOnce,
+                max_topic_alias: defaults::MAX_TOPIC_ALIAS,
                 protocol: Protocol::Mqtt,
                 tls: None,
                 origin: Origin::Default,

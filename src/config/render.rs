@@ -115,6 +115,7 @@ fn render_listener(s: &mut String, l: &ListenerConfig) {
         l.max_connections.map(|n| n as i64).unwrap_or(-1)
     );
     let _ = writeln!(s, "max_qos {}", l.max_qos as u8);
+    let _ = writeln!(s, "max_topic_alias {}", l.max_topic_alias);
     let Some(t) = &l.tls else {
         return;
     };
@@ -132,21 +133,18 @@ fn render_listener(s: &mut String, l: &ListenerConfig) {
     let _ = writeln!(s, "require_certificate {}", t.require_certificate);
     let _ = writeln!(s, "use_identity_as_username {}", t.use_identity_as_username);
     let _ = writeln!(s, "use_subject_as_username {}", t.use_subject_as_username);
-    let _ = writeln!(s, "tls_version {}", t.min_version.name());
+    let _ = writeln!(s, "tls_version {}", t.tls_version.as_str());
     if let Some(c) = &t.ciphers {
-        let _ = writeln!(s, "ciphers {}", c.join(":"));
+        let _ = writeln!(s, "ciphers {c}");
     }
     if let Some(c) = &t.ciphers_tls13 {
-        let _ = writeln!(s, "ciphers_tls1.3 {}", c.join(":"));
+        let _ = writeln!(s, "ciphers_tls1.3 {c}");
     }
-    match &t.kx_groups {
-        Some(g) => {
-            let names: Vec<&str> = g.iter().map(|g| g.name()).collect();
-            let _ = writeln!(s, "tls_kx_groups {}", names.join(","));
-        }
-        None => {
-            let _ = writeln!(s, "tls_kx_groups default");
-        }
+    if t.kx_groups.is_empty() {
+        let _ = writeln!(s, "tls_kx_groups default");
+    } else {
+        let names: Vec<&str> = t.kx_groups.iter().map(|g| g.as_str()).collect();
+        let _ = writeln!(s, "tls_kx_groups {}", names.join(","));
     }
     let _ = writeln!(s, "tls_handshake_timeout {}", t.handshake_timeout.as_secs());
     let _ = writeln!(

@@ -15,6 +15,7 @@ use super::*;
 const PER_LISTENER_KEYS: &[(&str, &str)] = &[
     ("max_connections", "10"),
     ("max_qos", "1"),
+    ("max_topic_alias", "5"),
     ("protocol", "mqtt"),
     ("listener_allow_anonymous", "false"),
 ];
@@ -148,8 +149,8 @@ fn cli_parses_mosquitto_style_flags() {
     assert_eq!(cli.shards, Some(2));
     assert!(cli.verbose && cli.check_config);
     assert_eq!(
-        Cli::try_parse_from(["midge"]).expect("parse"),
-        Cli::default()
+        format!("{:?}", Cli::try_parse_from(["midge"]).expect("parse")),
+        format!("{:?}", Cli::default())
     );
     // mosquitto spells it --config-file.
     let cli = Cli::try_parse_from(["midge", "--config-file", "x.conf"]).expect("parse");
@@ -172,13 +173,16 @@ fn cli_rejects_incomplete_tls_and_bad_ports() {
 fn reload_subcommand_parses() {
     let cli =
         Cli::try_parse_from(["midge", "reload", "--pid-file", "/run/midge.pid"]).expect("parse");
-    assert_eq!(
-        cli.command,
-        Some(Command::Reload(ReloadArgs {
-            pid_file: Some("/run/midge.pid".into()),
-            ..ReloadArgs::default()
-        }))
-    );
+    match cli.command {
+        Some(Command::Reload(args)) => assert_eq!(
+            args,
+            ReloadArgs {
+                pid_file: Some("/run/midge.pid".into()),
+                ..ReloadArgs::default()
+            }
+        ),
+        other => panic!("expected reload, got {other:?}"),
+    }
     assert!(Cli::try_parse_from(["midge", "reload", "--pid", "5", "--pid-file", "x"]).is_err());
 }
 
@@ -273,11 +277,15 @@ fn per_listener_settings_scopes_allow_anonymous() {
 #[test]
 fn per_listener_settings_must_come_first() {
     assert_eq!(
-        err("listener 1883\nper_listener_settings true\n"),
-        "FILE:2: key 'per_listener_settings': must come before any `listener` or \
-         `allow_anonymous` line (first one at FILE:1), because it changes how they are read"
+        err("allow_anonymous true\nlistener 1883\nper_listener_settings true\n"),
+        "FILE:3: key 'per_listener_settings': must be set before any allow_anonymous line \
+         (first one at FILE:1), because it changes what that line applies to"
     );
-    assert!(err("allow_anonymous true\nper_listener_settings true\n").starts_with("FILE:2:"));
+    // As in mosquitto, listener lines before it and `false` after allow_anonymous are fine.
+    let c = ok("listener 1883\nper_listener_settings true\nallow_anonymous true\n");
+    assert!(c.per_listener_settings && c.listeners[0].allow_anonymous);
+    let c = ok("allow_anonymous true\nper_listener_settings false\nlistener 1883\n");
+    assert!(c.listeners[0].allow_anonymous);
 }
 
 #[test]
@@ -353,6 +361,17 @@ fn max_connections_and_max_qos() {
     assert_eq!(
         err("listener 1883\nmax_qos 3\n"),
         "FILE:2: key 'max_qos': expected a number 0-2, got '3'"
+    );
+}
+
+#[test]
+fn max_topic_alias_is_per_listener() {
+    let c = ok("listener 1883\nmax_topic_alias 0\nlistener 1884\n");
+    assert_eq!(c.listeners[0].max_topic_alias, 0);
+    assert_eq!(c.listeners[1].max_topic_alias, 10, "mosquitto default");
+    assert_eq!(
+        err("listener 1883\nmax_topic_alias 70000\n"),
+        "FILE:2: key 'max_topic_alias': expected a number 0-65535, got '70000'"
     );
 }
 
@@ -817,19 +836,13 @@ fn tls_listener_settings_are_read() {
     assert_eq!(t.cafile, Some(PathBuf::from(&ca)));
     assert_eq!(t.crlfile, Some(crl));
     assert!(t.require_certificate && t.use_identity_as_username && !t.use_subject_as_username);
-    assert_eq!(t.min_version, TlsVersion::Tls13);
+    assert_eq!(t.tls_version, TlsVersion::Tls13);
     assert_eq!(
-        t.ciphers,
-        Some(vec![
-            "ECDHE-ECDSA-AES128-GCM-SHA256".to_string(),
-            "ECDHE-RSA-AES128-GCM-SHA256".to_string()
-        ])
+        t.ciphers.as_deref(),
+        Some("ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256")
     );
-    assert_eq!(
-        t.ciphers_tls13,
-        Some(vec!["TLS_AES_128_GCM_SHA256".to_string()])
-    );
-    assert_eq!(t.kx_groups, Some(vec![KxGroup::X25519, KxGroup::Secp256r1]));
+    assert_eq!(t.ciphers_tls13.as_deref(), Some("TLS_AES_128_GCM_SHA256"));
+    assert_eq!(t.kx_groups, vec![KxGroup::X25519, KxGroup::Secp256r1]);
     assert_eq!(t.handshake_timeout, Duration::from_secs(5));
     assert_eq!(t.max_handshakes_in_progress, 64);
     assert!(!l.allow_anonymous);
@@ -845,9 +858,9 @@ fn tls_defaults() {
         "listener 8883\ncertfile {cert}\nkeyfile {key}\nallow_anonymous true\n"
     ));
     let t = c.listeners[0].tls.as_ref().expect("tls");
-    assert_eq!(t.min_version, TlsVersion::Tls12);
+    assert_eq!(t.tls_version, TlsVersion::Tls12);
     assert!(!t.require_certificate);
-    assert_eq!(t.kx_groups, None);
+    assert!(t.kx_groups.is_empty(), "empty = the tls module's default");
     assert_eq!(t.handshake_timeout, defaults::TLS_HANDSHAKE_TIMEOUT);
     assert_eq!(
         t.max_handshakes_in_progress,
@@ -909,12 +922,9 @@ fn tls_consistency_rules() {
         "{base}tls_kx_groups X25519MLKEM768,p-256,x25519\nallow_anonymous true\n"
     ));
     assert_eq!(
-        c.listeners[0]
-            .tls
-            .as_ref()
-            .and_then(|t| t.kx_groups.clone()),
+        c.listeners[0].tls.as_ref().map(|t| t.kx_groups.clone()),
         Some(vec![
-            KxGroup::X25519MlKem768,
+            KxGroup::X25519Mlkem768,
             KxGroup::Secp256r1,
             KxGroup::X25519
         ])
@@ -1220,7 +1230,7 @@ fn tuning_example_config_is_valid() {
     assert!(!devices.allow_anonymous && devices.can_authenticate());
     let t = devices.tls.as_ref().expect("tls");
     assert!(t.require_certificate && t.use_identity_as_username && t.crlfile.is_some());
-    assert_eq!(t.kx_groups, Some(vec![KxGroup::X25519, KxGroup::Secp256r1]));
+    assert_eq!(t.kx_groups, vec![KxGroup::X25519, KxGroup::Secp256r1]);
     let local = &c.listeners[1];
     assert_eq!(local.addr, addr("127.0.0.1:1883"));
     assert!(local.allow_anonymous && local.tls.is_none());

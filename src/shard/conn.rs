@@ -136,6 +136,7 @@ pub(crate) struct Auth {
     pub allow_anonymous: bool,
     /// The listener's `max_qos`.
     pub max_qos: crate::codec::QoS,
+    pub topic_alias_maximum: u16,
     pub rule: UsernameRule,
     /// The verified client certificate's identity, if the client sent one.
     pub identity: Option<ClientIdentity>,
@@ -160,6 +161,7 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     let version = connect.protocol;
     let cfg = &crate::session::SessionConfig {
         maximum_qos: auth.max_qos.min(shard.shared.cfg.session.maximum_qos),
+        topic_alias_maximum: auth.topic_alias_maximum,
         ..shard.shared.cfg.session
     };
 

@@ -30,6 +30,8 @@ pub struct ListenerSpec {
     pub max_connections: usize,
     /// Highest QoS granted or accepted on this listener (mosquitto's per-listener `max_qos`).
     pub max_qos: crate::codec::QoS,
+    /// Topic aliases a v5 client may use towards us on this listener (`max_topic_alias`).
+    pub topic_alias_maximum: u16,
     /// Mutual TLS (or server-only TLS) on this listener.
     pub tls: Option<Arc<TlsListener>>,
 }
@@ -78,6 +80,7 @@ impl Default for RuntimeConfig {
                 allow_anonymous: true,
                 max_connections: 0,
                 max_qos: crate::codec::QoS::ExactlyOnce,
+                topic_alias_maximum: 10,
                 tls: None,
             }],
             connect_timeout: Duration::from_secs(10),

@@ -713,6 +713,7 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, idx: Option<usize>
         let tls2 = tls.clone();
         let allow_anonymous = spec.as_ref().map(|l| l.allow_anonymous).unwrap_or(true);
         let max_qos = spec.as_ref().map(|l| l.max_qos).unwrap_or(QoS::ExactlyOnce);
+        let topic_alias_maximum = spec.as_ref().map(|l| l.topic_alias_maximum).unwrap_or(10);
         glommio::spawn_local(async move {
             shard2.live_conns.set(shard2.live_conns.get() + 1);
             match tls2 {
@@ -723,6 +724,7 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, idx: Option<usize>
                         let auth = conn::Auth {
                             allow_anonymous,
                             max_qos,
+                            topic_alias_maximum,
                             rule: t.username_rule,
                             identity,
                         };
@@ -733,6 +735,7 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, idx: Option<usize>
                     let auth = conn::Auth {
                         allow_anonymous,
                         max_qos,
+                        topic_alias_maximum,
                         rule: crate::tls::UsernameRule::FromClient,
                         identity: None,
                     };

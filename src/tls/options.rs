@@ -17,6 +17,14 @@ pub enum TlsVersion {
 }
 
 impl TlsVersion {
+    /// The mosquitto spelling (`tlsv1.2`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tls12 => "tlsv1.2",
+            Self::Tls13 => "tlsv1.3",
+        }
+    }
+
     /// Parses the mosquitto spelling (`tlsv1.2`, `tlsv1.3`); `tlsv1.1`/`tlsv1` are refused
     /// because rustls does not implement them.
     pub fn parse(s: &str) -> Result<Self, String> {
@@ -51,6 +59,12 @@ impl KxGroup {
     /// because device fleets reconnect in storms and full-handshake CPU is the broker's
     /// bottleneck; list `x25519mlkem768` first in `tls_kx_groups` to prefer it.
     pub const DEFAULT: &'static [KxGroup] = &[KxGroup::X25519, KxGroup::Secp256r1];
+    pub const ALL: [KxGroup; 4] = [
+        KxGroup::X25519,
+        KxGroup::Secp256r1,
+        KxGroup::Secp384r1,
+        KxGroup::X25519Mlkem768,
+    ];
 
     /// Parses one group name (case-insensitive, OpenSSL and IANA spellings).
     pub fn parse(s: &str) -> Result<Self, String> {

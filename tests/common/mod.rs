@@ -28,6 +28,7 @@ impl TestBroker {
                 allow_anonymous: true,
                 max_connections: 0,
                 max_qos: midge::codec::QoS::ExactlyOnce,
+                topic_alias_maximum: 10,
                 tls: None,
             }],
             shard_listeners: true,
