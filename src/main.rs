@@ -76,7 +76,11 @@ fn main() -> ExitCode {
 
 fn init_logging(log: &config::LogSettings) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(log.level.to_string()));
+        // rustls warns about every client that sends an IP address as SNI (mosquitto_pub
+        // does): not the operator's problem, so only its errors are shown by default.
+        .unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new(format!("{},rustls=error", log.level))
+        });
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     match log.dest {
         LogDest::Stdout => builder.with_writer(std::io::stdout).init(),
