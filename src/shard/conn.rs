@@ -226,7 +226,7 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
 
     // The home shard orders this connect against any other with the same id.
     let Some(previous) = shard.register(client_id.clone(), key).await else {
-        return; // shutting down
+        return; // shutting down, or taken over by a newer connection already
     };
     let now = Instant::now();
     // mosquitto's connect line, so operators (and tests) see the identity used.
@@ -395,6 +395,7 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         if slot.link.as_ref().is_some_and(|l| Rc::ptr_eq(l, &link)) {
             slot.link = None;
             st.offline.insert(key);
+            shard.schedule_offline(&mut st, key);
         }
     }
 }

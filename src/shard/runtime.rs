@@ -9,6 +9,8 @@
 //! an `.await`, so tasks on the shard cannot observe each other half-way.
 
 use std::cell::{Cell, RefCell};
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::mem;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -111,6 +113,8 @@ pub(crate) struct Slot {
 pub(crate) struct Pending {
     pub result: RefCell<Option<Option<Box<SessionState>>>>,
     pub notify: Notify,
+    /// A newer connection with the same id took over before this one started its session.
+    pub kicked: Cell<bool>,
 }
 
 #[derive(Default, Debug, Clone, Copy)]
@@ -128,8 +132,11 @@ pub struct Stats {
 pub(crate) struct State {
     pub registry: Registry,
     pub sessions: AHashMap<ConnKey, Slot>,
-    /// Sessions without a live connection, for expiry and will-delay timers.
+    /// Sessions without a live connection.
     pub offline: AHashSet<ConnKey>,
+    /// Timers of offline sessions (session expiry, will delay): earliest first. Entries may
+    /// be stale; they are checked against the session when they fire.
+    pub timers: BinaryHeap<Reverse<(Instant, ConnKey)>>,
     pub local: LocalSubscriptions<ConnKey>,
     pub replica: RoutingReplica,
     pub retained: RetainedStore,
@@ -226,7 +233,9 @@ impl Shard {
                 self.send_control(conn_shard(conn), ShardMsg::Handover { conn, state });
             }
             ShardMsg::Handover { conn, state } => {
-                let pending = self.st.borrow_mut().pending.remove(&conn);
+                // Stays in `pending` until the connection task installs its session, so a
+                // takeover arriving in between finds the state here (see `take_session`).
+                let pending = self.st.borrow().pending.get(&conn).cloned();
                 match pending {
                     Some(p) => {
                         *p.result.borrow_mut() = Some(state);
@@ -253,7 +262,14 @@ impl Shard {
     /// its subscriptions from this shard, and return its persistent state.
     fn take_session(&self, key: ConnKey, now: Instant) -> Option<Box<SessionState>> {
         let mut st = self.st.borrow_mut();
-        let mut slot = st.sessions.remove(&key)?;
+        let Some(mut slot) = st.sessions.remove(&key) else {
+            // Not started yet: its hand-over may be waiting for the connection task.
+            let p = st.pending.get(&key)?;
+            p.kicked.set(true);
+            p.notify.notify();
+            let state = p.result.borrow_mut().take().flatten();
+            return state;
+        };
         st.offline.remove(&key);
         if slot.session.is_connected() {
             slot.session.disconnect(ReasonCode::SESSION_TAKEN_OVER, now);
@@ -564,7 +580,20 @@ impl Shard {
             },
         );
         loop {
-            if let Some(r) = pending.result.borrow_mut().take() {
+            if pending.kicked.get() {
+                // Taken over before it started: the newer connection has the session.
+                self.st.borrow_mut().pending.remove(&key);
+                debug!(
+                    shard = self.id,
+                    "connection taken over before its session started"
+                );
+                return None;
+            }
+            let ready = pending.result.borrow_mut().take();
+            if let Some(r) = ready {
+                // The caller installs the session before its next await, so nothing can
+                // come between this and the session being in `sessions`.
+                self.st.borrow_mut().pending.remove(&key);
                 return Some(r);
             }
             let stop = async {
@@ -592,22 +621,33 @@ impl Shard {
     /// their connection tasks.
     fn tick_offline(&self, now: Instant) {
         let mut st = self.st.borrow_mut();
-        let due: Vec<ConnKey> = st
-            .offline
-            .iter()
-            .copied()
-            .filter(|k| {
-                st.sessions
-                    .get(k)
-                    .and_then(|s| s.session.poll_timeout())
-                    .is_some_and(|t| t <= now)
-            })
-            .collect();
-        for k in due {
-            if let Some(slot) = st.sessions.get_mut(&k) {
-                slot.session.handle_timeout(now);
+        while let Some(Reverse((due, key))) = st.timers.peek().copied() {
+            if due > now {
+                break;
             }
-            self.pump(&mut st, k, now);
+            st.timers.pop();
+            if !st.offline.contains(&key) {
+                continue;
+            }
+            let Some(slot) = st.sessions.get_mut(&key) else {
+                continue;
+            };
+            match slot.session.poll_timeout() {
+                Some(t) if t <= now => {
+                    slot.session.handle_timeout(now);
+                    self.pump(&mut st, key, now);
+                    self.schedule_offline(&mut st, key);
+                }
+                Some(t) => st.timers.push(Reverse((t, key))),
+                None => {}
+            }
+        }
+    }
+
+    /// The session of `key` just lost its connection: mark it offline and arm its timer.
+    pub fn schedule_offline(&self, st: &mut State, key: ConnKey) {
+        if let Some(t) = st.sessions.get(&key).and_then(|s| s.session.poll_timeout()) {
+            st.timers.push(Reverse((t, key)));
         }
     }
 
@@ -794,6 +834,7 @@ pub(crate) async fn shard_main(
             registry: Registry::default(),
             sessions: AHashMap::new(),
             offline: AHashSet::new(),
+            timers: BinaryHeap::new(),
             local: LocalSubscriptions::new(my_routing_id),
             replica: RoutingReplica::new(),
             retained: RetainedStore::new(shared.cfg.retained),
