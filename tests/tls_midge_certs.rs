@@ -71,10 +71,12 @@ impl Pki {
     }
 }
 
-fn refused(server: &Arc<rustls::ServerConfig>, client: &Arc<rustls::ClientConfig>) -> HandshakeFailure {
+fn refused(
+    server: &Arc<rustls::ServerConfig>,
+    client: &Arc<rustls::ClientConfig>,
+) -> HandshakeFailure {
     let err = handshake(server, client)
-        .err()
-        .expect("handshake should be refused")
+        .expect_err("handshake should be refused")
         .server();
     HandshakeFailure::classify(&err)
 }
@@ -161,9 +163,15 @@ fn client_of_another_ca_is_refused_as_unknown_ca() {
         .unwrap();
     let client = client_config(&pki.p("ca.crt"), Some((&stranger.cert, &stranger.key)));
     let err = handshake(&server, &client).err().unwrap().server();
-    assert_eq!(HandshakeFailure::classify(&err), HandshakeFailure::UnknownCa);
+    assert_eq!(
+        HandshakeFailure::classify(&err),
+        HandshakeFailure::UnknownCa
+    );
     let line = HandshakeFailure::describe(&err);
-    assert!(line.contains("unknown_ca") && line.contains("not signed by a CA"), "{line}");
+    assert!(
+        line.contains("unknown_ca") && line.contains("not signed by a CA"),
+        "{line}"
+    );
 }
 
 #[test]
@@ -177,18 +185,26 @@ fn revoked_client_is_refused_and_others_still_pass() {
     let mut o = pki.options();
     o.crlfile = Some(pki.p("crl.pem"));
     let server = build_server_config(&o).unwrap();
-    assert_eq!(refused(&server, &pki.client("device-2")), HandshakeFailure::Revoked);
+    assert_eq!(
+        refused(&server, &pki.client("device-2")),
+        HandshakeFailure::Revoked
+    );
     handshake(&server, &pki.client("device-1")).expect("device-1 is not revoked");
 }
 
 #[test]
 fn revoke_by_certificate_file() {
     let pki = pki();
-    pki.certs.revoke_cert_file(&pki.p("device-1.crt"), 30).unwrap();
+    pki.certs
+        .revoke_cert_file(&pki.p("device-1.crt"), 30)
+        .unwrap();
     let mut o = pki.options();
     o.crlfile = Some(pki.p("crl.pem"));
     let server = build_server_config(&o).unwrap();
-    assert_eq!(refused(&server, &pki.client("device-1")), HandshakeFailure::Revoked);
+    assert_eq!(
+        refused(&server, &pki.client("device-1")),
+        HandshakeFailure::Revoked
+    );
 }
 
 #[test]
@@ -210,8 +226,14 @@ fn expired_and_not_yet_valid_clients_are_refused() {
         .issue_client("early", future, KeyType::EcdsaP256, false)
         .unwrap();
     let server = build_server_config(&pki.options()).unwrap();
-    assert_eq!(refused(&server, &pki.client("old")), HandshakeFailure::Expired);
-    assert_eq!(refused(&server, &pki.client("early")), HandshakeFailure::NotYetValid);
+    assert_eq!(
+        refused(&server, &pki.client("old")),
+        HandshakeFailure::Expired
+    );
+    assert_eq!(
+        refused(&server, &pki.client("early")),
+        HandshakeFailure::NotYetValid
+    );
 }
 
 #[test]
@@ -248,7 +270,12 @@ fn key_that_does_not_match_the_certificate_is_a_plain_error() {
     let err = build_server_config(&o).unwrap_err();
     assert!(matches!(err, TlsError::KeyMismatch { .. }), "{err:?}");
     let msg = err.to_string();
-    assert!(msg.contains("device-1.key") && msg.contains("server.crt") && msg.contains("does not match"), "{msg}");
+    assert!(
+        msg.contains("device-1.key")
+            && msg.contains("server.crt")
+            && msg.contains("does not match"),
+        "{msg}"
+    );
     assert!(!msg.contains('\n'));
 }
 
@@ -258,13 +285,19 @@ fn missing_and_empty_files_are_plain_errors() {
     let mut o = pki.options();
     o.cafile = Some(pki.p("nope.crt"));
     let msg = build_server_config(&o).unwrap_err().to_string();
-    assert!(msg.contains("nope.crt") && msg.contains("cannot read"), "{msg}");
+    assert!(
+        msg.contains("nope.crt") && msg.contains("cannot read"),
+        "{msg}"
+    );
 
     std::fs::write(pki.p("empty.pem"), "hello\n").unwrap();
     let mut o = pki.options();
     o.certfile = pki.p("empty.pem");
     let msg = build_server_config(&o).unwrap_err().to_string();
-    assert!(msg.contains("empty.pem") && msg.contains("no certificate found"), "{msg}");
+    assert!(
+        msg.contains("empty.pem") && msg.contains("no certificate found"),
+        "{msg}"
+    );
 
     let mut o = pki.options();
     o.keyfile = pki.p("server.crt");
@@ -296,7 +329,10 @@ fn expired_server_certificate_is_refused_at_build_with_dates() {
     let err = build_server_config(&o).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, TlsError::Expired { .. }), "{msg}");
-    assert!(msg.contains("stale.crt") && msg.contains("expired on") && msg.contains("UTC"), "{msg}");
+    assert!(
+        msg.contains("stale.crt") && msg.contains("expired on") && msg.contains("UTC"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -310,7 +346,9 @@ fn server_certificate_from_another_ca_is_only_a_warning() {
     o.cafile = Some(pki.dir.join("other/ca.crt"));
     let built = midge::tls::build_server_config_with_warnings(&o).unwrap();
     assert_eq!(built.warnings.len(), 1, "{:?}", built.warnings);
-    assert!(built.warnings[0].contains("server.crt") && built.warnings[0].contains("does not verify"));
+    assert!(
+        built.warnings[0].contains("server.crt") && built.warnings[0].contains("does not verify")
+    );
 }
 
 #[test]
@@ -319,7 +357,10 @@ fn cipher_and_version_options() {
     let mut o = pki.options();
     o.ciphers = Some("ECDHE-ECDSA-AES128-GCM-SHA256:DES-CBC3-SHA".into());
     let msg = build_server_config(&o).unwrap_err().to_string();
-    assert!(msg.contains("ciphers") && msg.contains("DES-CBC3-SHA"), "{msg}");
+    assert!(
+        msg.contains("ciphers") && msg.contains("DES-CBC3-SHA"),
+        "{msg}"
+    );
 
     let mut o = pki.options();
     o.ciphers_tls13 = Some("TLS_CHACHA20_POLY1305_SHA256".into());
@@ -416,7 +457,10 @@ fn reload_swaps_the_ca_and_keeps_the_old_config_on_failure() {
     let newcomer_client = client_config(&pki.p("ca.crt"), Some((&newcomer.cert, &newcomer.key)));
 
     let before = reloader.current();
-    assert_eq!(refused(&before, &newcomer_client), HandshakeFailure::UnknownCa);
+    assert_eq!(
+        refused(&before, &newcomer_client),
+        HandshakeFailure::UnknownCa
+    );
 
     // New CA in place: after reload the newcomer is accepted and the old fleet is not.
     write_file(&live_ca, &pki.dir.join("other/ca.crt"));
@@ -426,7 +470,10 @@ fn reload_swaps_the_ca_and_keeps_the_old_config_on_failure() {
     let after = reloader.current();
     assert!(!Arc::ptr_eq(&before, &after));
     handshake(&after, &newcomer_client).expect("client of the new CA accepted after reload");
-    assert_eq!(refused(&after, &pki.client("device-1")), HandshakeFailure::UnknownCa);
+    assert_eq!(
+        refused(&after, &pki.client("device-1")),
+        HandshakeFailure::UnknownCa
+    );
     // Connections built from the old Arc still work with the old CA (no disruption).
     handshake(&before, &pki.client("device-1")).unwrap();
 
@@ -447,7 +494,14 @@ fn certs_tool_files_and_clean() {
         let mode = std::fs::metadata(pki.p(f)).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{f}");
     }
-    for f in ["ca.crt", "ca.der", "server.crt", "server.der", "device-1.der", "crl.pem"] {
+    for f in [
+        "ca.crt",
+        "ca.der",
+        "server.crt",
+        "server.der",
+        "device-1.der",
+        "crl.pem",
+    ] {
         assert!(pki.p(f).exists(), "{f}");
     }
     // Refuses to overwrite the CA without --force.
@@ -456,8 +510,14 @@ fn certs_tool_files_and_clean() {
         .create_ca("Again", Validity::days(1), KeyType::EcdsaP256, false)
         .is_err());
     // Serial numbers differ between certificates.
-    let a = pki.certs.issue_client("s-1", Validity::days(1), KeyType::EcdsaP256, false).unwrap();
-    let b = pki.certs.issue_client("s-2", Validity::days(1), KeyType::EcdsaP256, false).unwrap();
+    let a = pki
+        .certs
+        .issue_client("s-1", Validity::days(1), KeyType::EcdsaP256, false)
+        .unwrap();
+    let b = pki
+        .certs
+        .issue_client("s-2", Validity::days(1), KeyType::EcdsaP256, false)
+        .unwrap();
     assert_ne!(a.serial, b.serial);
     // A file that is not ours survives clean; ours are gone.
     std::fs::write(pki.p("mine.txt"), "keep").unwrap();
@@ -480,8 +540,19 @@ fn certs_cli_batch_of_clients() {
     let d = dir.to_str().unwrap();
     for args in [
         vec!["x", "ca", "--dir", d, "--cn", "Fleet CA"],
-        vec!["x", "server", "--dir", d, "--dns", "localhost", "--key-type", "rsa2048"],
-        vec!["x", "client", "--dir", d, "--count", "3", "--prefix", "device-"],
+        vec![
+            "x",
+            "server",
+            "--dir",
+            d,
+            "--dns",
+            "localhost",
+            "--key-type",
+            "rsa2048",
+        ],
+        vec![
+            "x", "client", "--dir", d, "--count", "3", "--prefix", "device-",
+        ],
         vec!["x", "revoke", "--dir", d, "--cn", "device-0002"],
         vec!["x", "crl", "--dir", d],
     ] {
@@ -502,7 +573,10 @@ fn certs_cli_batch_of_clients() {
         )
     };
     handshake(&server, &c("device-0001")).unwrap();
-    assert_eq!(refused(&server, &c("device-0002")), HandshakeFailure::Revoked);
+    assert_eq!(
+        refused(&server, &c("device-0002")),
+        HandshakeFailure::Revoked
+    );
     handshake(&server, &c("device-0003")).unwrap();
     midge::tls::certs::run(Cli::parse_from(["x", "clean", "--dir", d]).cmd).unwrap();
     assert!(!dir.exists());

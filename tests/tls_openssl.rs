@@ -11,17 +11,33 @@ use midge::tls::{build_server_config, client_identity, HandshakeFailure, TlsErro
 use tls_support::{client_config, handshake, openssl, openssl_out};
 
 const SERVER_EXT: &str = "subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\nkeyUsage=critical,digitalSignature\nbasicConstraints=CA:FALSE\n";
-const CLIENT_EXT: &str = "extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature\nbasicConstraints=CA:FALSE\n";
+const CLIENT_EXT: &str =
+    "extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature\nbasicConstraints=CA:FALSE\n";
 
 fn ec_ca(dir: &Path, name: &str) {
     openssl(
         dir,
         &[
-            "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-            "-keyout", &format!("{name}.key"), "-out", &format!("{name}.crt"), "-days", "30",
-            "-subj", &format!("/CN={name}"), "-sha256",
-            "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.crt"),
+            "-days",
+            "30",
+            "-subj",
+            &format!("/CN={name}"),
+            "-sha256",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
         ],
     );
 }
@@ -29,7 +45,15 @@ fn ec_ca(dir: &Path, name: &str) {
 /// Issues `name` from `ca` with the given key spec (`ec` or `rsa:N`), digest and subject.
 fn issue(dir: &Path, ca: &str, name: &str, key: &str, md: &str, subj: &str, ext: &str) {
     std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
-    let mut args = vec!["req", "-new", "-newkey", key, "-nodes", "-utf8", "-multivalue-rdn"];
+    let mut args = vec![
+        "req",
+        "-new",
+        "-newkey",
+        key,
+        "-nodes",
+        "-utf8",
+        "-multivalue-rdn",
+    ];
     if key == "ec" {
         args.extend(["-pkeyopt", "ec_paramgen_curve:P-256"]);
     }
@@ -40,9 +64,22 @@ fn issue(dir: &Path, ca: &str, name: &str, key: &str, md: &str, subj: &str, ext:
     openssl(
         dir,
         &[
-            "x509", "-req", "-in", &csr, "-CA", &format!("{ca}.crt"), "-CAkey",
-            &format!("{ca}.key"), "-CAcreateserial", "-out", &format!("{name}.crt"), "-days",
-            "30", &format!("-{md}"), "-extfile", &format!("{name}.ext"),
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &format!("{ca}.crt"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-out",
+            &format!("{name}.crt"),
+            "-days",
+            "30",
+            &format!("-{md}"),
+            "-extfile",
+            &format!("{name}.ext"),
         ],
     );
 }
@@ -58,7 +95,15 @@ fn setup() -> tempfile::TempDir {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     ec_ca(d, "ca");
-    issue(d, "ca", "server", "ec", "sha256", "/CN=localhost", SERVER_EXT);
+    issue(
+        d,
+        "ca",
+        "server",
+        "ec",
+        "sha256",
+        "/CN=localhost",
+        SERVER_EXT,
+    );
     tmp
 }
 
@@ -67,30 +112,58 @@ fn openssl_client_is_accepted_and_subject_matches_openssl_rfc2253() {
     let tmp = setup();
     let d = tmp.path();
     // Multi-valued RDN, repeated OU, characters RFC 2253 escapes, non-ASCII, emailAddress.
-    let subj = "/C=GB/ST=Some, State/O=Acme + Co; \"Ltd\"/OU=Fleet/OU=Ops/CN=device-1+UID=42/emailAddress=d1@example.com/L=Zoë #1 ";
+    let subj = r#"/C=GB/ST=Some, State/O=Acme \+ Co; "Ltd" <x>\\y=z/OU=Fleet/OU=Ops/CN=device-1+UID=42/emailAddress=d1@example.com/L=Zoë #1 /DC=#5"#;
     issue(d, "ca", "client", "ec", "sha256", subj, CLIENT_EXT);
     let server = build_server_config(&options(d)).unwrap();
-    let client = client_config(&d.join("ca.crt"), Some((&d.join("client.crt"), &d.join("client.key"))));
+    let client = client_config(
+        &d.join("ca.crt"),
+        Some((&d.join("client.crt"), &d.join("client.key"))),
+    );
     let (s, _) = handshake(&server, &client).unwrap();
     let id = client_identity(s.peer_certificates().unwrap()).unwrap();
     assert_eq!(id.common_name.as_deref(), Some("device-1"));
     let expected = openssl_out(
         d,
-        &["x509", "-in", "client.crt", "-noout", "-subject", "-nameopt", "RFC2253"],
+        &[
+            "x509",
+            "-in",
+            "client.crt",
+            "-noout",
+            "-subject",
+            "-nameopt",
+            "RFC2253",
+        ],
     );
-    let expected = expected.trim_end_matches('\n').strip_prefix("subject=").unwrap();
+    let expected = expected
+        .trim_end_matches('\n')
+        .strip_prefix("subject=")
+        .unwrap();
     assert_eq!(id.subject, expected);
     // Spot-check the shape mosquitto users know (reverse order, short names).
-    assert!(id.subject.starts_with("L=Zo\\C3\\AB #1\\ ,emailAddress=d1@example.com,"), "{}", id.subject);
+    assert_eq!(
+        id.subject,
+        r#"DC=\#5,L=Zo\C3\AB #1\ ,emailAddress=d1@example.com,UID=42+CN=device-1,OU=Ops,OU=Fleet,O=Acme \+ Co\; \"Ltd\" \<x\>\\y=z,ST=Some\, State,C=GB"#
+    );
 }
 
 #[test]
 fn simple_subject_is_printed_like_mosquitto() {
     let tmp = setup();
     let d = tmp.path();
-    issue(d, "ca", "client", "ec", "sha256", "/C=GB/O=Acme/CN=device-1", CLIENT_EXT);
+    issue(
+        d,
+        "ca",
+        "client",
+        "ec",
+        "sha256",
+        "/C=GB/O=Acme/CN=device-1",
+        CLIENT_EXT,
+    );
     let server = build_server_config(&options(d)).unwrap();
-    let client = client_config(&d.join("ca.crt"), Some((&d.join("client.crt"), &d.join("client.key"))));
+    let client = client_config(
+        &d.join("ca.crt"),
+        Some((&d.join("client.crt"), &d.join("client.key"))),
+    );
     let (s, _) = handshake(&server, &client).unwrap();
     let id = client_identity(s.peer_certificates().unwrap()).unwrap();
     assert_eq!(id.subject, "CN=device-1,O=Acme,C=GB");
@@ -100,7 +173,15 @@ fn simple_subject_is_printed_like_mosquitto() {
 fn openssl_crl_revokes() {
     let tmp = setup();
     let d = tmp.path();
-    issue(d, "ca", "client", "ec", "sha256", "/CN=device-9", CLIENT_EXT);
+    issue(
+        d,
+        "ca",
+        "client",
+        "ec",
+        "sha256",
+        "/CN=device-9",
+        CLIENT_EXT,
+    );
     // Minimal `openssl ca` database to revoke and produce a CRL.
     std::fs::write(d.join("index.txt"), "").unwrap();
     std::fs::write(d.join("crlnumber"), "01\n").unwrap();
@@ -110,11 +191,17 @@ fn openssl_crl_revokes() {
     )
     .unwrap();
     openssl(d, &["ca", "-config", "ca.cnf", "-revoke", "client.crt"]);
-    openssl(d, &["ca", "-config", "ca.cnf", "-gencrl", "-out", "crl.pem"]);
+    openssl(
+        d,
+        &["ca", "-config", "ca.cnf", "-gencrl", "-out", "crl.pem"],
+    );
     let mut o = options(d);
     o.crlfile = Some(d.join("crl.pem"));
     let server = build_server_config(&o).unwrap();
-    let client = client_config(&d.join("ca.crt"), Some((&d.join("client.crt"), &d.join("client.key"))));
+    let client = client_config(
+        &d.join("ca.crt"),
+        Some((&d.join("client.crt"), &d.join("client.key"))),
+    );
     let err = handshake(&server, &client).err().unwrap().server();
     assert_eq!(HandshakeFailure::classify(&err), HandshakeFailure::Revoked);
 }
@@ -127,21 +214,52 @@ fn sha1_signed_client_is_refused_as_legacy() {
     openssl(
         d,
         &[
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "rsaca.key", "-out",
-            "rsaca.crt", "-days", "30", "-subj", "/CN=RSA CA", "-sha256",
-            "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "rsaca.key",
+            "-out",
+            "rsaca.crt",
+            "-days",
+            "30",
+            "-subj",
+            "/CN=RSA CA",
+            "-sha256",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
         ],
     );
-    issue(d, "rsaca", "old", "rsa:2048", "sha1", "/CN=old-device", CLIENT_EXT);
+    issue(
+        d,
+        "rsaca",
+        "old",
+        "rsa:2048",
+        "sha1",
+        "/CN=old-device",
+        CLIENT_EXT,
+    );
     let mut o = options(d);
     o.cafile = Some(d.join("rsaca.crt"));
     let server = build_server_config(&o).unwrap();
-    let client = client_config(&d.join("ca.crt"), Some((&d.join("old.crt"), &d.join("old.key"))));
+    let client = client_config(
+        &d.join("ca.crt"),
+        Some((&d.join("old.crt"), &d.join("old.key"))),
+    );
     let err = handshake(&server, &client).err().unwrap().server();
-    assert_eq!(HandshakeFailure::classify(&err), HandshakeFailure::LegacyAlgorithm);
+    assert_eq!(
+        HandshakeFailure::classify(&err),
+        HandshakeFailure::LegacyAlgorithm
+    );
     let line = HandshakeFailure::describe(&err);
-    assert!(line.contains("CN=old-device") && line.contains("SHA-1"), "{line}");
+    assert!(
+        line.contains("CN=old-device") && line.contains("SHA-1"),
+        "{line}"
+    );
 }
 
 #[test]
@@ -159,14 +277,28 @@ fn rsa1024_in_the_client_chain_is_refused_as_legacy() {
         "/CN=Weak Intermediate",
         "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n",
     );
-    issue(d, "weakint", "client", "ec", "sha256", "/CN=weak-device", CLIENT_EXT);
+    issue(
+        d,
+        "weakint",
+        "client",
+        "ec",
+        "sha256",
+        "/CN=weak-device",
+        CLIENT_EXT,
+    );
     let chain = std::fs::read_to_string(d.join("client.crt")).unwrap()
         + &std::fs::read_to_string(d.join("weakint.crt")).unwrap();
     std::fs::write(d.join("chain.crt"), chain).unwrap();
     let server = build_server_config(&options(d)).unwrap();
-    let client = client_config(&d.join("ca.crt"), Some((&d.join("chain.crt"), &d.join("client.key"))));
+    let client = client_config(
+        &d.join("ca.crt"),
+        Some((&d.join("chain.crt"), &d.join("client.key"))),
+    );
     let err = handshake(&server, &client).err().unwrap().server();
-    assert_eq!(HandshakeFailure::classify(&err), HandshakeFailure::LegacyAlgorithm);
+    assert_eq!(
+        HandshakeFailure::classify(&err),
+        HandshakeFailure::LegacyAlgorithm
+    );
     let line = HandshakeFailure::describe(&err);
     assert!(line.contains("1024-bit RSA key"), "{line}");
 }
@@ -179,22 +311,54 @@ fn legacy_server_material_is_refused_at_build_in_plain_words() {
     openssl(
         d,
         &[
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
-            "ca.crt", "-days", "30", "-subj", "/CN=Old CA", "-sha256",
-            "-addext", "basicConstraints=critical,CA:TRUE",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "30",
+            "-subj",
+            "/CN=Old CA",
+            "-sha256",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
         ],
     );
-    issue(d, "ca", "server", "rsa:1024", "sha1", "/CN=localhost", SERVER_EXT);
+    issue(
+        d,
+        "ca",
+        "server",
+        "rsa:1024",
+        "sha1",
+        "/CN=localhost",
+        SERVER_EXT,
+    );
     let err = build_server_config(&options(d)).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, TlsError::Legacy { .. }), "{msg}");
     assert!(msg.contains("server.crt"), "{msg}");
-    assert!(msg.contains("signed with SHA-1, which rustls refuses"), "{msg}");
+    assert!(
+        msg.contains("signed with SHA-1, which rustls refuses"),
+        "{msg}"
+    );
     assert!(msg.contains("midge certs server"), "{msg}");
     assert!(!msg.contains('\n'));
 
     // Same key size problem on a SHA-256 certificate: named as such.
-    issue(d, "ca", "server", "rsa:1024", "sha256", "/CN=localhost", SERVER_EXT);
+    issue(
+        d,
+        "ca",
+        "server",
+        "rsa:1024",
+        "sha256",
+        "/CN=localhost",
+        SERVER_EXT,
+    );
     let msg = build_server_config(&options(d)).unwrap_err().to_string();
     assert!(msg.contains("1024-bit RSA key"), "{msg}");
 }
@@ -204,16 +368,41 @@ fn legacy_ca_key_is_refused_at_build() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     ec_ca(d, "good");
-    issue(d, "good", "server", "ec", "sha256", "/CN=localhost", SERVER_EXT);
+    issue(
+        d,
+        "good",
+        "server",
+        "ec",
+        "sha256",
+        "/CN=localhost",
+        SERVER_EXT,
+    );
     openssl(
         d,
         &[
-            "req", "-x509", "-newkey", "rsa:1024", "-nodes", "-keyout", "ca.key", "-out",
-            "ca.crt", "-days", "30", "-subj", "/CN=Weak CA", "-sha1",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:1024",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "30",
+            "-subj",
+            "/CN=Weak CA",
+            "-sha1",
         ],
     );
     let msg = build_server_config(&options(d)).unwrap_err().to_string();
-    assert!(msg.contains("ca.crt") && msg.contains("1024-bit RSA key") && msg.contains("midge certs ca"), "{msg}");
+    assert!(
+        msg.contains("ca.crt")
+            && msg.contains("1024-bit RSA key")
+            && msg.contains("midge certs ca"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -222,10 +411,22 @@ fn encrypted_key_is_a_plain_error() {
     let d = tmp.path();
     openssl(
         d,
-        &["pkey", "-in", "server.key", "-out", "enc.key", "-aes256", "-passout", "pass:secret"],
+        &[
+            "pkey",
+            "-in",
+            "server.key",
+            "-out",
+            "enc.key",
+            "-aes256",
+            "-passout",
+            "pass:secret",
+        ],
     );
     let mut o = options(d);
     o.keyfile = d.join("enc.key");
     let msg = build_server_config(&o).unwrap_err().to_string();
-    assert!(msg.contains("enc.key") && msg.contains("encrypted"), "{msg}");
+    assert!(
+        msg.contains("enc.key") && msg.contains("encrypted"),
+        "{msg}"
+    );
 }

@@ -20,7 +20,9 @@ impl Failed {
     pub fn server(self) -> rustls::Error {
         match self {
             Failed::Server(e) => e,
-            Failed::Client(e) => panic!("expected the server to refuse, but the client failed: {e}"),
+            Failed::Client(e) => {
+                panic!("expected the server to refuse, but the client failed: {e}")
+            }
         }
     }
 }
@@ -112,7 +114,9 @@ pub fn openssl(dir: &Path, args: &[&str]) {
         .current_dir(dir)
         .output()
         .unwrap_or_else(|e| {
-            panic!("these tests need the `openssl` command line tool (apt-get install openssl): {e}")
+            panic!(
+                "these tests need the `openssl` command line tool (apt-get install openssl): {e}"
+            )
         });
     assert!(
         out.status.success(),
