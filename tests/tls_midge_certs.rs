@@ -453,7 +453,8 @@ fn reload_swaps_the_ca_and_keeps_the_old_config_on_failure() {
     write_file(&live_ca, &pki.p("ca.crt"));
     let mut o = pki.options();
     o.cafile = Some(live_ca.clone());
-    let reloader = TlsReloader::new(o).unwrap();
+    let reloader = Arc::new(TlsReloader::new(o).unwrap());
+    let mut shard = midge::tls::ShardTlsConfig::new(Arc::clone(&reloader));
     let newcomer_client = client_config(&pki.p("ca.crt"), Some((&newcomer.cert, &newcomer.key)));
 
     let before = reloader.current();
@@ -469,6 +470,10 @@ fn reload_swaps_the_ca_and_keeps_the_old_config_on_failure() {
     assert_eq!(reloader.generation(), g0 + 1);
     let after = reloader.current();
     assert!(!Arc::ptr_eq(&before, &after));
+    assert!(
+        Arc::ptr_eq(shard.get(), &after),
+        "the shard handle picks up the reload"
+    );
     handshake(&after, &newcomer_client).expect("client of the new CA accepted after reload");
     assert_eq!(
         refused(&after, &pki.client("device-1")),
@@ -482,6 +487,7 @@ fn reload_swaps_the_ca_and_keeps_the_old_config_on_failure() {
     let err = reloader.reload().unwrap_err();
     assert!(err.to_string().contains("live-ca.crt"), "{err}");
     assert!(Arc::ptr_eq(&after, &reloader.current()));
+    assert!(Arc::ptr_eq(shard.get(), &after));
     assert_eq!(reloader.generation(), g0 + 1);
     handshake(&reloader.current(), &newcomer_client).unwrap();
 }
