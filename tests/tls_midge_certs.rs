@@ -76,8 +76,7 @@ fn refused(
     client: &Arc<rustls::ClientConfig>,
 ) -> HandshakeFailure {
     let err = handshake(server, client)
-        .err()
-        .expect("handshake should be refused")
+        .expect_err("handshake should be refused")
         .server();
     HandshakeFailure::classify(&err)
 }
@@ -454,7 +453,8 @@ fn reload_swaps_the_ca_and_keeps_the_old_config_on_failure() {
     write_file(&live_ca, &pki.p("ca.crt"));
     let mut o = pki.options();
     o.cafile = Some(live_ca.clone());
-    let reloader = TlsReloader::new(o).unwrap();
+    let reloader = Arc::new(TlsReloader::new(o).unwrap());
+    let mut shard = midge::tls::ShardTlsConfig::new(Arc::clone(&reloader));
     let newcomer_client = client_config(&pki.p("ca.crt"), Some((&newcomer.cert, &newcomer.key)));
 
     let before = reloader.current();
@@ -470,6 +470,10 @@ fn reload_swaps_the_ca_and_keeps_the_old_config_on_failure() {
     assert_eq!(reloader.generation(), g0 + 1);
     let after = reloader.current();
     assert!(!Arc::ptr_eq(&before, &after));
+    assert!(
+        Arc::ptr_eq(shard.get(), &after),
+        "the shard handle picks up the reload"
+    );
     handshake(&after, &newcomer_client).expect("client of the new CA accepted after reload");
     assert_eq!(
         refused(&after, &pki.client("device-1")),
@@ -483,6 +487,7 @@ fn reload_swaps_the_ca_and_keeps_the_old_config_on_failure() {
     let err = reloader.reload().unwrap_err();
     assert!(err.to_string().contains("live-ca.crt"), "{err}");
     assert!(Arc::ptr_eq(&after, &reloader.current()));
+    assert!(Arc::ptr_eq(shard.get(), &after));
     assert_eq!(reloader.generation(), g0 + 1);
     handshake(&reloader.current(), &newcomer_client).unwrap();
 }
@@ -581,4 +586,72 @@ fn certs_cli_batch_of_clients() {
     handshake(&server, &c("device-0003")).unwrap();
     midge::tls::certs::run(Cli::parse_from(["x", "clean", "--dir", d]).cmd).unwrap();
     assert!(!dir.exists());
+}
+
+#[test]
+fn capath_directory_of_cas_and_crl_checks() {
+    let pki = pki();
+    let other = CertsDir::new(pki.dir.join("other"));
+    other
+        .create_ca("Other CA", Validity::days(30), KeyType::EcdsaP256, false)
+        .unwrap();
+    let stranger = other
+        .issue_client("stranger", Validity::days(30), KeyType::EcdsaP256, false)
+        .unwrap();
+    let capath = pki.dir.join("capath");
+    std::fs::create_dir(&capath).unwrap();
+    std::fs::copy(pki.p("ca.crt"), capath.join("fleet.pem")).unwrap();
+    std::fs::copy(pki.dir.join("other/ca.crt"), capath.join("other.crt")).unwrap();
+    std::fs::write(capath.join("README"), "not a certificate").unwrap();
+    let mut o = pki.options();
+    o.cafile = None;
+    o.capath = Some(capath.clone());
+    let server = build_server_config(&o).unwrap();
+    handshake(&server, &pki.client("device-1")).expect("CA from capath/fleet.pem");
+    let sc = client_config(&pki.p("ca.crt"), Some((&stranger.cert, &stranger.key)));
+    handshake(&server, &sc).expect("CA from capath/other.crt");
+
+    // A CRL for only one of the two CAs: the other CA's clients are refused (as OpenSSL's
+    // CRL_CHECK does), and the build says so in a warning.
+    o.crlfile = Some(pki.p("crl.pem"));
+    let built = midge::tls::build_server_config_with_warnings(&o).unwrap();
+    assert!(
+        built
+            .warnings
+            .iter()
+            .any(|w| w.contains("CN=Other CA") && w.contains("no CRL")),
+        "{:?}",
+        built.warnings
+    );
+    handshake(&built.config, &pki.client("device-1")).unwrap();
+    assert!(handshake(&built.config, &sc).is_err());
+
+    // A CRL from a CA that is not configured is an error naming the file.
+    let mut o = pki.options();
+    o.crlfile = Some(pki.dir.join("other/crl.pem"));
+    let msg = build_server_config(&o).unwrap_err().to_string();
+    assert!(
+        msg.contains("other/crl.pem") && msg.contains("CN=Other CA"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn option_parsing_helpers() {
+    assert_eq!(TlsVersion::parse("tlsv1.3"), Ok(TlsVersion::Tls13));
+    assert!(TlsVersion::parse("tlsv1.1")
+        .unwrap_err()
+        .contains("not supported"));
+    assert_eq!(
+        KxGroup::parse_list("X25519MLKEM768:x25519,prime256v1"),
+        Ok(vec![
+            KxGroup::X25519Mlkem768,
+            KxGroup::X25519,
+            KxGroup::Secp256r1
+        ])
+    );
+    assert!(KxGroup::parse("ffdhe2048")
+        .unwrap_err()
+        .contains("unknown group"));
+    assert_eq!(KxGroup::DEFAULT, &[KxGroup::X25519, KxGroup::Secp256r1]);
 }

@@ -12,6 +12,7 @@
 //!   reverse order, `,` between RDNs and `+` inside multi-valued ones, OpenSSL short names,
 //!   RFC 2253 escaping, every non-ASCII byte of the UTF-8 form escaped as `\XX`, unknown
 //!   attribute types as dotted OID with a `#` hex dump of the DER value.
+//!
 //! [`format_subject_rfc2253`] reproduces that output byte for byte for the string types
 //! certificates use (checked against `openssl x509 -nameopt RFC2253` in the tests).
 

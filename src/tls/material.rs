@@ -229,13 +229,14 @@ pub(crate) fn check_cert(
 
 /// Checks a CRL file's entries: signature algorithm, that some configured CA issued it, and
 /// whether it is past its nextUpdate (a warning: rustls does not enforce it, OpenSSL does).
+/// Returns the CRL's issuer name (DER).
 pub(crate) fn check_crl(
     path: &Path,
     crl: &CertificateRevocationListDer<'_>,
     ca_certs: &[CertificateDer<'_>],
     now: UnixTime,
     warnings: &mut Vec<String>,
-) -> Result<(), TlsError> {
+) -> Result<Vec<u8>, TlsError> {
     let (_, parsed) = x509_parser::revocation_list::CertificateRevocationList::from_der(
         crl.as_ref(),
     )
@@ -274,5 +275,5 @@ pub(crate) fn check_crl(
             ));
         }
     }
-    Ok(())
+    Ok(issuer.to_vec())
 }

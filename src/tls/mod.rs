@@ -32,7 +32,7 @@ pub use identity::{
     UsernameRefused, UsernameRule,
 };
 pub use options::{KxGroup, TlsOptions, TlsVersion};
-pub use reload::TlsReloader;
+pub use reload::{ShardTlsConfig, TlsReloader};
 pub use server::{
     build_server_config, build_server_config_with_warnings, supported_cipher_names, BuiltConfig,
 };

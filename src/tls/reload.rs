@@ -94,3 +94,36 @@ impl TlsReloader {
         Ok(built.warnings)
     }
 }
+
+/// One shard's handle on a [`TlsReloader`]: caches the `Arc<ServerConfig>` and fetches it
+/// again only when the reload generation changed, so an accept costs one atomic load and no
+/// reference-count traffic on a cache line shared by all shards.
+#[derive(Debug, Clone)]
+pub struct ShardTlsConfig {
+    reloader: Arc<TlsReloader>,
+    generation: u64,
+    cached: Arc<ServerConfig>,
+}
+
+impl ShardTlsConfig {
+    pub fn new(reloader: Arc<TlsReloader>) -> Self {
+        // Generation first: if a reload lands in between, the next `get` fetches again.
+        let generation = reloader.generation();
+        let cached = reloader.current();
+        Self {
+            reloader,
+            generation,
+            cached,
+        }
+    }
+
+    /// The config for the next handshake (clone it into `TlsAcceptor::from`).
+    pub fn get(&mut self) -> &Arc<ServerConfig> {
+        let g = self.reloader.generation();
+        if g != self.generation {
+            self.generation = g;
+            self.cached = self.reloader.current();
+        }
+        &self.cached
+    }
+}

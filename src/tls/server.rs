@@ -247,9 +247,24 @@ pub fn build_server_config_with_warnings(opts: &TlsOptions) -> Result<BuiltConfi
             )));
         }
         let ca_ders: Vec<CertificateDer<'static>> = ca.iter().map(|(_, c)| c.clone()).collect();
+        let mut issuers = Vec::new();
         for crl in material::load_crls(f)? {
-            material::check_crl(f, &crl, &ca_ders, now, &mut warnings)?;
+            issuers.push(material::check_crl(f, &crl, &ca_ders, now, &mut warnings)?);
             crls.push(crl);
+        }
+        // As with OpenSSL's CRL_CHECK, a client whose CA has no CRL is refused
+        // (unknown revocation status): say so now rather than at the first refusal.
+        for (path, der) in &ca {
+            if let Ok((_, c)) = x509_parser::parse_x509_certificate(der.as_ref()) {
+                if !issuers.iter().any(|i| i.as_slice() == c.subject().as_raw()) {
+                    warnings.push(format!(
+                        "{}: CA '{}' has no CRL in {}; its clients will be refused (revocation status unknown); add its CRL or remove it",
+                        path.display(),
+                        super::identity::format_subject_rfc2253(c.subject()),
+                        f.display()
+                    ));
+                }
+            }
         }
     }
 
