@@ -48,7 +48,11 @@ fn sans_io_layers_do_not_import_glommio_or_rustls() {
         &["src/codec", "src/session", "src/routing", "src/message.rs"],
         &["glommio", "rustls", "futures_rustls", "std::net", "socket2"],
     );
-    assert!(bad.is_empty(), "sans-IO modules import I/O crates:\n{}", bad.join("\n"));
+    assert!(
+        bad.is_empty(),
+        "sans-IO modules import I/O crates:\n{}",
+        bad.join("\n")
+    );
 }
 
 #[test]
@@ -66,5 +70,9 @@ fn only_the_shard_module_imports_glommio() {
         ],
         &["glommio"],
     );
-    assert!(bad.is_empty(), "glommio outside src/shard:\n{}", bad.join("\n"));
+    assert!(
+        bad.is_empty(),
+        "glommio outside src/shard:\n{}",
+        bad.join("\n")
+    );
 }

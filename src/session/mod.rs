@@ -568,6 +568,17 @@ impl Session {
         (!self.ended).then_some(self.state)
     }
 
+    /// Give back the memory of empty queues (the runtime calls this when a connection has
+    /// been idle for a while, so idle sessions stay small).
+    pub fn shrink_idle(&mut self) {
+        if self.transmit.is_empty() {
+            self.transmit.shrink_to_fit();
+        }
+        if self.events.is_empty() {
+            self.events.shrink_to_fit();
+        }
+    }
+
     /// Packets waiting in `poll_transmit` (the runtime bounds QoS 0 to slow readers by it).
     pub fn pending_transmit(&self) -> usize {
         self.transmit.len()

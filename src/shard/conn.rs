@@ -28,6 +28,9 @@ use crate::tls::{resolve_username, ClientIdentity, UsernameOutcome, UsernameRule
 /// buffer at all (see `serve`), and MQTT device traffic is mostly small packets.
 const READ_CHUNK: usize = 4096;
 
+/// A connection with no traffic for this long releases its buffers.
+const IDLE_TRIM_AFTER: Duration = Duration::from_secs(1);
+
 /// A peer that accepts none of our bytes for this long is dropped: a subscriber that stopped
 /// reading must not pin its queue (and its socket buffers) forever.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -150,12 +153,36 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     peer: Option<SocketAddr>,
 ) {
     let mut rbuf = BytesMut::new();
+    // Boxed: the CONNECT phase's state is large and short-lived; keeping it out of this
+    // future keeps every idle connection small.
+    let admitted = Box::pin(admit(&shard, &mut io, &mut rbuf, auth, peer)).await;
+    let Some(a) = admitted else { return };
+    run_session(shard, io, rbuf, a).await;
+}
+
+/// What the CONNECT phase hands to the session loop.
+struct Admitted {
+    key: u64,
+    version: ProtocolVersion,
+    max_packet_size: u32,
+    link: Rc<ConnLink>,
+}
+
+/// The CONNECT phase: read CONNECT, apply admission rules, register with the home shard and
+/// install the session. `None` if the client was refused or went away.
+async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
+    shard: &Rc<Shard>,
+    io: &mut S,
+    rbuf: &mut BytesMut,
+    auth: Auth,
+    peer: Option<SocketAddr>,
+) -> Option<Admitted> {
     let mut wbuf = BytesMut::new();
-    let connect = match read_connect(&shard, &mut io, &mut rbuf).await {
+    let connect = match read_connect(shard, io, rbuf).await {
         Ok(c) => c,
         Err(refused) => {
-            refuse(&mut io, &mut wbuf, refused).await;
-            return;
+            refuse(io, &mut wbuf, refused).await;
+            return None;
         }
     };
     let version = connect.protocol;
@@ -181,8 +208,8 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     ReasonCode::NOT_AUTHORIZED,
                     "anonymous clients are not allowed on this listener",
                 );
-                refuse(&mut io, &mut wbuf, r).await;
-                return;
+                refuse(io, &mut wbuf, r).await;
+                return None;
             }
             name.map(str::to_owned)
         }
@@ -193,18 +220,18 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 ReasonCode::BAD_USER_NAME_OR_PASSWORD,
                 "no usable certificate identity",
             );
-            refuse(&mut io, &mut wbuf, r).await;
-            return;
+            refuse(io, &mut wbuf, r).await;
+            return None;
         }
     };
     if let Err(reason) = cfg.check_connect(&connect) {
         refuse(
-            &mut io,
+            io,
             &mut wbuf,
             Refused::ConnAck(version, reason, "CONNECT outside limits"),
         )
         .await;
-        return;
+        return None;
     }
     let key = shard.next_conn_key();
     let client_id = if connect.client_id.is_empty() {
@@ -216,8 +243,8 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
                 "empty client id without clean session",
             );
-            refuse(&mut io, &mut wbuf, r).await;
-            return;
+            refuse(io, &mut wbuf, r).await;
+            return None;
         }
         ByteString::from(format!("auto-{key:016x}"))
     } else {
@@ -226,7 +253,7 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
 
     // The home shard orders this connect against any other with the same id.
     let Some(previous) = shard.register(client_id.clone(), key).await else {
-        return; // shutting down, or taken over by a newer connection already
+        return None; // shutting down, or taken over by a newer connection already
     };
     let now = Instant::now();
     // mosquitto's connect line, so operators (and tests) see the identity used.
@@ -248,16 +275,38 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         st.sessions.insert(
             key,
             Slot {
-                session,
+                session: Box::new(session),
                 link: Some(link.clone()),
             },
         );
         shard.pump(&mut st, key, now);
     }
 
-    let limits = Limits {
+    Some(Admitted {
+        key,
+        version,
         max_packet_size: cfg.max_packet_size,
-    };
+        link,
+    })
+}
+
+/// The session loop: read, decode, drive the session, write, until the connection ends.
+async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
+    shard: Rc<Shard>,
+    mut io: S,
+    mut rbuf: BytesMut,
+    a: Admitted,
+) {
+    let Admitted {
+        key,
+        version,
+        max_packet_size,
+        link,
+    } = a;
+    let mut wbuf = BytesMut::new();
+    let limits = Limits { max_packet_size };
+    let mut last_active = Instant::now();
+    let mut trimmed = false;
     loop {
         // 1. Everything the session wants sent, in one write.
         let mut deadline = None;
@@ -286,10 +335,13 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         if link.closing.get() {
             break;
         }
-        // An idle connection holds no read buffer: memory per idle client stays small.
-        if rbuf.is_empty() && rbuf.capacity() > 0 {
-            rbuf = BytesMut::new();
-        }
+        // An idle connection gives its buffers back, so memory per idle client stays small
+        // while a busy one keeps them (no allocation churn per read).
+        let trim_at = (!trimmed).then(|| last_active + IDLE_TRIM_AFTER);
+        let deadline = match (deadline, trim_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
 
         // 2. Wait for bytes, a notification, a timer or shutdown.
         let start = grow(&mut rbuf);
@@ -324,6 +376,8 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 break;
             }
             Wake::Read(Ok(_)) => {
+                last_active = now;
+                trimmed = false;
                 let mut st = shard.st.borrow_mut();
                 loop {
                     if link.detached.get() {
@@ -361,6 +415,12 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 let mut st = shard.st.borrow_mut();
                 if let Some(slot) = st.sessions.get_mut(&key) {
                     slot.session.handle_timeout(now);
+                    if !trimmed && now >= last_active + IDLE_TRIM_AFTER && rbuf.is_empty() {
+                        rbuf = BytesMut::new();
+                        wbuf = BytesMut::new();
+                        slot.session.shrink_idle();
+                        trimmed = true;
+                    }
                 }
                 shard.pump(&mut st, key, now);
             }

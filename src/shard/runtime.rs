@@ -104,7 +104,8 @@ pub(crate) struct ConnLink {
 }
 
 pub(crate) struct Slot {
-    pub session: Session,
+    /// Boxed: the map then holds small entries, and its spare capacity costs little.
+    pub session: Box<Session>,
     pub link: Option<Rc<ConnLink>>,
 }
 
@@ -758,7 +759,8 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, idx: Option<usize>
             shard2.live_conns.set(shard2.live_conns.get() + 1);
             match tls2 {
                 Some(t) => {
-                    let hs = super::tls::handshake(&shard2, &t, stream, peer).await;
+                    // Boxed: handshake state is large and short-lived.
+                    let hs = Box::pin(super::tls::handshake(&shard2, &t, stream, peer)).await;
                     drop(permit);
                     if let Some((io, identity)) = hs {
                         let auth = conn::Auth {
