@@ -83,6 +83,35 @@ use crate::codec::{
 use crate::message::Message;
 use state::{Inflight, Outgoing, PendingWill};
 
+/// A will in its own allocations: it lives as long as the connection, and the CONNECT it came
+/// in shares a read buffer that would otherwise stay pinned.
+fn detached_will(w: &LastWill) -> LastWill {
+    let p = &w.properties;
+    let s = |v: &ByteString| ByteString::from(&**v);
+    LastWill {
+        topic: w.topic.detached(),
+        payload: bytes::Bytes::copy_from_slice(&w.payload),
+        qos: w.qos,
+        retain: w.retain,
+        properties: crate::codec::WillProperties {
+            will_delay_interval: p.will_delay_interval,
+            payload_format_indicator: p.payload_format_indicator,
+            message_expiry_interval: p.message_expiry_interval,
+            content_type: p.content_type.as_ref().map(s),
+            response_topic: p.response_topic.as_ref().map(TopicName::detached),
+            correlation_data: p
+                .correlation_data
+                .as_ref()
+                .map(|b| bytes::Bytes::copy_from_slice(b)),
+            user_properties: p
+                .user_properties
+                .iter()
+                .map(|(k, v)| (s(k), s(v)))
+                .collect(),
+        },
+    }
+}
+
 /// Largest packet the protocol can express: 268,435,455 bytes of body plus a 5-byte header.
 const PROTOCOL_MAX_PACKET_SIZE: u32 = 268_435_455 + 5;
 
@@ -459,7 +488,7 @@ impl Session {
             next_out_alias: 1,
             in_aliases: Vec::new(),
             connect_expiry_zero: requested_expiry == 0,
-            will: connect.will.clone(),
+            will: connect.will.as_ref().map(detached_will),
         };
 
         let mut ack = ConnAckProperties::default();
@@ -1118,6 +1147,8 @@ impl Session {
         }
         let mut codes = Vec::with_capacity(s.filters.len());
         for (filter, mut options) in s.filters {
+            // Kept for the session's life: must not pin the SUBSCRIBE's read buffer.
+            let filter = filter.detached();
             if filter.is_shared() && !self.config.shared_subscriptions_available {
                 codes.push(ReasonCode::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED);
                 continue;

@@ -28,6 +28,9 @@ use crate::tls::{resolve_username, ClientIdentity, UsernameOutcome, UsernameRule
 /// buffer at all (see `serve`), and MQTT device traffic is mostly small packets.
 const READ_CHUNK: usize = 4096;
 
+/// Read size of an idle connection (and of the CONNECT phase).
+const IDLE_READ_CHUNK: usize = 128;
+
 /// A connection with no traffic for this long releases its buffers.
 const IDLE_TRIM_AFTER: Duration = Duration::from_secs(1);
 
@@ -71,17 +74,24 @@ async fn write_all<S: AsyncWrite + Unpin>(io: &mut S, buf: &[u8]) -> std::io::Re
 
 /// Read more bytes into `buf`; `Ok(0)` is end of stream.
 async fn read_some<S: AsyncRead + Unpin>(io: &mut S, buf: &mut BytesMut) -> std::io::Result<usize> {
-    let start = grow(buf);
+    // CONNECT packets are small: start small, grow only if a big one arrives.
+    let chunk = if buf.is_empty() {
+        IDLE_READ_CHUNK
+    } else {
+        READ_CHUNK
+    };
+    let start = grow(buf, chunk);
     let r = io.read(&mut buf[start..]).await;
     buf.truncate(start + *r.as_ref().unwrap_or(&0));
     r
 }
 
-/// Make room for one read; returns where the new bytes go. The caller truncates to what was
-/// read, also when the read was abandoned (cancelled reads must not leave zeros behind).
-fn grow(buf: &mut BytesMut) -> usize {
+/// Make room for one read of `chunk` bytes; returns where the new bytes go. The caller
+/// truncates to what was read, also when the read was abandoned (cancelled reads must not
+/// leave zeros behind).
+fn grow(buf: &mut BytesMut, chunk: usize) -> usize {
     let start = buf.len();
-    buf.resize(start + READ_CHUNK, 0);
+    buf.resize(start + chunk, 0);
     start
 }
 
@@ -157,7 +167,7 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     // future keeps every idle connection small.
     let admitted = Box::pin(admit(&shard, &mut io, &mut rbuf, auth, peer)).await;
     let Some(a) = admitted else { return };
-    run_session(shard, io, rbuf, a).await;
+    run_session(shard, &mut io, rbuf, a).await;
 }
 
 /// What the CONNECT phase hands to the session loop.
@@ -248,7 +258,8 @@ async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
         }
         ByteString::from(format!("auto-{key:016x}"))
     } else {
-        connect.client_id.clone()
+        // Copied: the id lives as long as the session and must not pin the read buffer.
+        ByteString::from(&*connect.client_id)
     };
 
     // The home shard orders this connect against any other with the same id.
@@ -293,7 +304,7 @@ async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
 /// The session loop: read, decode, drive the session, write, until the connection ends.
 async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
     shard: Rc<Shard>,
-    mut io: S,
+    io: &mut S,
     mut rbuf: BytesMut,
     a: Admitted,
 ) {
@@ -324,7 +335,7 @@ async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
         if !wbuf.is_empty() {
-            let res = write_all(&mut io, &wbuf).await;
+            let res = write_all(io, &wbuf).await;
             wbuf.clear();
             if let Err(e) = res {
                 debug!(shard = shard.id, "write failed: {e}");
@@ -344,7 +355,12 @@ async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
         };
 
         // 2. Wait for bytes, a notification, a timer or shutdown.
-        let start = grow(&mut rbuf);
+        // An idle connection waits with a tiny buffer (a PINGREQ or a small PUBLISH fits);
+        // the first read after activity switches to full-size reads.
+        let start = grow(
+            &mut rbuf,
+            if trimmed { IDLE_READ_CHUNK } else { READ_CHUNK },
+        );
         let wake = {
             let read = async { Wake::Read(io.read(&mut rbuf[start..]).await) };
             let notified = async {

@@ -436,7 +436,10 @@ impl Shard {
             return held;
         }
         if msg.retain {
-            st.retained.set(msg.clone());
+            // The store keeps it indefinitely: give it its own allocation (one copy, shared
+            // by every shard's replica).
+            let kept = msg.detached();
+            st.retained.set(kept.clone());
             for peer in 0..self.shared.shards {
                 if peer != self.id {
                     self.outbox
@@ -750,46 +753,60 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, idx: Option<usize>
                 continue;
             }
         }
-        let shard2 = shard.clone();
-        let tls2 = tls.clone();
         let allow_anonymous = spec.as_ref().map(|l| l.allow_anonymous).unwrap_or(true);
-        let max_qos = spec.as_ref().map(|l| l.max_qos).unwrap_or(QoS::ExactlyOnce);
-        let topic_alias_maximum = spec.as_ref().map(|l| l.topic_alias_maximum).unwrap_or(10);
-        glommio::spawn_local(async move {
-            shard2.live_conns.set(shard2.live_conns.get() + 1);
-            match tls2 {
-                Some(t) => {
-                    // Boxed: handshake state is large and short-lived.
-                    let hs = Box::pin(super::tls::handshake(&shard2, &t, stream, peer)).await;
-                    drop(permit);
-                    if let Some((io, identity)) = hs {
-                        let auth = conn::Auth {
-                            allow_anonymous,
-                            max_qos,
-                            topic_alias_maximum,
-                            rule: t.username_rule,
-                            identity,
-                        };
-                        conn::serve(shard2.clone(), io, auth, peer).await;
-                    }
-                }
-                None => {
-                    let auth = conn::Auth {
-                        allow_anonymous,
-                        max_qos,
-                        topic_alias_maximum,
-                        rule: crate::tls::UsernameRule::FromClient,
-                        identity: None,
-                    };
-                    conn::serve(shard2.clone(), stream, auth, peer).await;
-                }
+        let auth = conn::Auth {
+            allow_anonymous,
+            max_qos: spec.as_ref().map(|l| l.max_qos).unwrap_or(QoS::ExactlyOnce),
+            topic_alias_maximum: spec.as_ref().map(|l| l.topic_alias_maximum).unwrap_or(10),
+            rule: tls
+                .as_ref()
+                .map(|t| t.username_rule)
+                .unwrap_or(crate::tls::UsernameRule::FromClient),
+            identity: None,
+        };
+        // Separate task types for TLS and plain connections: each task is sized for its
+        // own future, so plain connections do not pay for TLS state.
+        match &tls {
+            Some(t) => {
+                let t = t.clone();
+                glommio::spawn_local(conn_task(
+                    shard.clone(),
+                    idx,
+                    async move |shard: Rc<Shard>| {
+                        let hs = Box::pin(super::tls::handshake(&shard, &t, stream, peer)).await;
+                        drop(permit);
+                        if let Some((io, identity)) = hs {
+                            conn::serve(shard, io, conn::Auth { identity, ..auth }, peer).await;
+                        }
+                    },
+                ))
+                .detach();
             }
-            shard2.live_conns.set(shard2.live_conns.get() - 1);
-            if let Some(i) = idx {
-                shard2.shared.connections[i].fetch_sub(1, Ordering::AcqRel);
+            None => {
+                glommio::spawn_local(conn_task(
+                    shard.clone(),
+                    idx,
+                    async move |shard: Rc<Shard>| {
+                        conn::serve(shard, stream, auth, peer).await;
+                    },
+                ))
+                .detach();
             }
-        })
-        .detach();
+        }
+    }
+}
+
+/// Run one connection's future with the shard's connection accounting around it.
+async fn conn_task<F, Fut>(shard: Rc<Shard>, idx: Option<usize>, f: F)
+where
+    F: FnOnce(Rc<Shard>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    shard.live_conns.set(shard.live_conns.get() + 1);
+    f(shard.clone()).await;
+    shard.live_conns.set(shard.live_conns.get() - 1);
+    if let Some(i) = idx {
+        shard.shared.connections[i].fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -45,7 +45,7 @@ pub(crate) async fn handshake(
     t: &TlsListener,
     stream: TcpStream,
     peer: Option<SocketAddr>,
-) -> Option<(TlsStream<TcpStream>, Option<ClientIdentity>)> {
+) -> Option<(Box<TlsStream<TcpStream>>, Option<ClientIdentity>)> {
     let stats = &t.stats[shard.id];
     // The shard's semaphore already bounds concurrency; this only counts.
     let slot = stats.try_begin(usize::MAX)?;
@@ -89,7 +89,9 @@ pub(crate) async fn handshake(
             let resumed = conn.handshake_kind() == Some(HandshakeKind::Resumed);
             let identity = conn.peer_certificates().and_then(client_identity);
             slot.succeeded(resumed);
-            Some((tls, identity))
+            // Boxed: the TLS state is large, and moving it by value would cost that much
+            // again in every future that holds it.
+            Some((Box::new(tls), identity))
         }
     }
 }
