@@ -41,8 +41,55 @@ fn filter() -> impl Strategy<Value = TopicFilter> {
         })
 }
 
+/// A filter/topic pair strategy whose first level is one of 20 numbers, so trie nodes get
+/// more children than the linear-search threshold and switch to a map.
+fn wide_filter() -> impl Strategy<Value = TopicFilter> {
+    (0u8..20, filter()).prop_filter_map("valid", |(n, f)| {
+        if f.is_shared() {
+            return None;
+        }
+        TopicFilter::new(format!("{n}/{}", f.as_str())).ok()
+    })
+}
+
+fn wide_topic() -> impl Strategy<Value = TopicName> {
+    (0u8..20, topic()).prop_map(|(n, t)| TopicName::new(format!("{n}/{t}")).unwrap())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Wide nodes (map-backed children) match like narrow ones, and prune back to nothing.
+    #[test]
+    fn wide_trie_matches_naive(
+        ops in prop::collection::vec((wide_filter(), 0u64..2, any::<bool>()), 1..120),
+        topics in prop::collection::vec(wide_topic(), 1..20),
+    ) {
+        let mut trie = SubscriptionTrie::new();
+        let mut model: HashMap<(TopicFilter, u64), u32> = HashMap::new();
+        for (i, (f, key, insert)) in ops.iter().enumerate() {
+            if *insert {
+                prop_assert_eq!(trie.insert(f, *key, i as u32), model.insert((f.clone(), *key), i as u32));
+            } else {
+                prop_assert_eq!(trie.remove(f, key), model.remove(&(f.clone(), *key)));
+            }
+        }
+        let mut out = Vec::new();
+        for t in &topics {
+            out.clear();
+            trie.match_plain_into(t, &mut out);
+            let mut got: Vec<u32> = out.iter().map(|(_, v)| *v).collect();
+            got.sort_unstable();
+            let mut want: Vec<u32> =
+                model.iter().filter(|((f, _), _)| f.matches(t)).map(|(_, v)| *v).collect();
+            want.sort_unstable();
+            prop_assert_eq!(got, want, "topic {}", t);
+        }
+        for (f, key) in model.keys() {
+            prop_assert!(trie.remove(f, key).is_some());
+        }
+        prop_assert_eq!(trie.node_count(), 0);
+    }
 
     /// The trie's matches are exactly the naive matcher's, shared groups are tagged
     /// consistently, and removing everything leaves no node behind.
