@@ -353,6 +353,13 @@ mod tests {
     }
 
     #[test]
+    fn cross_shard_values_are_send() {
+        fn assert_send<T: Send + 'static>() {}
+        assert_send::<RouteDelta>();
+        assert_send::<Forward>();
+    }
+
+    #[test]
     fn shard_ids_are_bounded_by_the_mask_width() {
         assert!(ShardId::new(63).is_some());
         assert!(ShardId::new(64).is_none());

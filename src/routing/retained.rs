@@ -420,6 +420,32 @@ mod tests {
     }
 
     #[test]
+    fn every_shard_replica_answers_after_a_broadcast() {
+        // The runtime applies a retained publish on its own shard and broadcasts the same
+        // `Message` to the others; each replica then serves SUBSCRIBEs locally.
+        let mut shards: Vec<RetainedStore> = (0..3).map(|_| RetainedStore::default()).collect();
+        let m = msg("fleet/s1/d7/status", "online");
+        for s in &mut shards {
+            assert_eq!(s.set(m.clone()), RetainOutcome::Stored { replaced: false });
+        }
+        for s in &shards {
+            let mut out = Vec::new();
+            s.match_filter(&f("fleet/+/+/status"), Instant::now(), &mut out);
+            assert_eq!(out.len(), 1);
+            assert_eq!(
+                out[0].payload.as_ptr(),
+                m.payload.as_ptr(),
+                "payload not copied"
+            );
+        }
+        // The delete is broadcast the same way.
+        for s in &mut shards {
+            s.set(msg("fleet/s1/d7/status", ""));
+        }
+        assert!(shards.iter().all(RetainedStore::is_empty));
+    }
+
+    #[test]
     fn payload_is_shared_not_copied() {
         let mut s = RetainedStore::default();
         let m = msg("a", "payload");
