@@ -86,6 +86,7 @@ fn bench_trie(c: &mut Criterion) {
     assert_eq!(out.len(), 7, "exact + '+' + '#' + 4 shared members");
 
     let mut g = c.benchmark_group("trie_100k");
+    g.sample_size(30);
     g.bench_function("match_hit_7", |b| {
         b.iter(|| {
             out.clear();
@@ -105,6 +106,15 @@ fn bench_trie(c: &mut Criterion) {
             out.clear();
             trie.match_into(black_box(&miss), &mut out);
             black_box(out.len())
+        })
+    });
+    // The anti-pattern the trie replaces: test every filter. For scale only.
+    g.bench_function("naive_scan_hit_reference", |b| {
+        b.iter(|| {
+            black_box(&filters)
+                .iter()
+                .filter(|(f, _)| f.matches(&hit))
+                .count()
         })
     });
     let mut trie = trie;
@@ -139,6 +149,7 @@ fn bench_trie(c: &mut Criterion) {
     }
     let mut m = ShardMatch::default();
     let mut g = c.benchmark_group("replica_100k");
+    g.sample_size(30);
     g.bench_function("match_shards_hit_with_group", |b| {
         b.iter(|| {
             replica.match_shards(black_box(&hit), &mut m);
