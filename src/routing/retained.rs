@@ -23,7 +23,9 @@ use crate::message::Message;
 use super::trie::{next_level, Node, Trie};
 use super::MAX_FILTER_LEVELS;
 
-/// Bounds of one retained store (per shard; every shard holds the same set).
+/// Bounds of one retained store (per shard; every shard holds the same set). `max_bytes` is
+/// counted per replica, but the payload allocations are shared by all replicas, so the
+/// process holds the payloads once plus one trie per shard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetainedLimits {
     /// Most topics with a retained message.
