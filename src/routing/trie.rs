@@ -14,7 +14,9 @@ use smallvec::SmallVec;
 
 use crate::codec::{TopicFilter, TopicName};
 
-type ChildMap<P> = HashMap<Box<str>, Node<P>, ahash::RandomState>;
+/// Nodes are boxed in the map so its buckets stay small (24 bytes): a 1000-device site's
+/// map then fits far better in cache than with ~110-byte inline nodes.
+type ChildMap<P> = HashMap<Box<str>, Box<Node<P>>, ahash::RandomState>;
 
 /// Up to this many exact children live in a vector searched linearly; beyond, a hash map.
 /// Most nodes of a fleet's tree have one child ("…/{device}/telemetry"), and a one-entry
@@ -39,14 +41,14 @@ impl<P> Children<P> {
     fn get(&self, level: &str) -> Option<&Node<P>> {
         match self {
             Children::Few(v) => v.iter().find(|(k, _)| **k == *level).map(|(_, n)| n),
-            Children::Many(m) => m.get(level),
+            Children::Many(m) => m.get(level).map(|n| &**n),
         }
     }
 
     fn get_mut(&mut self, level: &str) -> Option<&mut Node<P>> {
         match self {
             Children::Few(v) => v.iter_mut().find(|(k, _)| **k == *level).map(|(_, n)| n),
-            Children::Many(m) => m.get_mut(level),
+            Children::Many(m) => m.get_mut(level).map(|n| &mut **n),
         }
     }
 
@@ -59,7 +61,7 @@ impl<P> Children<P> {
             if v.len() >= FEW_CHILDREN && !v.iter().any(|(k, _)| **k == *level) {
                 let mut map =
                     ChildMap::with_capacity_and_hasher(FEW_CHILDREN * 2, ahash::RandomState::new());
-                map.extend(v.drain(..));
+                map.extend(v.drain(..).map(|(k, n)| (k, Box::new(n))));
                 *self = Children::Many(Box::new(map));
             }
         }
@@ -77,9 +79,12 @@ impl<P> Children<P> {
                 // Look up before inserting so an existing level costs no key allocation.
                 let created = !m.contains_key(level);
                 if created {
-                    m.insert(level.into(), Node::default());
+                    m.insert(level.into(), Box::default());
                 }
-                (m.get_mut(level).expect("level inserted above"), created)
+                (
+                    &mut **m.get_mut(level).expect("level inserted above"),
+                    created,
+                )
             }
         }
     }
@@ -93,7 +98,7 @@ impl<P> Children<P> {
                 Some(n)
             }
             Children::Many(m) => {
-                let n = m.remove(level);
+                let n = m.remove(level).map(|n| *n);
                 if m.is_empty() {
                     *self = Children::Few(Vec::new());
                 }
@@ -110,13 +115,13 @@ impl<P> Children<P> {
         few.into_iter()
             .flatten()
             .map(|(k, n)| (&**k, n))
-            .chain(many.into_iter().flatten().map(|(k, n)| (&**k, n)))
+            .chain(many.into_iter().flatten().map(|(k, n)| (&**k, &**n)))
     }
 
     fn drain_into(&mut self, out: &mut Vec<Node<P>>) {
         match std::mem::replace(self, Children::Few(Vec::new())) {
             Children::Few(v) => out.extend(v.into_iter().map(|(_, n)| n)),
-            Children::Many(m) => out.extend(m.into_values()),
+            Children::Many(m) => out.extend(m.into_values().map(|n| *n)),
         }
     }
 }
