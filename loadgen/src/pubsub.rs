@@ -1,0 +1,1225 @@
+//! The `pubsub` scenario: publishers and subscribers on `fleet/%d/telemetry`, in pairs,
+//! fan-in, fan-out or a shared subscription group; QoS 0/1/2; open loop at a fixed rate
+//! (latency from each message's intended send time) or closed loop with a bounded in-flight
+//! window. Also the engine of `capacity`.
+//!
+//! Owns: the per-core connection tasks, the orchestration of a run (connect → start together →
+//! warm-up → measure → drain → stop), and the accounting (sent, received, loss, duplicates,
+//! reordering, latency). Must not touch: output formatting (see `report`).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use clap::{Args, ValueEnum};
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::sync::Semaphore;
+use midge::codec::{
+    self, Limits, Packet, ProtocolVersion, PubResp, Publish, PublishProperties, QoS, Subscribe,
+    SubscribeProperties, SubscriptionOptions, TopicFilter, TopicName,
+};
+use serde::Serialize;
+
+use crate::common::{parse_duration, thread_cpu, Clock, Common, CommonArgs, MAX_CONNECTIONS};
+use crate::common::{spawn_cores, MAX_DURATION, MAX_MESSAGES};
+use crate::net::{self, Conn, RecvError};
+use crate::payload;
+use crate::seq::SeqTracker;
+use crate::stats::{Lat, Summary};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Publisher i → fleet/i/telemetry → subscriber i.
+    Pairs,
+    /// Many publishers, each subscriber subscribes fleet/+/telemetry (default 1 subscriber).
+    FanIn,
+    /// Few publishers (default 1), every subscriber gets every message.
+    FanOut,
+    /// Subscribers share $share/g/fleet/+/telemetry: each message to one of them.
+    Shared,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PubsubArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub load: LoadArgs,
+}
+
+/// Options of the pubsub traffic itself (shared with `capacity`).
+#[derive(Args, Debug, Clone)]
+pub struct LoadArgs {
+    #[arg(long, value_enum, default_value = "pairs")]
+    pub mode: Mode,
+    /// Publisher connections (default: 10, or 1 for fan-out).
+    #[arg(long)]
+    pub publishers: Option<u32>,
+    /// Subscriber connections (default: 10 for pairs/fan-out, 1 for fan-in, 4 for shared).
+    #[arg(long)]
+    pub subscribers: Option<u32>,
+    /// QoS of publications and subscriptions.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
+    pub qos: u8,
+    /// Payload bytes (≥ 16: publisher id, sequence number, intended send time).
+    #[arg(long, default_value_t = 64)]
+    pub payload: usize,
+    /// Total offered messages/s across publishers (open loop); 0 = as fast as possible
+    /// (closed loop, bounded by --inflight for QoS 1/2 and by TCP for QoS 0).
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
+    /// Max unacknowledged QoS 1/2 publications per publisher (also capped by the broker's
+    /// v5 Receive Maximum).
+    #[arg(long, default_value_t = 64)]
+    pub inflight: u16,
+    /// Warm-up excluded from the figures.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub warmup: Duration,
+    /// Measured duration after warm-up.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Stop after this many messages in total (0 = no cap besides the duration).
+    #[arg(long, default_value_t = 0)]
+    pub messages: u64,
+    /// After the last publication, wait at most this long for deliveries still in flight.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub drain: Duration,
+    /// Topic pattern; %d is the publisher index.
+    #[arg(long, default_value = "fleet/%d/telemetry")]
+    pub topic: String,
+}
+
+/// A validated, `Send + Sync` description of the traffic.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub mode: Mode,
+    pub publishers: u32,
+    pub subscribers: u32,
+    pub qos: u8,
+    pub payload: usize,
+    pub rate: f64,
+    pub inflight: u16,
+    pub warmup_ns: u64,
+    pub duration_ns: u64,
+    pub per_pub_cap: u64,
+    pub drain_ns: u64,
+    pub topic: String,
+}
+
+impl LoadArgs {
+    pub fn plan(&self) -> Result<Plan, String> {
+        let (dp, ds) = match self.mode {
+            Mode::Pairs => (10, 10),
+            Mode::FanIn => (10, 1),
+            Mode::FanOut => (1, 10),
+            Mode::Shared => (10, 4),
+        };
+        let publishers = self.publishers.unwrap_or(dp);
+        let subscribers = self.subscribers.unwrap_or(ds);
+        if publishers == 0 || subscribers == 0 {
+            return Err("need at least one publisher and one subscriber".into());
+        }
+        if self.mode == Mode::Pairs && publishers != subscribers {
+            return Err(format!(
+                "--mode pairs needs as many subscribers as publishers ({publishers} vs {subscribers})"
+            ));
+        }
+        if (publishers + subscribers) as u64 > MAX_CONNECTIONS {
+            return Err(format!("at most {MAX_CONNECTIONS} connections"));
+        }
+        if self.payload < payload::HEADER_LEN || self.payload > 1 << 20 {
+            return Err(format!(
+                "--payload must be {}..=1048576 bytes (it carries publisher id, sequence number and intended send time)",
+                payload::HEADER_LEN
+            ));
+        }
+        if !(self.rate >= 0.0 && self.rate <= 1e8) {
+            return Err("--rate must be 0..=1e8 messages/s".into());
+        }
+        if self.warmup + self.duration > MAX_DURATION || self.duration.is_zero() {
+            return Err(format!(
+                "warm-up + duration must be > 0 and ≤ {MAX_DURATION:?}"
+            ));
+        }
+        if self.drain > Duration::from_secs(60) {
+            return Err("--drain must be ≤ 60s".into());
+        }
+        if self.inflight == 0 {
+            return Err("--inflight must be ≥ 1".into());
+        }
+        if !self.topic.contains("%d") && self.mode == Mode::Pairs {
+            return Err("--topic must contain %d in pairs mode".into());
+        }
+        let total_cap = if self.messages == 0 {
+            MAX_MESSAGES
+        } else {
+            self.messages.min(MAX_MESSAGES)
+        };
+        // Sequence numbers are 32-bit on the wire.
+        let per_pub_cap = total_cap.div_ceil(publishers as u64).min(u32::MAX as u64);
+        Ok(Plan {
+            mode: self.mode,
+            publishers,
+            subscribers,
+            qos: self.qos,
+            payload: self.payload,
+            rate: self.rate,
+            inflight: self.inflight,
+            warmup_ns: self.warmup.as_nanos() as u64,
+            duration_ns: self.duration.as_nanos() as u64,
+            per_pub_cap,
+            drain_ns: self.drain.as_nanos() as u64,
+            topic: self.topic.clone(),
+        })
+    }
+}
+
+impl Plan {
+    pub fn pub_topic(&self, i: u32) -> String {
+        self.topic.replace("%d", &i.to_string())
+    }
+    pub fn sub_filter(&self, j: u32) -> String {
+        match self.mode {
+            Mode::Pairs => self.pub_topic(j),
+            Mode::FanIn | Mode::FanOut => self.topic.replace("%d", "+"),
+            Mode::Shared => format!("$share/g/{}", self.topic.replace("%d", "+")),
+        }
+    }
+    /// Which tracking key subscriber j's arrivals count under (a shared group is one receiver).
+    fn sub_key(&self, j: u32) -> u32 {
+        if self.mode == Mode::Shared {
+            0
+        } else {
+            j
+        }
+    }
+    /// Deliveries each publication should cause.
+    pub fn fanout(&self) -> u64 {
+        match self.mode {
+            Mode::Pairs | Mode::Shared => 1,
+            Mode::FanIn | Mode::FanOut => self.subscribers as u64,
+        }
+    }
+    fn qos(&self) -> QoS {
+        QoS::from_u8(self.qos).unwrap_or_default()
+    }
+}
+
+/// One second of one core.
+struct Snap {
+    sec: u64,
+    sent: u64,
+    recv: u64,
+    errors: u64,
+    lat: Lat,
+}
+
+/// Cross-core coordination of a run.
+struct Shared {
+    clock: Clock,
+    start_ns: AtomicU64,
+    ready: AtomicU64,
+    stop: AtomicBool,
+    abort: Mutex<Option<String>>,
+    aborted: AtomicBool,
+    pubs_done: AtomicU64,
+    core_sent: Vec<AtomicU64>,
+    core_recv: Vec<AtomicU64>,
+    tx: Mutex<mpsc::Sender<(usize, Snap)>>,
+}
+
+impl Shared {
+    fn fail(&self, msg: String) {
+        if let Ok(mut a) = self.abort.lock() {
+            if a.is_none() {
+                *a = Some(msg);
+            }
+        }
+        self.aborted.store(true, Ordering::SeqCst);
+        self.stop.store(true, Ordering::SeqCst);
+    }
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+}
+
+/// Per-core mutable state, shared by that core's tasks (single thread: RefCell, never held
+/// across an await).
+#[derive(Default)]
+struct CoreState {
+    lat: Lat,
+    lat_interval: Lat,
+    sent: u64,
+    sent_interval: u64,
+    sent_measured: u64,
+    recv: u64,
+    recv_interval: u64,
+    recv_measured: u64,
+    foreign: u64,
+    sent_per_pub: HashMap<u32, u64>,
+    trackers: HashMap<(u32, u32), SeqTracker>,
+    errors: HashMap<String, u64>,
+    error_count: u64,
+    acks: u64,
+}
+
+impl CoreState {
+    fn error(&mut self, e: String) {
+        *self.errors.entry(e).or_default() += 1;
+        self.error_count += 1;
+    }
+}
+
+/// What a core hands back.
+struct CoreResult {
+    lat: Lat,
+    sent: u64,
+    sent_measured: u64,
+    recv: u64,
+    recv_measured: u64,
+    foreign: u64,
+    sent_per_pub: HashMap<u32, u64>,
+    trackers: HashMap<(u32, u32), SeqTracker>,
+    errors: HashMap<String, u64>,
+    cpu: Duration,
+    wall: Duration,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Interval {
+    pub second: u64,
+    pub sent_per_s: u64,
+    pub recv_per_s: u64,
+    pub errors: u64,
+    pub latency: Summary,
+}
+
+/// Everything a pubsub run measured.
+#[derive(Serialize)]
+pub struct PubsubReport {
+    pub plan: Plan,
+    pub mqtt: String,
+    pub tls: bool,
+    pub cores: Vec<usize>,
+    /// Publications written (whole run, warm-up included).
+    pub sent: u64,
+    /// Deliveries expected (sent × fan-out).
+    pub expected: u64,
+    /// Deliveries received (duplicates included).
+    pub received: u64,
+    pub lost: u64,
+    pub duplicates: u64,
+    pub reordered: u64,
+    /// Deliveries whose payload was not ours.
+    pub foreign: u64,
+    /// Measured window (after warm-up), by intended send time.
+    pub sent_measured: u64,
+    pub received_measured: u64,
+    pub measured_seconds: f64,
+    pub send_rate: f64,
+    pub recv_rate: f64,
+    /// End-to-end latency from intended send time to receipt, measured window only.
+    pub latency: Summary,
+    pub intervals: Vec<Interval>,
+    pub errors: HashMap<String, u64>,
+    /// Loadgen CPU busy fraction per core (1.0 = a whole CPU) during the run.
+    pub loadgen_cpu_busy: Vec<f64>,
+    pub loadgen_cpu_seconds: f64,
+    pub warnings: Vec<String>,
+    #[serde(skip)]
+    pub lat_hist: Lat,
+}
+
+pub fn run(c: &Common, plan: &Plan) -> Result<PubsubReport, String> {
+    let ncores = c.cores.len();
+    let (tx, rx) = mpsc::channel::<(usize, Snap)>();
+    let shared = Arc::new(Shared {
+        clock: Clock::new(),
+        start_ns: AtomicU64::new(0),
+        ready: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+        abort: Mutex::new(None),
+        aborted: AtomicBool::new(false),
+        pubs_done: AtomicU64::new(0),
+        core_sent: (0..ncores).map(|_| AtomicU64::new(0)).collect(),
+        core_recv: (0..ncores).map(|_| AtomicU64::new(0)).collect(),
+        tx: Mutex::new(tx),
+    });
+    let total_conns = (plan.publishers + plan.subscribers) as u64;
+    let handle = {
+        let shared = shared.clone();
+        let plan = Arc::new(plan.clone());
+        let target = c.target.clone();
+        let tls = c.tls.clone();
+        let prefix = c.args.client_prefix.clone();
+        let cores = c.cores.clone();
+        std::thread::spawn(move || {
+            spawn_cores(&cores, move |ci| {
+                let ctx = Ctx {
+                    ci,
+                    ncores,
+                    plan: plan.clone(),
+                    shared: shared.clone(),
+                    target: target.clone(),
+                    tls: tls.clone(),
+                    prefix: prefix.clone(),
+                };
+                core_main(ctx)
+            })
+        })
+    };
+    let clock = shared.clock;
+    let quiet = c.args.quiet;
+    // Phase 1: everyone connected and subscribed (or someone failed).
+    let connect_deadline = clock.now_ns()
+        + (c.target.timeout.as_nanos() as u64) * 2
+        + total_conns * 2_000_000
+        + 10_000_000_000;
+    loop {
+        if shared.aborted.load(Ordering::SeqCst) || handle.is_finished() {
+            break;
+        }
+        if shared.ready.load(Ordering::SeqCst) >= total_conns {
+            // Start together shortly in the future so every core sees the same t0.
+            shared
+                .start_ns
+                .store(clock.now_ns() + 20_000_000, Ordering::SeqCst);
+            break;
+        }
+        if clock.now_ns() > connect_deadline {
+            shared.fail(format!(
+                "only {} of {total_conns} connections ready before the deadline",
+                shared.ready.load(Ordering::SeqCst)
+            ));
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    if !quiet && !shared.aborted.load(Ordering::SeqCst) {
+        eprintln!(
+            "connected {total_conns} clients on {ncores} core(s); running {:.1}s warm-up + {:.1}s",
+            plan.warmup_ns as f64 / 1e9,
+            plan.duration_ns as f64 / 1e9
+        );
+    }
+    // Phase 2: progress, then drain, then stop.
+    let start = shared.start_ns.load(Ordering::SeqCst);
+    let run_end = start + plan.warmup_ns + plan.duration_ns;
+    let hard_end = run_end + plan.drain_ns + 10_000_000_000;
+    let mut pending: HashMap<u64, (usize, Snap)> = HashMap::new();
+    let mut intervals = Vec::new();
+    let mut drain_deadline: Option<u64> = None;
+    let cpu0 = crate::cpu::self_cpu();
+    while !shared.stopped() {
+        while let Ok((_core, s)) = rx.recv_timeout(Duration::from_millis(10)) {
+            let sec = s.sec;
+            let e = pending.entry(sec).or_insert_with(|| {
+                (
+                    0,
+                    Snap {
+                        sec,
+                        sent: 0,
+                        recv: 0,
+                        errors: 0,
+                        lat: Lat::new(),
+                    },
+                )
+            });
+            e.0 += 1;
+            e.1.sent += s.sent;
+            e.1.recv += s.recv;
+            e.1.errors += s.errors;
+            e.1.lat.merge(&s.lat);
+            if e.0 == ncores {
+                if let Some((_, m)) = pending.remove(&sec) {
+                    let iv = interval_of(&m);
+                    if !quiet {
+                        progress(&iv, plan);
+                    }
+                    intervals.push(iv);
+                }
+            }
+        }
+        let now = clock.now_ns();
+        if start == 0 || now > hard_end {
+            shared.stop.store(true, Ordering::SeqCst);
+            break;
+        }
+        if drain_deadline.is_none()
+            && shared.pubs_done.load(Ordering::SeqCst) >= plan.publishers as u64
+        {
+            drain_deadline = Some(now + plan.drain_ns);
+        }
+        if let Some(d) = drain_deadline {
+            let sent: u64 = shared
+                .core_sent
+                .iter()
+                .map(|a| a.load(Ordering::SeqCst))
+                .sum();
+            let recv: u64 = shared
+                .core_recv
+                .iter()
+                .map(|a| a.load(Ordering::SeqCst))
+                .sum();
+            if recv >= sent * plan.fanout() || now > d {
+                shared.stop.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+    let results = handle
+        .join()
+        .map_err(|_| "a loadgen core panicked".to_string())??;
+    let cpu_all = crate::cpu::self_cpu().saturating_sub(cpu0);
+    if let Some(msg) = shared.abort.lock().ok().and_then(|a| a.clone()) {
+        return Err(msg);
+    }
+    let mut rest: Vec<_> = pending
+        .into_values()
+        .map(|(_, s)| interval_of(&s))
+        .collect();
+    intervals.append(&mut rest);
+    intervals.sort_by_key(|i| i.second);
+    Ok(merge(c, plan, results, intervals, cpu_all))
+}
+
+fn interval_of(s: &Snap) -> Interval {
+    Interval {
+        second: s.sec,
+        sent_per_s: s.sent,
+        recv_per_s: s.recv,
+        errors: s.errors,
+        latency: s.lat.summary(),
+    }
+}
+
+fn progress(iv: &Interval, plan: &Plan) {
+    let warm = iv.second < plan.warmup_ns.div_ceil(1_000_000_000);
+    eprintln!(
+        "[{:>4}s{}] sent {:>9}/s  recv {:>9}/s  p50 {:>9.1}us  p99 {:>9.1}us  max {:>9.1}us  errors {}",
+        iv.second + 1,
+        if warm { " warm" } else { "     " },
+        iv.sent_per_s,
+        iv.recv_per_s,
+        iv.latency.p50_us,
+        iv.latency.p99_us,
+        iv.latency.max_us,
+        iv.errors
+    );
+}
+
+fn merge(
+    c: &Common,
+    plan: &Plan,
+    results: Vec<CoreResult>,
+    intervals: Vec<Interval>,
+    cpu_all: Duration,
+) -> PubsubReport {
+    let mut lat = Lat::new();
+    let mut sent_per_pub: HashMap<u32, u64> = HashMap::new();
+    let mut trackers: HashMap<(u32, u32), SeqTracker> = HashMap::new();
+    let mut errors: HashMap<String, u64> = HashMap::new();
+    let (mut sent, mut sent_m, mut recv, mut recv_m, mut foreign) = (0, 0, 0, 0, 0);
+    let mut busy = Vec::new();
+    for r in &results {
+        lat.merge(&r.lat);
+        sent += r.sent;
+        sent_m += r.sent_measured;
+        recv += r.recv;
+        recv_m += r.recv_measured;
+        foreign += r.foreign;
+        for (p, n) in &r.sent_per_pub {
+            *sent_per_pub.entry(*p).or_default() += n;
+        }
+        for (k, t) in &r.trackers {
+            trackers.entry(*k).or_default().merge(t);
+        }
+        for (e, n) in &r.errors {
+            *errors.entry(e.clone()).or_default() += n;
+        }
+        busy.push(if r.wall.is_zero() {
+            0.0
+        } else {
+            r.cpu.as_secs_f64() / r.wall.as_secs_f64()
+        });
+    }
+    // Loss: every receiver key against every publisher it should hear from.
+    let keys: Vec<u32> = match plan.mode {
+        Mode::Shared => vec![0],
+        _ => (0..plan.subscribers).collect(),
+    };
+    let (mut lost, mut dups, mut reord) = (0u64, 0u64, 0u64);
+    let empty = SeqTracker::new();
+    for &k in &keys {
+        let pubs: Vec<u32> = match plan.mode {
+            Mode::Pairs => vec![k],
+            _ => (0..plan.publishers).collect(),
+        };
+        for p in pubs {
+            let n = sent_per_pub.get(&p).copied().unwrap_or(0);
+            let t = trackers.get(&(k, p)).unwrap_or(&empty);
+            lost += t.lost(n);
+            dups += t.duplicates;
+            // Within a shared group arrival order across members is not meaningful.
+            if plan.mode != Mode::Shared {
+                reord += t.reordered;
+            }
+        }
+    }
+    let secs = plan.duration_ns as f64 / 1e9;
+    let mut warnings = Vec::new();
+    for (i, b) in busy.iter().enumerate() {
+        if *b >= 0.9 {
+            warnings.push(format!(
+                "loadgen core {} (CPU {}) was {:.0}% busy: the loadgen, not the broker, may have been the bottleneck",
+                i,
+                c.cores[i],
+                b * 100.0
+            ));
+        }
+    }
+    if plan.rate > 0.0 && (sent_m as f64) < plan.rate * secs * 0.95 {
+        warnings.push(format!(
+            "offered {:.0}/s but only {:.0}/s were sent in the measured window",
+            plan.rate,
+            sent_m as f64 / secs
+        ));
+    }
+    if lat.clamped > 0 {
+        warnings.push(format!("{} latencies above 60 s were clamped", lat.clamped));
+    }
+    PubsubReport {
+        plan: plan.clone(),
+        mqtt: c.args.mqtt.clone(),
+        tls: c.tls.is_some(),
+        cores: c.cores.clone(),
+        sent,
+        expected: sent * plan.fanout(),
+        received: recv,
+        lost,
+        duplicates: dups,
+        reordered: reord,
+        foreign,
+        sent_measured: sent_m,
+        received_measured: recv_m,
+        measured_seconds: secs,
+        send_rate: sent_m as f64 / secs,
+        recv_rate: recv_m as f64 / secs,
+        latency: lat.summary(),
+        intervals,
+        errors,
+        loadgen_cpu_busy: busy,
+        loadgen_cpu_seconds: cpu_all.as_secs_f64(),
+        warnings,
+        lat_hist: lat,
+    }
+}
+
+/// What a core needs; cloned into each executor.
+#[derive(Clone)]
+struct Ctx {
+    ci: usize,
+    ncores: usize,
+    plan: Arc<Plan>,
+    shared: Arc<Shared>,
+    target: net::Target,
+    tls: Option<Arc<crate::tls::TlsSetup>>,
+    prefix: String,
+}
+
+async fn open(ctx: &Ctx, i: u64, client_id: &str) -> Result<Conn, String> {
+    let cfg = match &ctx.tls {
+        None => None,
+        Some(t) => {
+            let m = t.minter();
+            Some(t.config_for(i, client_id, m.as_ref())?)
+        }
+    };
+    net::connect(&ctx.target, cfg, client_id, true)
+        .await
+        .map(|(c, _)| c)
+        .map_err(|e| format!("{client_id}: {e}"))
+}
+
+async fn subscribe(
+    conn: &mut Conn,
+    filter: &str,
+    qos: QoS,
+    timeout: Duration,
+) -> Result<(), String> {
+    let f = TopicFilter::new(filter.to_string()).map_err(|e| format!("filter {filter}: {e}"))?;
+    let p = Packet::Subscribe(Subscribe {
+        packet_id: 1,
+        filters: vec![(
+            f,
+            SubscriptionOptions {
+                qos,
+                ..Default::default()
+            },
+        )],
+        properties: SubscribeProperties::default(),
+    });
+    conn.send(&p).await.map_err(|e| format!("subscribe: {e}"))?;
+    loop {
+        match conn.recv(timeout).await {
+            Ok(Packet::SubAck(a)) => {
+                return match a.reason_codes.first() {
+                    Some(rc) if rc.0 < 0x80 => Ok(()),
+                    Some(rc) => Err(format!("SUBACK refused {filter}: {rc}")),
+                    None => Err("empty SUBACK".into()),
+                }
+            }
+            Ok(_) => continue,
+            Err(RecvError::Timeout) => return Err("SUBACK timeout".into()),
+            Err(RecvError::Closed) => return Err("closed before SUBACK".into()),
+            Err(RecvError::Protocol(e)) => return Err(format!("SUBACK: {e}")),
+        }
+    }
+}
+
+async fn core_main(ctx: Ctx) -> CoreResult {
+    let st = Rc::new(RefCell::new(CoreState::default()));
+    let plan = ctx.plan.clone();
+    let shared = ctx.shared.clone();
+    // Connect this core's share of subscribers, then publishers, a bounded number at a time.
+    let gate = Rc::new(Semaphore::new(64));
+    let mut sub_tasks = Vec::new();
+    for j in (0..plan.subscribers).filter(|j| *j as usize % ctx.ncores == ctx.ci) {
+        let (ctx2, gate) = (ctx.clone(), gate.clone());
+        sub_tasks.push(glommio::spawn_local(async move {
+            let _ = gate.acquire(1).await;
+            let id = format!("{}-s{j}", ctx2.prefix);
+            let r = async {
+                let mut c = open(&ctx2, j as u64, &id).await?;
+                subscribe(
+                    &mut c,
+                    &ctx2.plan.sub_filter(j),
+                    ctx2.plan.qos(),
+                    ctx2.target.timeout,
+                )
+                .await
+                .map_err(|e| format!("{id}: {e}"))?;
+                Ok::<_, String>(c)
+            }
+            .await;
+            gate.signal(1);
+            if r.is_ok() {
+                ctx2.shared.ready.fetch_add(1, Ordering::SeqCst);
+            }
+            (j, r)
+        }));
+    }
+    let mut subs = Vec::new();
+    for t in sub_tasks {
+        match t.await {
+            (j, Ok(c)) => subs.push((j, c)),
+            (_, Err(e)) => shared.fail(e),
+        }
+    }
+    let mut pub_tasks = Vec::new();
+    for i in (0..plan.publishers).filter(|i| *i as usize % ctx.ncores == ctx.ci) {
+        let (ctx2, gate) = (ctx.clone(), gate.clone());
+        pub_tasks.push(glommio::spawn_local(async move {
+            let _ = gate.acquire(1).await;
+            let id = format!("{}-p{i}", ctx2.prefix);
+            let r = open(&ctx2, (ctx2.plan.subscribers + i) as u64, &id).await;
+            gate.signal(1);
+            if r.is_ok() {
+                ctx2.shared.ready.fetch_add(1, Ordering::SeqCst);
+            }
+            (i, r)
+        }));
+    }
+    let mut pubs = Vec::new();
+    for t in pub_tasks {
+        match t.await {
+            (i, Ok(c)) => pubs.push((i, c)),
+            (_, Err(e)) => shared.fail(e),
+        }
+    }
+    // Wait for the common start.
+    let start = loop {
+        if shared.stopped() {
+            break 0;
+        }
+        let s = shared.start_ns.load(Ordering::SeqCst);
+        if s != 0 {
+            break s;
+        }
+        glommio::timer::sleep(Duration::from_millis(1)).await;
+    };
+    let cpu0 = thread_cpu();
+    let wall0 = shared.clock.now_ns();
+    let mut tasks = Vec::new();
+    if start != 0 {
+        for (j, c) in subs {
+            tasks.push(glommio::spawn_local(subscriber(
+                c,
+                plan.sub_key(j),
+                start + plan.warmup_ns,
+                shared.clone(),
+                st.clone(),
+            )));
+        }
+        let npubs = plan.publishers as f64;
+        for (i, c) in pubs {
+            tasks.push(glommio::spawn_local(publisher(
+                c,
+                i,
+                // Stagger publishers so the aggregate is evenly spaced: phase i / rate.
+                if plan.rate > 0.0 {
+                    start + (i as f64 * 1e9 / plan.rate) as u64
+                } else {
+                    start
+                },
+                plan.rate / npubs,
+                start,
+                plan.clone(),
+                shared.clone(),
+                st.clone(),
+            )));
+        }
+        // Ticker: per-second snapshots for the progress line, and counters for the drain.
+        let mut next_sec = start + 1_000_000_000;
+        let mut sec = 0u64;
+        let tx = shared.tx.lock().map(|t| t.clone()).ok();
+        while !shared.stopped() {
+            glommio::timer::sleep(Duration::from_millis(20)).await;
+            let now = shared.clock.now_ns();
+            let mut s = st.borrow_mut();
+            shared.core_sent[ctx.ci].store(s.sent, Ordering::SeqCst);
+            shared.core_recv[ctx.ci].store(s.recv, Ordering::SeqCst);
+            if now >= next_sec {
+                let snap = Snap {
+                    sec,
+                    sent: std::mem::take(&mut s.sent_interval),
+                    recv: std::mem::take(&mut s.recv_interval),
+                    errors: s.error_count,
+                    lat: std::mem::take(&mut s.lat_interval),
+                };
+                if let Some(tx) = &tx {
+                    let _ = tx.send((ctx.ci, snap));
+                }
+                sec += 1;
+                next_sec += 1_000_000_000;
+            }
+        }
+    }
+    // Stop: cancel every connection task (dropping closes the sockets).
+    drop(tasks);
+    let cpu = thread_cpu().saturating_sub(cpu0);
+    let wall = Duration::from_nanos(shared.clock.now_ns().saturating_sub(wall0));
+    let s = std::mem::take(&mut *st.borrow_mut());
+    CoreResult {
+        lat: s.lat,
+        sent: s.sent,
+        sent_measured: s.sent_measured,
+        recv: s.recv,
+        recv_measured: s.recv_measured,
+        foreign: s.foreign,
+        sent_per_pub: s.sent_per_pub,
+        trackers: s.trackers,
+        errors: s.errors,
+        cpu,
+        wall,
+    }
+}
+
+async fn subscriber(
+    conn: Conn,
+    key: u32,
+    measure_from: u64,
+    shared: Arc<Shared>,
+    st: Rc<RefCell<CoreState>>,
+) {
+    let Conn {
+        mut stream,
+        mut rbuf,
+        version,
+        ..
+    } = conn;
+    let clock = shared.clock;
+    let mut tmp = vec![0u8; 64 << 10];
+    let mut out = BytesMut::with_capacity(4096);
+    let limits = Limits::default();
+    loop {
+        let n = match stream.read(&mut tmp).await {
+            Ok(0) => {
+                if !shared.stopped() {
+                    st.borrow_mut().error("subscriber: closed by broker".into());
+                }
+                return;
+            }
+            Ok(n) => n,
+            Err(e) => {
+                st.borrow_mut().error(format!("subscriber read: {e}"));
+                return;
+            }
+        };
+        rbuf.extend_from_slice(&tmp[..n]);
+        // Everything in this read arrived by now.
+        let now = clock.now_ns();
+        {
+            let mut s = st.borrow_mut();
+            loop {
+                let p = match codec::decode(&mut rbuf, version, &limits) {
+                    Ok(Some(p)) => p,
+                    Ok(None) => break,
+                    Err(e) => {
+                        s.error(format!("subscriber decode: {}", net::decode_err(e)));
+                        return;
+                    }
+                };
+                match p {
+                    Packet::Publish(p) => {
+                        match p.qos {
+                            QoS::AtMostOnce => {}
+                            QoS::AtLeastOnce => codec::encode(
+                                &Packet::PubAck(PubResp::new(p.packet_id)),
+                                version,
+                                &mut out,
+                            ),
+                            QoS::ExactlyOnce => codec::encode(
+                                &Packet::PubRec(PubResp::new(p.packet_id)),
+                                version,
+                                &mut out,
+                            ),
+                        }
+                        let Some(h) = payload::read(&p.payload) else {
+                            s.foreign += 1;
+                            continue;
+                        };
+                        let lat = now.saturating_sub(h.intended_ns);
+                        s.recv += 1;
+                        s.recv_interval += 1;
+                        s.lat_interval.record(lat);
+                        if h.intended_ns >= measure_from {
+                            s.recv_measured += 1;
+                            s.lat.record(lat);
+                        }
+                        s.trackers
+                            .entry((key, h.publisher))
+                            .or_default()
+                            .record(h.seq);
+                    }
+                    Packet::PubRel(r) => codec::encode(
+                        &Packet::PubComp(PubResp::new(r.packet_id)),
+                        version,
+                        &mut out,
+                    ),
+                    Packet::Disconnect(d) => {
+                        s.error(format!("subscriber: DISCONNECT from broker: {}", d.reason));
+                        return;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if !out.is_empty() {
+            if let Err(e) = stream.write_all(&out).await {
+                st.borrow_mut().error(format!("subscriber write: {e}"));
+                return;
+            }
+            out.clear();
+        }
+    }
+}
+
+/// A PUBLISH encoded once by the codec, with the offsets of the fields patched per message.
+pub struct Template {
+    pub bytes: Vec<u8>,
+    pub pid_off: Option<usize>,
+    pub payload_off: usize,
+}
+
+impl Template {
+    /// Encode a PUBLISH with marker values and locate them, so per-message sends patch bytes
+    /// in place instead of re-encoding (no allocation per message).
+    pub fn new(
+        topic: &str,
+        qos: QoS,
+        payload_len: usize,
+        version: ProtocolVersion,
+    ) -> Result<Self, String> {
+        let topic = TopicName::new(topic.to_string()).map_err(|e| format!("topic {topic}: {e}"))?;
+        let marker_pid = 0xA5C3u16;
+        let p = Packet::Publish(Publish {
+            dup: false,
+            qos,
+            retain: false,
+            topic,
+            packet_id: if qos == QoS::AtMostOnce {
+                0
+            } else {
+                marker_pid
+            },
+            payload: Bytes::from(vec![0xEEu8; payload_len]),
+            properties: PublishProperties::default(),
+        });
+        let mut b = BytesMut::new();
+        codec::encode(&p, version, &mut b);
+        let bytes = b.to_vec();
+        let payload_off = bytes
+            .len()
+            .checked_sub(payload_len)
+            .ok_or("encoded PUBLISH shorter than its payload")?;
+        if bytes[payload_off..].iter().any(|&x| x != 0xEE) {
+            return Err("payload is not at the end of the encoded PUBLISH".into());
+        }
+        let pid_off = if qos == QoS::AtMostOnce {
+            None
+        } else {
+            // v5 puts a property length (0 → one byte) between packet id and payload.
+            let off = payload_off - 2 - usize::from(version.is_v5());
+            if bytes[off..off + 2] != marker_pid.to_be_bytes() {
+                return Err("cannot locate the packet id in the encoded PUBLISH".into());
+            }
+            Some(off)
+        };
+        let mut t = Template {
+            bytes,
+            pid_off,
+            payload_off,
+        };
+        t.bytes[payload_off..].fill(0);
+        Ok(t)
+    }
+
+    /// Append one message to `out`.
+    #[inline]
+    pub fn append(&self, out: &mut Vec<u8>, pid: u16, h: payload::Header) {
+        let at = out.len();
+        out.extend_from_slice(&self.bytes);
+        if let Some(o) = self.pid_off {
+            out[at + o..at + o + 2].copy_from_slice(&pid.to_be_bytes());
+        }
+        payload::write(&mut out[at + self.payload_off..], h);
+    }
+}
+
+type WHalf = futures_lite::io::WriteHalf<net::Stream>;
+
+#[allow(clippy::too_many_arguments)]
+async fn publisher(
+    conn: Conn,
+    id: u32,
+    first_ns: u64,
+    rate: f64,
+    start: u64,
+    plan: Arc<Plan>,
+    shared: Arc<Shared>,
+    st: Rc<RefCell<CoreState>>,
+) {
+    let qos = plan.qos();
+    let version = conn.version;
+    let tmpl = match Template::new(&plan.pub_topic(id), qos, plan.payload, version) {
+        Ok(t) => t,
+        Err(e) => {
+            shared.fail(e);
+            return;
+        }
+    };
+    let window = u64::from(plan.inflight.min(conn.receive_maximum).max(1));
+    let win = Rc::new(Semaphore::new(window));
+    let Conn { stream, rbuf, .. } = conn;
+    let (r, w) = futures_lite::io::split(stream);
+    // The write half is shared with the ack reader (QoS 2 sends PUBREL); `wlock` serialises
+    // writers and the half is taken out while written so no RefCell borrow spans an await.
+    let w: Rc<RefCell<Option<WHalf>>> = Rc::new(RefCell::new(Some(w)));
+    let wlock = Rc::new(Semaphore::new(1));
+    let reader = if qos != QoS::AtMostOnce {
+        Some(glommio::spawn_local(ack_reader(
+            r,
+            rbuf,
+            version,
+            win.clone(),
+            w.clone(),
+            wlock.clone(),
+            st.clone(),
+        )))
+    } else {
+        None
+    };
+    let clock = shared.clock;
+    let measure_from = start + plan.warmup_ns;
+    let end = start + plan.warmup_ns + plan.duration_ns;
+    let mut sched = (rate > 0.0).then(|| crate::sched::RateScheduler::new(first_ns, rate));
+    let cap = plan.per_pub_cap;
+    let mut seq: u64 = 0;
+    let mut pid: u16 = 0;
+    let mut out: Vec<u8> = Vec::with_capacity(64 << 10);
+    let batch_max = (64 << 10usize).max(tmpl.bytes.len());
+    'run: while !shared.stopped() && seq < cap {
+        // Wait for the first message of the next batch.
+        if let Some(s) = &sched {
+            let t = s.peek();
+            if t >= end {
+                break;
+            }
+            clock.sleep_until(t).await;
+        } else if clock.now_ns() >= end {
+            break;
+        }
+        if qos != QoS::AtMostOnce && win.acquire(1).await.is_err() {
+            break;
+        }
+        let mut n = 0u64;
+        let mut measured = 0u64;
+        loop {
+            let now = clock.now_ns();
+            let intended = match &mut sched {
+                Some(s) => match s.take_due(now) {
+                    Some(t) if t < end => t,
+                    _ => break,
+                },
+                None if now < end => now,
+                None => break,
+            };
+            pid = if qos == QoS::AtMostOnce {
+                0
+            } else if pid == u16::MAX {
+                1
+            } else {
+                pid + 1
+            };
+            tmpl.append(
+                &mut out,
+                pid,
+                payload::Header {
+                    publisher: id,
+                    seq,
+                    intended_ns: intended,
+                },
+            );
+            seq += 1;
+            n += 1;
+            if intended >= measure_from {
+                measured += 1;
+            }
+            // Batch overdue messages (catch-up) or, closed loop, as many as fit, while the
+            // in-flight window allows.
+            if seq >= cap || out.len() + tmpl.bytes.len() > batch_max {
+                break;
+            }
+            if let Some(s) = &sched {
+                if s.peek() > clock.now_ns() {
+                    break;
+                }
+            }
+            if qos != QoS::AtMostOnce && !win.try_acquire(1).unwrap_or(false) {
+                break;
+            }
+        }
+        if n == 0 {
+            // Acquired a window slot but nothing was due (end reached): give it back.
+            if qos != QoS::AtMostOnce {
+                win.signal(1);
+            }
+            if sched.as_ref().is_some_and(|s| s.peek() >= end) || clock.now_ns() >= end {
+                break;
+            }
+            continue;
+        }
+        if write_locked(&w, &wlock, &out).await.is_err() {
+            st.borrow_mut().error("publisher write failed".into());
+            break 'run;
+        }
+        out.clear();
+        let mut s = st.borrow_mut();
+        s.sent += n;
+        s.sent_interval += n;
+        s.sent_measured += measured;
+        *s.sent_per_pub.entry(id).or_default() += n;
+    }
+    shared.pubs_done.fetch_add(1, Ordering::SeqCst);
+    // Keep the connection (and the ack reader) alive until the run stops so QoS 1/2 flows
+    // complete; the core cancels this task at stop.
+    if let Some(r) = reader {
+        r.await;
+    } else {
+        futures_lite::future::pending::<()>().await;
+    }
+}
+
+async fn write_locked(
+    w: &Rc<RefCell<Option<WHalf>>>,
+    lock: &Rc<Semaphore>,
+    buf: &[u8],
+) -> std::io::Result<()> {
+    lock.acquire(1)
+        .await
+        .map_err(|_| std::io::Error::other("closed"))?;
+    let mut half = w
+        .borrow_mut()
+        .take()
+        .ok_or_else(|| std::io::Error::other("no writer"))?;
+    let r = half.write_all(buf).await;
+    *w.borrow_mut() = Some(half);
+    lock.signal(1);
+    r
+}
+
+async fn ack_reader(
+    mut r: futures_lite::io::ReadHalf<net::Stream>,
+    mut rbuf: BytesMut,
+    version: ProtocolVersion,
+    win: Rc<Semaphore>,
+    w: Rc<RefCell<Option<WHalf>>>,
+    wlock: Rc<Semaphore>,
+    st: Rc<RefCell<CoreState>>,
+) {
+    let mut tmp = vec![0u8; 16 << 10];
+    let mut out = BytesMut::with_capacity(1024);
+    let limits = Limits::default();
+    loop {
+        let n = match r.read(&mut tmp).await {
+            Ok(0) | Err(_) => {
+                st.borrow_mut().error("publisher: connection closed".into());
+                win.close();
+                return;
+            }
+            Ok(n) => n,
+        };
+        rbuf.extend_from_slice(&tmp[..n]);
+        let mut freed = 0;
+        loop {
+            match codec::decode(&mut rbuf, version, &limits) {
+                Ok(Some(Packet::PubAck(_))) | Ok(Some(Packet::PubComp(_))) => freed += 1,
+                Ok(Some(Packet::PubRec(p))) => codec::encode(
+                    &Packet::PubRel(PubResp::new(p.packet_id)),
+                    version,
+                    &mut out,
+                ),
+                Ok(Some(Packet::Disconnect(d))) => {
+                    st.borrow_mut()
+                        .error(format!("publisher: DISCONNECT from broker: {}", d.reason));
+                    win.close();
+                    return;
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(e) => {
+                    st.borrow_mut()
+                        .error(format!("publisher decode: {}", net::decode_err(e)));
+                    win.close();
+                    return;
+                }
+            }
+        }
+        if freed > 0 {
+            st.borrow_mut().acks += freed;
+            win.signal(freed);
+        }
+        if !out.is_empty() {
+            if write_locked(&w, &wlock, &out).await.is_err() {
+                win.close();
+                return;
+            }
+            out.clear();
+        }
+    }
+}
