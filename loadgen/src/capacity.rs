@@ -55,7 +55,7 @@ pub fn run(a: &CapacityArgs) -> Result<(), String> {
     if !(a.step_factor > 1.0 && a.step_factor <= 10.0) {
         return Err("--step-factor must be in (1, 10]".into());
     }
-    if !(a.start_rate > 0.0) || a.max_steps == 0 || a.max_steps > 100 {
+    if a.start_rate.is_nan() || a.start_rate <= 0.0 || a.max_steps == 0 || a.max_steps > 100 {
         return Err("--start-rate must be > 0 and --max-steps 1..=100".into());
     }
     let slo_us = a.slo_p99.as_secs_f64() * 1e6;
