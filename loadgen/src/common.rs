@@ -214,6 +214,9 @@ impl CommonArgs {
         } else {
             None
         };
+        // The orchestrating thread mostly sleeps, but pin it too so it never runs on the
+        // broker's CPU.
+        let _ = core_affinity::set_for_current(core_affinity::CoreId { id: cores[0] });
         if self.connect_timeout.is_zero() {
             return Err("--connect-timeout must be > 0".into());
         }

@@ -5,6 +5,7 @@
 
 mod capacity;
 mod common;
+mod compare;
 mod connect;
 mod cpu;
 mod net;
@@ -39,6 +40,9 @@ enum Cmd {
     Connect(connect::ConnectArgs),
     /// Step the offered rate until p99 exceeds the SLO or messages are lost.
     Capacity(capacity::CapacityArgs),
+    /// Run one scenario against several brokers (pinned with taskset), alternating, and write
+    /// a markdown report with ratios.
+    Compare(compare::CompareArgs),
     /// Write a test PKI (ca.crt, ca.key, server.crt, server.key for localhost/127.0.0.1).
     Pki {
         #[arg(long)]
@@ -90,6 +94,7 @@ fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Cmd::Capacity(a) => capacity::run(&a),
+        Cmd::Compare(a) => compare::run(&a),
         Cmd::Pki { out } => {
             let (ca, ca_key, srv, srv_key) = tls::make_test_pki(&["localhost", "127.0.0.1"])?;
             std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;

@@ -92,6 +92,9 @@ pub struct LoadArgs {
     /// Topic pattern; %d is the publisher index.
     #[arg(long, default_value = "fleet/%d/telemetry")]
     pub topic: String,
+    /// Broker pid: report its CPU-seconds per million delivered messages (/proc/PID/stat).
+    #[arg(long)]
+    pub broker_pid: Option<u32>,
 }
 
 /// A validated, `Send + Sync` description of the traffic.
@@ -109,6 +112,7 @@ pub struct Plan {
     pub per_pub_cap: u64,
     pub drain_ns: u64,
     pub topic: String,
+    pub broker_pid: Option<u32>,
 }
 
 impl LoadArgs {
@@ -175,6 +179,7 @@ impl LoadArgs {
             per_pub_cap,
             drain_ns: self.drain.as_nanos() as u64,
             topic: self.topic.clone(),
+            broker_pid: self.broker_pid,
         })
     }
 }
@@ -330,6 +335,12 @@ pub struct PubsubReport {
     /// Loadgen CPU busy fraction per core (1.0 = a whole CPU) during the run.
     pub loadgen_cpu_busy: Vec<f64>,
     pub loadgen_cpu_seconds: f64,
+    /// Loadgen CPU per delivered message (whole run), µs.
+    pub loadgen_cpu_us_per_msg: f64,
+    /// Broker CPU over the whole run (given --broker-pid).
+    pub broker_cpu_seconds: Option<f64>,
+    /// Broker CPU-seconds per million delivered messages.
+    pub broker_cpu_s_per_million: Option<f64>,
     pub warnings: Vec<String>,
     #[serde(skip)]
     pub lat_hist: Lat,
@@ -415,6 +426,10 @@ pub fn run(c: &Common, plan: &Plan) -> Result<PubsubReport, String> {
     let mut intervals = Vec::new();
     let mut drain_deadline: Option<u64> = None;
     let cpu0 = crate::cpu::self_cpu();
+    let bcpu0 = plan.broker_pid.and_then(crate::cpu::proc_cpu);
+    if plan.broker_pid.is_some() && bcpu0.is_none() {
+        shared.fail("--broker-pid: cannot read /proc/PID/stat".into());
+    }
     while !shared.stopped() {
         while let Ok((_core, s)) = rx.recv_timeout(Duration::from_millis(10)) {
             let sec = s.sec;
@@ -475,6 +490,10 @@ pub fn run(c: &Common, plan: &Plan) -> Result<PubsubReport, String> {
         .join()
         .map_err(|_| "a loadgen core panicked".to_string())??;
     let cpu_all = crate::cpu::self_cpu().saturating_sub(cpu0);
+    let bcpu = match (bcpu0, plan.broker_pid.and_then(crate::cpu::proc_cpu)) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+        _ => None,
+    };
     if let Some(msg) = shared.abort.lock().ok().and_then(|a| a.clone()) {
         return Err(msg);
     }
@@ -484,7 +503,7 @@ pub fn run(c: &Common, plan: &Plan) -> Result<PubsubReport, String> {
         .collect();
     intervals.append(&mut rest);
     intervals.sort_by_key(|i| i.second);
-    Ok(merge(c, plan, results, intervals, cpu_all))
+    Ok(merge(c, plan, results, intervals, cpu_all, bcpu))
 }
 
 fn interval_of(s: &Snap) -> Interval {
@@ -518,6 +537,7 @@ fn merge(
     results: Vec<CoreResult>,
     intervals: Vec<Interval>,
     cpu_all: Duration,
+    bcpu: Option<Duration>,
 ) -> PubsubReport {
     let mut lat = Lat::new();
     let mut sent_per_pub: HashMap<u32, u64> = HashMap::new();
@@ -614,6 +634,9 @@ fn merge(
         errors,
         loadgen_cpu_busy: busy,
         loadgen_cpu_seconds: cpu_all.as_secs_f64(),
+        loadgen_cpu_us_per_msg: cpu_all.as_secs_f64() * 1e6 / recv.max(1) as f64,
+        broker_cpu_seconds: bcpu.map(|d| d.as_secs_f64()),
+        broker_cpu_s_per_million: bcpu.map(|d| d.as_secs_f64() * 1e6 / recv.max(1) as f64),
         warnings,
         lat_hist: lat,
     }

@@ -91,11 +91,16 @@ pub fn pubsub_table(r: &PubsubReport) -> String {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    if r.received > 0 {
+    let _ = writeln!(
+        o,
+        "  loadgen CPU per delivered message: {:.2} µs",
+        r.loadgen_cpu_us_per_msg
+    );
+    if let (Some(b), Some(m)) = (r.broker_cpu_seconds, r.broker_cpu_s_per_million) {
         let _ = writeln!(
             o,
-            "  loadgen CPU per message (sent+received): {:.2} µs",
-            r.loadgen_cpu_seconds * 1e6 / (r.sent + r.received) as f64
+            "  broker CPU    {b:.2}s: {m:.2} CPU-s per million delivered messages ({:.2} µs/msg)",
+            m
         );
     }
     for (e, n) in &r.errors {
