@@ -15,6 +15,7 @@ mod report;
 mod sched;
 mod seq;
 mod stats;
+mod storm;
 mod tls;
 
 use std::path::PathBuf;
@@ -40,6 +41,8 @@ enum Cmd {
     Connect(connect::ConnectArgs),
     /// Step the offered rate until p99 exceeds the SLO or messages are lost.
     Capacity(capacity::CapacityArgs),
+    /// N devices drop and reconnect at once: time until all are back, latency meanwhile.
+    Storm(storm::StormArgs),
     /// Run one scenario against several brokers (pinned with taskset), alternating, and write
     /// a markdown report with ratios.
     Compare(compare::CompareArgs),
@@ -95,6 +98,18 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Cmd::Capacity(a) => capacity::run(&a),
         Cmd::Compare(a) => compare::run(&a),
+        Cmd::Storm(a) => {
+            let c = a.common.validate(a.devices as usize + 2)?;
+            let r = storm::run(&c, &a)?;
+            print!("{}", storm::table(&r));
+            if let Some(p) = &c.args.json {
+                report::write_json(p, &r)?;
+            }
+            if r.reconnected < r.devices {
+                return Err("not every device reconnected".into());
+            }
+            Ok(())
+        }
         Cmd::Pki { out } => {
             let (ca, ca_key, srv, srv_key) = tls::make_test_pki(&["localhost", "127.0.0.1"])?;
             std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
