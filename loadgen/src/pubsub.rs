@@ -943,7 +943,12 @@ async fn subscriber(
             }
         }
         if !out.is_empty() {
-            if let Err(e) = stream.write_all(&out).await {
+            // flush: TLS may keep the tail of a record buffered until flushed.
+            let r = match stream.write_all(&out).await {
+                Ok(()) => stream.flush().await,
+                e => e,
+            };
+            if let Err(e) = r {
                 st.borrow_mut().error(format!("subscriber write: {e}"));
                 return;
             }
@@ -1180,7 +1185,11 @@ async fn write_locked(
         .borrow_mut()
         .take()
         .ok_or_else(|| std::io::Error::other("no writer"))?;
-    let r = half.write_all(buf).await;
+    // flush: TLS may keep the tail of a record buffered until flushed.
+    let r = match half.write_all(buf).await {
+        Ok(()) => half.flush().await,
+        e => e,
+    };
     *w.borrow_mut() = Some(half);
     lock.signal(1);
     r

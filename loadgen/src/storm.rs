@@ -540,7 +540,7 @@ async fn steady_sub(c: Conn, clock: Clock, out: Rc<RefCell<Vec<(u64, u64)>>>) {
             }
         }
         if !acks.is_empty() {
-            if stream.write_all(&acks).await.is_err() {
+            if stream.write_all(&acks).await.is_err() || stream.flush().await.is_err() {
                 return;
             }
             acks.clear();
@@ -610,7 +610,7 @@ async fn steady_pub(
         }
         out.extend_from_slice(&rel);
         rel.clear();
-        if w.write_all(&out).await.is_err() {
+        if w.write_all(&out).await.is_err() || w.flush().await.is_err() {
             return;
         }
         *sent.borrow_mut() = seq;
