@@ -1255,3 +1255,87 @@ async fn ack_reader(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roundtrip(version: ProtocolVersion, qos: QoS) {
+        let t = Template::new("fleet/7/telemetry", qos, 40, version).unwrap();
+        let mut out = Vec::new();
+        for (pid, seq) in [(77u16, 5u64), (65535, 6)] {
+            t.append(
+                &mut out,
+                pid,
+                payload::Header {
+                    publisher: 7,
+                    seq,
+                    intended_ns: 123_456 + seq,
+                },
+            );
+        }
+        let mut buf = BytesMut::from(&out[..]);
+        for (pid, seq) in [(77u16, 5u64), (65535, 6)] {
+            let p = codec::decode(&mut buf, version, &Limits::default())
+                .unwrap()
+                .unwrap();
+            let Packet::Publish(p) = p else {
+                panic!("not a publish")
+            };
+            assert_eq!(p.topic.as_str(), "fleet/7/telemetry");
+            assert_eq!(p.qos, qos);
+            assert_eq!(p.packet_id, if qos == QoS::AtMostOnce { 0 } else { pid });
+            assert_eq!(p.payload.len(), 40);
+            let h = payload::read(&p.payload).unwrap();
+            assert_eq!((h.publisher, h.seq, h.intended_ns), (7, seq, 123_456 + seq));
+        }
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn template_patches_decode_as_the_intended_publish() {
+        for v in [ProtocolVersion::V311, ProtocolVersion::V5] {
+            for q in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce] {
+                roundtrip(v, q);
+            }
+        }
+    }
+
+    fn args(mode: Mode, p: Option<u32>, s: Option<u32>) -> LoadArgs {
+        LoadArgs {
+            mode,
+            publishers: p,
+            subscribers: s,
+            qos: 0,
+            payload: 64,
+            rate: 0.0,
+            inflight: 64,
+            warmup: Duration::from_secs(1),
+            duration: Duration::from_secs(1),
+            messages: 0,
+            drain: Duration::from_secs(1),
+            topic: "fleet/%d/telemetry".into(),
+            broker_pid: None,
+        }
+    }
+
+    #[test]
+    fn topology_filters_and_fanout() {
+        let p = args(Mode::Pairs, Some(3), Some(3)).plan().unwrap();
+        assert_eq!(p.sub_filter(2), "fleet/2/telemetry");
+        assert_eq!(p.fanout(), 1);
+        let p = args(Mode::FanOut, None, Some(5)).plan().unwrap();
+        assert_eq!((p.publishers, p.fanout()), (1, 5));
+        assert_eq!(p.sub_filter(0), "fleet/+/telemetry");
+        let p = args(Mode::Shared, None, None).plan().unwrap();
+        assert_eq!(p.sub_filter(1), "$share/g/fleet/+/telemetry");
+        assert_eq!(p.fanout(), 1);
+        assert!(args(Mode::Pairs, Some(3), Some(2)).plan().is_err());
+        let mut a = args(Mode::Pairs, None, None);
+        a.payload = 15;
+        assert!(a.plan().is_err());
+        a.payload = 16;
+        a.messages = 25;
+        assert_eq!(a.plan().unwrap().per_pub_cap, 3);
+    }
+}
