@@ -109,7 +109,8 @@ pub struct Plan {
     pub inflight: u16,
     pub warmup_ns: u64,
     pub duration_ns: u64,
-    pub per_pub_cap: u64,
+    /// Total messages cap over all publishers (exact: split as evenly as possible).
+    pub total_cap: u64,
     pub drain_ns: u64,
     pub topic: String,
     pub broker_pid: Option<u32>,
@@ -164,8 +165,9 @@ impl LoadArgs {
         } else {
             self.messages.min(MAX_MESSAGES)
         };
-        // Sequence numbers are 32-bit on the wire.
-        let per_pub_cap = total_cap.div_ceil(publishers as u64).min(u32::MAX as u64);
+        if total_cap / publishers as u64 >= u32::MAX as u64 {
+            return Err("--messages per publisher must fit 32-bit sequence numbers".into());
+        }
         Ok(Plan {
             mode: self.mode,
             publishers,
@@ -176,7 +178,7 @@ impl LoadArgs {
             inflight: self.inflight,
             warmup_ns: self.warmup.as_nanos() as u64,
             duration_ns: self.duration.as_nanos() as u64,
-            per_pub_cap,
+            total_cap,
             drain_ns: self.drain.as_nanos() as u64,
             topic: self.topic.clone(),
             broker_pid: self.broker_pid,
@@ -185,6 +187,11 @@ impl LoadArgs {
 }
 
 impl Plan {
+    /// Messages publisher `i` may send so that the total is exactly `total_cap`.
+    pub fn pub_cap(&self, i: u32) -> u64 {
+        let p = self.publishers as u64;
+        self.total_cap / p + u64::from((i as u64) < self.total_cap % p)
+    }
     pub fn pub_topic(&self, i: u32) -> String {
         self.topic.replace("%d", &i.to_string())
     }
@@ -233,7 +240,8 @@ struct Shared {
     abort: Mutex<Option<String>>,
     aborted: AtomicBool,
     pubs_done: AtomicU64,
-    core_sent: Vec<AtomicU64>,
+    /// Messages sent by finished publishers (exact once all are done; drives the drain).
+    done_sent: AtomicU64,
     core_recv: Vec<AtomicU64>,
     tx: Mutex<mpsc::Sender<(usize, Snap)>>,
 }
@@ -262,6 +270,8 @@ struct CoreState {
     sent: u64,
     sent_interval: u64,
     sent_measured: u64,
+    /// Latest intended send time written (the measured window ends there if a cap hit first).
+    last_intended: u64,
     recv: u64,
     recv_interval: u64,
     recv_measured: u64,
@@ -285,6 +295,7 @@ struct CoreResult {
     lat: Lat,
     sent: u64,
     sent_measured: u64,
+    last_intended: u64,
     recv: u64,
     recv_measured: u64,
     foreign: u64,
@@ -357,7 +368,7 @@ pub fn run(c: &Common, plan: &Plan) -> Result<PubsubReport, String> {
         abort: Mutex::new(None),
         aborted: AtomicBool::new(false),
         pubs_done: AtomicU64::new(0),
-        core_sent: (0..ncores).map(|_| AtomicU64::new(0)).collect(),
+        done_sent: AtomicU64::new(0),
         core_recv: (0..ncores).map(|_| AtomicU64::new(0)).collect(),
         tx: Mutex::new(tx),
     });
@@ -471,11 +482,7 @@ pub fn run(c: &Common, plan: &Plan) -> Result<PubsubReport, String> {
             drain_deadline = Some(now + plan.drain_ns);
         }
         if let Some(d) = drain_deadline {
-            let sent: u64 = shared
-                .core_sent
-                .iter()
-                .map(|a| a.load(Ordering::SeqCst))
-                .sum();
+            let sent = shared.done_sent.load(Ordering::SeqCst);
             let recv: u64 = shared
                 .core_recv
                 .iter()
@@ -503,7 +510,7 @@ pub fn run(c: &Common, plan: &Plan) -> Result<PubsubReport, String> {
         .collect();
     intervals.append(&mut rest);
     intervals.sort_by_key(|i| i.second);
-    Ok(merge(c, plan, results, intervals, cpu_all, bcpu))
+    Ok(merge(c, plan, results, intervals, cpu_all, bcpu, start))
 }
 
 fn interval_of(s: &Snap) -> Interval {
@@ -538,6 +545,7 @@ fn merge(
     intervals: Vec<Interval>,
     cpu_all: Duration,
     bcpu: Option<Duration>,
+    start_ns: u64,
 ) -> PubsubReport {
     let mut lat = Lat::new();
     let mut sent_per_pub: HashMap<u32, u64> = HashMap::new();
@@ -545,7 +553,9 @@ fn merge(
     let mut errors: HashMap<String, u64> = HashMap::new();
     let (mut sent, mut sent_m, mut recv, mut recv_m, mut foreign) = (0, 0, 0, 0, 0);
     let mut busy = Vec::new();
+    let mut last_intended = 0u64;
     for r in &results {
+        last_intended = last_intended.max(r.last_intended);
         lat.merge(&r.lat);
         sent += r.sent;
         sent_m += r.sent_measured;
@@ -590,8 +600,22 @@ fn merge(
             }
         }
     }
-    let secs = plan.duration_ns as f64 / 1e9;
+    // The measured window is the duration, or shorter if the message cap ended sending first.
+    let measure_from = start_ns + plan.warmup_ns;
+    let window_ns = if sent < plan.total_cap {
+        plan.duration_ns
+    } else {
+        last_intended
+            .saturating_sub(measure_from)
+            .min(plan.duration_ns)
+    };
+    let secs = (window_ns as f64 / 1e9).max(1e-9);
     let mut warnings = Vec::new();
+    if sent >= plan.total_cap && sent_m == 0 {
+        warnings.push(
+            "the message cap was reached during warm-up: nothing measured (use --warmup 0)".into(),
+        );
+    }
     for (i, b) in busy.iter().enumerate() {
         if *b >= 0.9 {
             warnings.push(format!(
@@ -602,7 +626,7 @@ fn merge(
             ));
         }
     }
-    if plan.rate > 0.0 && (sent_m as f64) < plan.rate * secs * 0.95 {
+    if plan.rate > 0.0 && sent < plan.total_cap && (sent_m as f64) < plan.rate * secs * 0.95 {
         warnings.push(format!(
             "offered {:.0}/s but only {:.0}/s were sent in the measured window",
             plan.rate,
@@ -814,7 +838,6 @@ async fn core_main(ctx: Ctx) -> CoreResult {
             glommio::timer::sleep(Duration::from_millis(20)).await;
             let now = shared.clock.now_ns();
             let mut s = st.borrow_mut();
-            shared.core_sent[ctx.ci].store(s.sent, Ordering::SeqCst);
             shared.core_recv[ctx.ci].store(s.recv, Ordering::SeqCst);
             if now >= next_sec {
                 let snap = Snap {
@@ -841,6 +864,7 @@ async fn core_main(ctx: Ctx) -> CoreResult {
         lat: s.lat,
         sent: s.sent,
         sent_measured: s.sent_measured,
+        last_intended: s.last_intended,
         recv: s.recv,
         recv_measured: s.recv_measured,
         foreign: s.foreign,
@@ -1076,11 +1100,13 @@ async fn publisher(
     let measure_from = start + plan.warmup_ns;
     let end = start + plan.warmup_ns + plan.duration_ns;
     let mut sched = (rate > 0.0).then(|| crate::sched::RateScheduler::new(first_ns, rate));
-    let cap = plan.per_pub_cap;
+    let cap = plan.pub_cap(id);
     let mut seq: u64 = 0;
     let mut pid: u16 = 0;
     let mut out: Vec<u8> = Vec::with_capacity(64 << 10);
     let batch_max = (64 << 10usize).max(tmpl.bytes.len());
+    // Everyone starts at the common t0 (open loop: the schedule starts there anyway).
+    clock.sleep_until(start).await;
     'run: while !shared.stopped() && seq < cap {
         // Wait for the first message of the next batch.
         if let Some(s) = &sched {
@@ -1097,6 +1123,7 @@ async fn publisher(
         }
         let mut n = 0u64;
         let mut measured = 0u64;
+        let mut last_intended = 0u64;
         loop {
             let now = clock.now_ns();
             let intended = match &mut sched {
@@ -1114,6 +1141,7 @@ async fn publisher(
             } else {
                 pid + 1
             };
+            last_intended = intended;
             tmpl.append(
                 &mut out,
                 pid,
@@ -1161,8 +1189,10 @@ async fn publisher(
         s.sent += n;
         s.sent_interval += n;
         s.sent_measured += measured;
+        s.last_intended = s.last_intended.max(last_intended);
         *s.sent_per_pub.entry(id).or_default() += n;
     }
+    shared.done_sent.fetch_add(seq, Ordering::SeqCst);
     shared.pubs_done.fetch_add(1, Ordering::SeqCst);
     // Keep the connection (and the ack reader) alive until the run stops so QoS 1/2 flows
     // complete; the core cancels this task at stop.
@@ -1336,6 +1366,9 @@ mod tests {
         assert!(a.plan().is_err());
         a.payload = 16;
         a.messages = 25;
-        assert_eq!(a.plan().unwrap().per_pub_cap, 3);
+        let p = a.plan().unwrap();
+        let caps: Vec<u64> = (0..10).map(|i| p.pub_cap(i)).collect();
+        assert_eq!(caps, vec![3, 3, 3, 3, 3, 2, 2, 2, 2, 2]);
+        assert_eq!(caps.iter().sum::<u64>(), 25);
     }
 }

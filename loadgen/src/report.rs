@@ -60,7 +60,7 @@ pub fn pubsub_table(r: &PubsubReport) -> String {
     );
     let _ = writeln!(
         o,
-        "  measured {:.1}s after {:.1}s warm-up",
+        "  measured {:.3}s after {:.1}s warm-up",
         r.measured_seconds,
         p.warmup_ns as f64 / 1e9
     );
