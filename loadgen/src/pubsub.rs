@@ -240,6 +240,8 @@ struct Shared {
     abort: Mutex<Option<String>>,
     aborted: AtomicBool,
     pubs_done: AtomicU64,
+    /// Run nonce carried in every payload: deliveries of an earlier run are foreign.
+    nonce: u16,
     /// Messages sent by finished publishers (exact once all are done; drives the drain).
     done_sent: AtomicU64,
     core_recv: Vec<AtomicU64>,
@@ -275,6 +277,9 @@ struct CoreState {
     recv: u64,
     recv_interval: u64,
     recv_measured: u64,
+    /// Arrivals inside the measured window (by arrival time), and the last of them.
+    recv_window: u64,
+    last_arrival: u64,
     foreign: u64,
     sent_per_pub: HashMap<u32, u64>,
     trackers: HashMap<(u32, u32), SeqTracker>,
@@ -298,6 +303,8 @@ struct CoreResult {
     last_intended: u64,
     recv: u64,
     recv_measured: u64,
+    recv_window: u64,
+    last_arrival: u64,
     foreign: u64,
     sent_per_pub: HashMap<u32, u64>,
     trackers: HashMap<(u32, u32), SeqTracker>,
@@ -337,7 +344,9 @@ pub struct PubsubReport {
     pub sent_measured: u64,
     pub received_measured: u64,
     pub measured_seconds: f64,
+    /// Publications per second with an intended send time in the measured window.
     pub send_rate: f64,
+    /// Deliveries per second arriving in the measured window (by arrival time).
     pub recv_rate: f64,
     /// End-to-end latency from intended send time to receipt, measured window only.
     pub latency: Summary,
@@ -368,6 +377,7 @@ pub fn run(c: &Common, plan: &Plan) -> Result<PubsubReport, String> {
         abort: Mutex::new(None),
         aborted: AtomicBool::new(false),
         pubs_done: AtomicU64::new(0),
+        nonce: payload::new_nonce(),
         done_sent: AtomicU64::new(0),
         core_recv: (0..ncores).map(|_| AtomicU64::new(0)).collect(),
         tx: Mutex::new(tx),
@@ -554,7 +564,10 @@ fn merge(
     let (mut sent, mut sent_m, mut recv, mut recv_m, mut foreign) = (0, 0, 0, 0, 0);
     let mut busy = Vec::new();
     let mut last_intended = 0u64;
+    let (mut recv_w, mut last_arrival) = (0u64, 0u64);
     for r in &results {
+        recv_w += r.recv_window;
+        last_arrival = last_arrival.max(r.last_arrival);
         last_intended = last_intended.max(r.last_intended);
         lat.merge(&r.lat);
         sent += r.sent;
@@ -610,6 +623,13 @@ fn merge(
             .min(plan.duration_ns)
     };
     let secs = (window_ns as f64 / 1e9).max(1e-9);
+    let recv_window_ns = if sent < plan.total_cap {
+        plan.duration_ns
+    } else {
+        last_arrival
+            .saturating_sub(measure_from)
+            .min(plan.duration_ns)
+    };
     let mut warnings = Vec::new();
     if sent >= plan.total_cap && sent_m == 0 {
         warnings.push(
@@ -652,7 +672,7 @@ fn merge(
         received_measured: recv_m,
         measured_seconds: secs,
         send_rate: sent_m as f64 / secs,
-        recv_rate: recv_m as f64 / secs,
+        recv_rate: recv_w as f64 / (recv_window_ns as f64 / 1e9).max(1e-9),
         latency: lat.summary(),
         intervals,
         errors,
@@ -808,6 +828,7 @@ async fn core_main(ctx: Ctx) -> CoreResult {
                 c,
                 plan.sub_key(j),
                 start + plan.warmup_ns,
+                start + plan.warmup_ns + plan.duration_ns,
                 shared.clone(),
                 st.clone(),
             )));
@@ -867,6 +888,8 @@ async fn core_main(ctx: Ctx) -> CoreResult {
         last_intended: s.last_intended,
         recv: s.recv,
         recv_measured: s.recv_measured,
+        recv_window: s.recv_window,
+        last_arrival: s.last_arrival,
         foreign: s.foreign,
         sent_per_pub: s.sent_per_pub,
         trackers: s.trackers,
@@ -880,9 +903,11 @@ async fn subscriber(
     conn: Conn,
     key: u32,
     measure_from: u64,
+    measure_end: u64,
     shared: Arc<Shared>,
     st: Rc<RefCell<CoreState>>,
 ) {
+    let nonce = shared.nonce;
     let Conn {
         mut stream,
         mut rbuf,
@@ -936,10 +961,17 @@ async fn subscriber(
                                 &mut out,
                             ),
                         }
-                        let Some(h) = payload::read(&p.payload) else {
-                            s.foreign += 1;
-                            continue;
+                        let h = match payload::read(&p.payload) {
+                            Some(h) if h.nonce == nonce => h,
+                            _ => {
+                                s.foreign += 1;
+                                continue;
+                            }
                         };
+                        if now >= measure_from && now < measure_end {
+                            s.recv_window += 1;
+                            s.last_arrival = s.last_arrival.max(now);
+                        }
                         let lat = now.saturating_sub(h.intended_ns);
                         s.recv += 1;
                         s.recv_interval += 1;
@@ -1148,6 +1180,7 @@ async fn publisher(
                 payload::Header {
                     publisher: id,
                     seq,
+                    nonce: shared.nonce,
                     intended_ns: intended,
                 },
             );
@@ -1300,6 +1333,7 @@ mod tests {
                 payload::Header {
                     publisher: 7,
                     seq,
+                    nonce: 3,
                     intended_ns: 123_456 + seq,
                 },
             );

@@ -407,12 +407,19 @@ async fn core_main(
         glommio::timer::sleep(Duration::from_millis(1)).await;
     };
     let drop_ns = start + a.settle.as_nanos() as u64;
+    let nonce = payload::new_nonce();
     let mut bg = Vec::new();
     if let Some((s, p)) = steady_conns.take() {
-        bg.push(glommio::spawn_local(steady_sub(s, clock, steady.clone())));
+        bg.push(glommio::spawn_local(steady_sub(
+            s,
+            clock,
+            nonce,
+            steady.clone(),
+        )));
         bg.push(glommio::spawn_local(steady_pub(
             p,
             clock,
+            nonce,
             start,
             a.rate,
             qos,
@@ -494,7 +501,7 @@ fn empty() -> CoreResult {
     }
 }
 
-async fn steady_sub(c: Conn, clock: Clock, out: Rc<RefCell<Vec<(u64, u64)>>>) {
+async fn steady_sub(c: Conn, clock: Clock, nonce: u16, out: Rc<RefCell<Vec<(u64, u64)>>>) {
     let Conn {
         mut stream,
         mut rbuf,
@@ -526,7 +533,7 @@ async fn steady_sub(c: Conn, clock: Clock, out: Rc<RefCell<Vec<(u64, u64)>>>) {
                             &mut acks,
                         ),
                     }
-                    if let Some(h) = payload::read(&p.payload) {
+                    if let Some(h) = payload::read(&p.payload).filter(|h| h.nonce == nonce) {
                         out.borrow_mut()
                             .push((h.intended_ns, now.saturating_sub(h.intended_ns)));
                     }
@@ -548,9 +555,11 @@ async fn steady_sub(c: Conn, clock: Clock, out: Rc<RefCell<Vec<(u64, u64)>>>) {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn steady_pub(
     c: Conn,
     clock: Clock,
+    nonce: u16,
     start: u64,
     rate: f64,
     qos: QoS,
@@ -600,6 +609,7 @@ async fn steady_pub(
                 payload::Header {
                     publisher: 0,
                     seq,
+                    nonce,
                     intended_ns: intended,
                 },
             );
