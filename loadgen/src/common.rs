@@ -64,13 +64,14 @@ fn parse_cores(s: &str) -> Result<Vec<usize>, String> {
 }
 
 fn default_cores() -> String {
-    // On a 2-core machine the broker gets CPU 0 and the loadgen CPU 1.
-    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if n > 1 {
-        "1".into()
-    } else {
-        "0".into()
-    }
+    // The CPUs this process may use (honours taskset). With several, take the last one: on a
+    // 2-core machine the broker gets CPU 0 and the loadgen CPU 1.
+    let ids: Vec<usize> = core_affinity::get_core_ids()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    ids.last().map_or("0".into(), |c| c.to_string())
 }
 
 /// Options every scenario takes.
@@ -85,7 +86,8 @@ pub struct CommonArgs {
     /// Allow a non-loopback broker address.
     #[arg(long)]
     pub allow_remote: bool,
-    /// CPUs to run on, one pinned executor each: "1", "1,2", "0-3".
+    /// CPUs to run on, one pinned executor each: "1", "1,2", "0-3" (default: the last CPU
+    /// this process may use).
     #[arg(long, default_value_t = default_cores())]
     pub cores: String,
     /// MQTT version: 3.1.1 or 5.
