@@ -46,10 +46,14 @@ enum Cmd {
     /// Run one scenario against several brokers (pinned with taskset), alternating, and write
     /// a markdown report with ratios.
     Compare(compare::CompareArgs),
-    /// Write a test PKI (ca.crt, ca.key, server.crt, server.key for localhost/127.0.0.1).
+    /// Write a test PKI (ca.crt, ca.key, server.crt, server.key for localhost/127.0.0.1) and
+    /// optionally device certificates devices/lg-dN.crt/.key (CN = client id), for --cert-dir.
     Pki {
         #[arg(long)]
         out: PathBuf,
+        /// Device certificates to mint into OUT/devices.
+        #[arg(long, default_value_t = 0)]
+        devices: u32,
     },
 }
 
@@ -110,7 +114,7 @@ fn run(cli: Cli) -> Result<(), String> {
             }
             Ok(())
         }
-        Cmd::Pki { out } => {
+        Cmd::Pki { out, devices } => {
             let (ca, ca_key, srv, srv_key) = tls::make_test_pki(&["localhost", "127.0.0.1"])?;
             std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
             for (n, s) in [
@@ -121,8 +125,24 @@ fn run(cli: Cli) -> Result<(), String> {
             ] {
                 std::fs::write(out.join(n), s).map_err(|e| format!("{n}: {e}"))?;
             }
+            if devices > 0 {
+                let ca = std::fs::read_to_string(out.join("ca.crt")).map_err(|e| e.to_string())?;
+                let key = std::fs::read_to_string(out.join("ca.key")).map_err(|e| e.to_string())?;
+                let m = tls::Minter::new(&ca, &key)?;
+                let dir = out.join("devices");
+                std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+                for i in 0..devices.min(100_000) {
+                    let (crt, key) = m.mint_pem(&format!("lg-d{i}"))?;
+                    let w = |n: String, s: String| {
+                        std::fs::write(dir.join(&n), s).map_err(|e| format!("{n}: {e}"))
+                    };
+                    w(format!("lg-d{i}.crt"), crt)?;
+                    w(format!("lg-d{i}.key"), key)?;
+                }
+            }
             println!(
-                "wrote ca.crt ca.key server.crt server.key to {}",
+                "wrote ca.crt ca.key server.crt server.key{} to {}",
+                if devices > 0 { " devices/" } else { "" },
                 out.display()
             );
             Ok(())

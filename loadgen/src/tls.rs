@@ -214,17 +214,34 @@ impl Minter {
         cn: &str,
     ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
         let key = rcgen::KeyPair::generate().map_err(|e| format!("mint key: {e}"))?;
+        let cert = self
+            .params(cn)?
+            .signed_by(&key, &self.issuer)
+            .map_err(|e| format!("mint cert: {e}"))?;
+        let der = PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        Ok((vec![cert.der().clone()], der))
+    }
+}
+
+impl Minter {
+    /// Like [`Minter::mint`], as PEM (certificate, PKCS#8 key) for writing to files.
+    pub fn mint_pem(&self, cn: &str) -> Result<(String, String), String> {
+        let key = rcgen::KeyPair::generate().map_err(|e| format!("mint key: {e}"))?;
+        let cert = self
+            .params(cn)?
+            .signed_by(&key, &self.issuer)
+            .map_err(|e| format!("mint cert: {e}"))?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    fn params(&self, cn: &str) -> Result<rcgen::CertificateParams, String> {
         let mut params =
             rcgen::CertificateParams::new(Vec::<String>::new()).map_err(|e| e.to_string())?;
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, cn);
         params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-        let cert = params
-            .signed_by(&key, &self.issuer)
-            .map_err(|e| format!("mint cert: {e}"))?;
-        let der = PrivateKeyDer::Pkcs8(key.serialize_der().into());
-        Ok((vec![cert.der().clone()], der))
+        Ok(params)
     }
 }
 

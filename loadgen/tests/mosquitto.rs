@@ -383,3 +383,193 @@ fn refuses_remote_hosts_and_fails_cleanly_on_a_closed_port() {
     assert_eq!(code, 2);
     assert!(err.contains("--payload"), "{err}");
 }
+
+#[test]
+fn mutual_tls_with_cert_dir_and_shared_cert_pubsub() {
+    let d = tempfile::tempdir().unwrap();
+    let pki = d.path().join("pki");
+    let (code, out, err) = loadgen(&["pki", "--out", pki.to_str().unwrap(), "--devices", "3"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let tls_port = free_port();
+    let extra = format!(
+        "listener {tls_port} 127.0.0.1\ncafile {0}/ca.crt\ncertfile {0}/server.crt\nkeyfile {0}/server.key\nrequire_certificate true\nallow_anonymous true\n",
+        pki.display()
+    );
+    let Some(_b) = start_mosquitto(d.path(), &extra) else {
+        return;
+    };
+    let t0 = Instant::now();
+    while TcpStream::connect(("127.0.0.1", tls_port)).is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ca = pki.join("ca.crt");
+    let devdir = pki.join("devices");
+    let cpu = first_cpu();
+    let port = tls_port.to_string();
+    let j = d.path().join("p.json");
+    // QoS 2 pairs over mutual TLS, identities from a directory (3 certs, 8 clients).
+    let (code, out, err) = loadgen(&[
+        "pubsub",
+        "--port",
+        &port,
+        "--cores",
+        &cpu,
+        "--qos",
+        "2",
+        "--mqtt",
+        "5",
+        "--rate",
+        "400",
+        "--publishers",
+        "4",
+        "--subscribers",
+        "4",
+        "--warmup",
+        "0",
+        "--duration",
+        "1s",
+        "--cafile",
+        ca.to_str().unwrap(),
+        "--cert-dir",
+        devdir.to_str().unwrap(),
+        "--servername",
+        "localhost",
+        "--json",
+        j.to_str().unwrap(),
+        "-q",
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let r = json(&j);
+    assert!(r["tls"].as_bool().unwrap());
+    assert_eq!(r["sent"].as_u64().unwrap(), 400);
+    assert_eq!(r["received"].as_u64().unwrap(), 400, "{out}");
+    assert_eq!(r["lost"].as_u64().unwrap(), 0);
+    assert_eq!(
+        r["duplicates"].as_u64().unwrap(),
+        0,
+        "QoS 2 is exactly once"
+    );
+    // One shared identity.
+    let (code, out, err) = loadgen(&[
+        "connect",
+        "--port",
+        &port,
+        "--cores",
+        &cpu,
+        "--connections",
+        "5",
+        "--cafile",
+        ca.to_str().unwrap(),
+        "--cert",
+        devdir.join("lg-d0.crt").to_str().unwrap(),
+        "--key",
+        devdir.join("lg-d0.key").to_str().unwrap(),
+        "--servername",
+        "localhost",
+        "-q",
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("5 of 5 connections up"), "{out}");
+}
+
+#[test]
+fn storm_brings_every_device_back_and_measures_the_steady_pair() {
+    let d = tempfile::tempdir().unwrap();
+    let Some(b) = start_mosquitto(d.path(), "") else {
+        return;
+    };
+    let j = d.path().join("s.json");
+    let (code, out, err) = loadgen(&[
+        "storm",
+        "--port",
+        &b.port.to_string(),
+        "--cores",
+        &first_cpu(),
+        "--devices",
+        "100",
+        "--settle",
+        "500ms",
+        "--after",
+        "500ms",
+        "--rate",
+        "200",
+        "--json",
+        j.to_str().unwrap(),
+        "-q",
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let r = json(&j);
+    assert_eq!(r["reconnected"].as_u64().unwrap(), 100);
+    assert!(r["all_back_ms"].as_f64().unwrap() > 0.0);
+    assert_eq!(r["time_to_reconnect"]["count"].as_u64().unwrap(), 100);
+    assert!(r["steady_before"]["count"].as_u64().unwrap() >= 90, "{out}");
+    assert!(r["steady_after"]["count"].as_u64().unwrap() >= 1, "{out}");
+}
+
+#[test]
+fn capacity_steps_until_the_objective_breaks() {
+    let d = tempfile::tempdir().unwrap();
+    let Some(b) = start_mosquitto(d.path(), "") else {
+        return;
+    };
+    let j = d.path().join("c.json");
+    // A generous objective: both low-rate steps pass, and --max-steps bounds the run.
+    let (code, out, err) = loadgen(&[
+        "capacity",
+        "--port",
+        &b.port.to_string(),
+        "--cores",
+        &first_cpu(),
+        "--start-rate",
+        "100",
+        "--step-factor",
+        "2",
+        "--max-steps",
+        "2",
+        "--slo-p99",
+        "10s",
+        "--warmup",
+        "0",
+        "--duration",
+        "1s",
+        "--publishers",
+        "2",
+        "--subscribers",
+        "2",
+        "--json",
+        j.to_str().unwrap(),
+        "-q",
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let r = json(&j);
+    assert_eq!(r["steps"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        r["highest_sustainable_rate"].as_f64().unwrap(),
+        200.0,
+        "{out}"
+    );
+    // An impossible objective: the first step fails and nothing is sustainable.
+    let (code, out, _) = loadgen(&[
+        "capacity",
+        "--port",
+        &b.port.to_string(),
+        "--cores",
+        &first_cpu(),
+        "--start-rate",
+        "100",
+        "--slo-p99",
+        "1us",
+        "--warmup",
+        "0",
+        "--duration",
+        "1s",
+        "--publishers",
+        "1",
+        "--subscribers",
+        "1",
+        "-q",
+    ]);
+    assert_eq!(code, 0);
+    assert!(out.contains("no step met the objective"), "{out}");
+}
