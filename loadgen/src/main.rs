@@ -83,6 +83,9 @@ fn run(cli: Cli) -> Result<(), String> {
             if r.received == 0 {
                 return Err("no message was received".into());
             }
+            if !r.errors.is_empty() {
+                return Err("connections failed during the run (see errors above)".into());
+            }
             Ok(())
         }
         Cmd::Connect(a) => {
