@@ -263,6 +263,14 @@ pub fn run(a: &CompareArgs) -> Result<(), String> {
                                 "broker peak RSS MiB",
                                 peak_rss(running.pid).map_or(f64::NAN, |b| b as f64 / 1048576.0),
                             ),
+                            (
+                                "broker waited for CPU %",
+                                r.broker_runqueue_wait.map_or(f64::NAN, |w| w * 100.0),
+                            ),
+                            (
+                                "loadgen waited for CPU %",
+                                r.loadgen_runqueue_wait.iter().copied().fold(0.0, f64::max) * 100.0,
+                            ),
                         ],
                         loadgen_bound: r.loadgen_cpu_busy.iter().any(|b| *b >= 0.9),
                         warnings: r.warnings,
@@ -468,7 +476,10 @@ fn markdown(a: &CompareArgs, brokers: &[Broker], rows: &[Row]) -> String {
         "\nNotes: latency is end-to-end from each message's intended send time (open loop) or its \
          enqueue time (closed loop). \"CPU-s per M msgs\" divides CPU time over the whole run by \
          messages delivered to subscribers. A run marked loadgen-bound had a loadgen core ≥ 90% \
-         busy: its throughput is a floor for the broker, but the broker's CPU per message is still valid."
+         busy: its throughput is a floor for the broker, but the broker's CPU per message is still valid. \
+         \"waited for CPU\" is the share of the run a process was runnable but not running \
+         (/proc/…/schedstat): above ~10% other processes shared its CPU and throughput/latency \
+         reflect the machine more than the broker."
     );
     o
 }

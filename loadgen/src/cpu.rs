@@ -47,6 +47,37 @@ pub fn parse_stat_cpu(stat: &str, ticks_per_sec: u64) -> Option<Duration> {
     Some(Duration::from_nanos(ticks * 1_000_000_000 / ticks_per_sec))
 }
 
+/// (time on CPU, time runnable but waiting for a CPU) in ns, from a `schedstat` file. The
+/// wait shows when other processes starve the loadgen or the broker: throughput figures are
+/// then the machine's, not the broker's (CPU per message stays valid).
+pub fn parse_schedstat(s: &str) -> Option<(u64, u64)> {
+    let mut it = s.split_whitespace();
+    let run = it.next()?.parse().ok()?;
+    let wait = it.next()?.parse().ok()?;
+    Some((run, wait))
+}
+
+/// Scheduler statistics of the calling thread.
+pub fn thread_schedstat() -> Option<(u64, u64)> {
+    parse_schedstat(&std::fs::read_to_string("/proc/thread-self/schedstat").ok()?)
+}
+
+/// Scheduler statistics of process `pid`, summed over its threads.
+pub fn proc_schedstat(pid: u32) -> Option<(u64, u64)> {
+    let mut tot = (0, 0);
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let p = t.ok()?.path().join("schedstat");
+        if let Some((r, w)) = std::fs::read_to_string(p)
+            .ok()
+            .and_then(|s| parse_schedstat(&s))
+        {
+            tot.0 += r;
+            tot.1 += w;
+        }
+    }
+    Some(tot)
+}
+
 /// Resident set size of `pid` in bytes (VmRSS of /proc/PID/status).
 pub fn proc_rss(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -68,6 +99,17 @@ mod tests {
         let line =
             "1234 (my (odd) prog) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 1 0 100 0 0";
         assert_eq!(parse_stat_cpu(line, 100), Some(Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn schedstat() {
+        assert_eq!(
+            parse_schedstat("48953759919 262415898275 47429\n"),
+            Some((48953759919, 262415898275))
+        );
+        assert_eq!(parse_schedstat("garbage"), None);
+        assert!(thread_schedstat().is_some());
+        assert!(proc_schedstat(std::process::id()).is_some());
     }
 
     #[test]

@@ -217,6 +217,13 @@ impl Plan {
             Mode::FanIn | Mode::FanOut => self.subscribers as u64,
         }
     }
+    /// QoS 0 pairs in closed loop: with no acknowledgements, TCP backpressure alone lets
+    /// seconds of messages pile up in socket buffers and broker queues, so the window is
+    /// end-to-end instead: a publisher may have at most `inflight` messages not yet received by
+    /// its subscriber (same core in pairs mode).
+    pub fn e2e_window(&self) -> bool {
+        self.mode == Mode::Pairs && self.rate == 0.0 && self.qos == 0
+    }
     fn qos(&self) -> QoS {
         QoS::from_u8(self.qos).unwrap_or_default()
     }
@@ -286,6 +293,8 @@ struct CoreState {
     errors: HashMap<String, u64>,
     error_count: u64,
     acks: u64,
+    /// End-to-end window waits that timed out (QoS 0 messages presumed dropped).
+    window_timeouts: u64,
 }
 
 impl CoreState {
@@ -309,8 +318,10 @@ struct CoreResult {
     sent_per_pub: HashMap<u32, u64>,
     trackers: HashMap<(u32, u32), SeqTracker>,
     errors: HashMap<String, u64>,
+    window_timeouts: u64,
     cpu: Duration,
     wall: Duration,
+    runq_wait: Duration,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -355,6 +366,10 @@ pub struct PubsubReport {
     /// Loadgen CPU busy fraction per core (1.0 = a whole CPU) during the run.
     pub loadgen_cpu_busy: Vec<f64>,
     pub loadgen_cpu_seconds: f64,
+    /// Fraction of the run each loadgen core was runnable but waiting for a CPU.
+    pub loadgen_runqueue_wait: Vec<f64>,
+    /// Same for the broker (given --broker-pid), summed over its threads.
+    pub broker_runqueue_wait: Option<f64>,
     /// Loadgen CPU per delivered message (whole run), µs.
     pub loadgen_cpu_us_per_msg: f64,
     /// Broker CPU over the whole run (given --broker-pid).
@@ -448,6 +463,8 @@ pub fn run(c: &Common, plan: &Plan) -> Result<PubsubReport, String> {
     let mut drain_deadline: Option<u64> = None;
     let cpu0 = crate::cpu::self_cpu();
     let bcpu0 = plan.broker_pid.and_then(crate::cpu::proc_cpu);
+    let bsched0 = plan.broker_pid.and_then(crate::cpu::proc_schedstat);
+    let t_b0 = clock.now_ns();
     if plan.broker_pid.is_some() && bcpu0.is_none() {
         shared.fail("--broker-pid: cannot read /proc/PID/stat".into());
     }
@@ -511,6 +528,15 @@ pub fn run(c: &Common, plan: &Plan) -> Result<PubsubReport, String> {
         (Some(a), Some(b)) => Some(b.saturating_sub(a)),
         _ => None,
     };
+    let bwait = match (
+        bsched0,
+        plan.broker_pid.and_then(crate::cpu::proc_schedstat),
+    ) {
+        (Some(a), Some(b)) => {
+            Some(b.1.saturating_sub(a.1) as f64 / (clock.now_ns() - t_b0).max(1) as f64)
+        }
+        _ => None,
+    };
     if let Some(msg) = shared.abort.lock().ok().and_then(|a| a.clone()) {
         return Err(msg);
     }
@@ -520,7 +546,15 @@ pub fn run(c: &Common, plan: &Plan) -> Result<PubsubReport, String> {
         .collect();
     intervals.append(&mut rest);
     intervals.sort_by_key(|i| i.second);
-    Ok(merge(c, plan, results, intervals, cpu_all, bcpu, start))
+    Ok(merge(
+        c,
+        plan,
+        results,
+        intervals,
+        cpu_all,
+        (bcpu, bwait),
+        start,
+    ))
 }
 
 fn interval_of(s: &Snap) -> Interval {
@@ -554,7 +588,8 @@ fn merge(
     results: Vec<CoreResult>,
     intervals: Vec<Interval>,
     cpu_all: Duration,
-    bcpu: Option<Duration>,
+    // Broker CPU used and fraction of the run it waited for a CPU (given --broker-pid).
+    (bcpu, bwait): (Option<Duration>, Option<f64>),
     start_ns: u64,
 ) -> PubsubReport {
     let mut lat = Lat::new();
@@ -565,7 +600,11 @@ fn merge(
     let mut busy = Vec::new();
     let mut last_intended = 0u64;
     let (mut recv_w, mut last_arrival) = (0u64, 0u64);
+    let mut window_timeouts = 0u64;
+    let mut runq = Vec::new();
     for r in &results {
+        runq.push(r.runq_wait.as_secs_f64() / r.wall.as_secs_f64().max(1e-9));
+        window_timeouts += r.window_timeouts;
         recv_w += r.recv_window;
         last_arrival = last_arrival.max(r.last_arrival);
         last_intended = last_intended.max(r.last_intended);
@@ -653,6 +692,36 @@ fn merge(
             sent_m as f64 / secs
         ));
     }
+    for (i, w) in runq.iter().enumerate() {
+        if *w >= 0.1 {
+            warnings.push(format!(
+                "loadgen core {i} waited {:.0}% of the run for a CPU held by other processes: throughput and latency are limited by this machine",
+                w * 100.0
+            ));
+        }
+    }
+    if let Some(w) = bwait.filter(|w| *w >= 0.1) {
+        warnings.push(format!(
+            "the broker waited {:.0}% of the run for a CPU held by other processes: its throughput and latency are limited by this machine (its CPU per message is still valid)",
+            w * 100.0
+        ));
+    }
+    if window_timeouts > 0 {
+        warnings.push(format!(
+            "{window_timeouts} end-to-end window waits timed out after 200 ms (QoS 0 messages presumed dropped)"
+        ));
+    }
+    if lost > 0 && recv < sent * plan.fanout() {
+        warnings.push(format!(
+            "{} deliveries had not arrived when the drain ended: dropped by the broker or still queued (a longer --drain tells which)",
+            sent * plan.fanout() - recv.min(sent * plan.fanout())
+        ));
+    }
+    if sent_m > 0 && lat.is_empty() {
+        warnings.push(
+            "no message sent in the measured window arrived before the run ended (latency beyond the run)".into(),
+        );
+    }
     if lat.clamped > 0 {
         warnings.push(format!("{} latencies above 60 s were clamped", lat.clamped));
     }
@@ -677,6 +746,8 @@ fn merge(
         intervals,
         errors,
         loadgen_cpu_busy: busy,
+        loadgen_runqueue_wait: runq,
+        broker_runqueue_wait: bwait,
         loadgen_cpu_seconds: cpu_all.as_secs_f64(),
         loadgen_cpu_us_per_msg: cpu_all.as_secs_f64() * 1e6 / recv.max(1) as f64,
         broker_cpu_seconds: bcpu.map(|d| d.as_secs_f64()),
@@ -820,13 +891,22 @@ async fn core_main(ctx: Ctx) -> CoreResult {
         glommio::timer::sleep(Duration::from_millis(1)).await;
     };
     let cpu0 = thread_cpu();
+    let sched0 = crate::cpu::thread_schedstat().unwrap_or_default();
     let wall0 = shared.clock.now_ns();
     let mut tasks = Vec::new();
+    let e2e: HashMap<u32, Rc<Semaphore>> = if plan.e2e_window() {
+        subs.iter()
+            .map(|(j, _)| (*j, Rc::new(Semaphore::new(u64::from(plan.inflight)))))
+            .collect()
+    } else {
+        HashMap::new()
+    };
     if start != 0 {
         for (j, c) in subs {
             tasks.push(glommio::spawn_local(subscriber(
                 c,
                 plan.sub_key(j),
+                e2e.get(&j).cloned(),
                 start + plan.warmup_ns,
                 start + plan.warmup_ns + plan.duration_ns,
                 shared.clone(),
@@ -846,6 +926,7 @@ async fn core_main(ctx: Ctx) -> CoreResult {
                 },
                 plan.rate / npubs,
                 start,
+                e2e.get(&i).cloned(),
                 plan.clone(),
                 shared.clone(),
                 st.clone(),
@@ -880,6 +961,12 @@ async fn core_main(ctx: Ctx) -> CoreResult {
     drop(tasks);
     let cpu = thread_cpu().saturating_sub(cpu0);
     let wall = Duration::from_nanos(shared.clock.now_ns().saturating_sub(wall0));
+    let runq_wait = Duration::from_nanos(
+        crate::cpu::thread_schedstat()
+            .unwrap_or_default()
+            .1
+            .saturating_sub(sched0.1),
+    );
     let s = std::mem::take(&mut *st.borrow_mut());
     CoreResult {
         lat: s.lat,
@@ -894,14 +981,17 @@ async fn core_main(ctx: Ctx) -> CoreResult {
         sent_per_pub: s.sent_per_pub,
         trackers: s.trackers,
         errors: s.errors,
+        window_timeouts: s.window_timeouts,
         cpu,
         wall,
+        runq_wait,
     }
 }
 
 async fn subscriber(
     conn: Conn,
     key: u32,
+    e2e: Option<Rc<Semaphore>>,
     measure_from: u64,
     measure_end: u64,
     shared: Arc<Shared>,
@@ -935,6 +1025,7 @@ async fn subscriber(
         rbuf.extend_from_slice(&tmp[..n]);
         // Everything in this read arrived by now.
         let now = clock.now_ns();
+        let mut from_pair = 0u64;
         {
             let mut s = st.borrow_mut();
             loop {
@@ -984,6 +1075,9 @@ async fn subscriber(
                             .entry((key, h.publisher))
                             .or_default()
                             .record(h.seq);
+                        if h.publisher == key {
+                            from_pair += 1;
+                        }
                     }
                     Packet::PubRel(r) => codec::encode(
                         &Packet::PubComp(PubResp::new(r.packet_id)),
@@ -996,6 +1090,11 @@ async fn subscriber(
                     }
                     _ => {}
                 }
+            }
+        }
+        if let Some(w) = &e2e {
+            if from_pair > 0 {
+                w.signal(from_pair);
             }
         }
         if !out.is_empty() {
@@ -1094,6 +1193,7 @@ async fn publisher(
     first_ns: u64,
     rate: f64,
     start: u64,
+    e2e: Option<Rc<Semaphore>>,
     plan: Arc<Plan>,
     shared: Arc<Shared>,
     st: Rc<RefCell<CoreState>>,
@@ -1111,6 +1211,13 @@ async fn publisher(
     let win = Rc::new(Semaphore::new(window));
     let Conn { stream, rbuf, .. } = conn;
     let (r, w) = futures_lite::io::split(stream);
+    // The window that bounds this publisher: broker acknowledgements (QoS 1/2) or end-to-end
+    // deliveries (QoS 0 pairs, closed loop), or none (open loop QoS 0 runs on its schedule).
+    let gate: Option<Rc<Semaphore>> = if qos != QoS::AtMostOnce {
+        Some(win.clone())
+    } else {
+        e2e
+    };
     // The write half is shared with the ack reader (QoS 2 sends PUBREL); `wlock` serialises
     // writers and the half is taken out while written so no RefCell borrow spans an await.
     let w: Rc<RefCell<Option<WHalf>>> = Rc::new(RefCell::new(Some(w)));
@@ -1150,8 +1257,22 @@ async fn publisher(
         } else if clock.now_ns() >= end {
             break;
         }
-        if qos != QoS::AtMostOnce && win.acquire(1).await.is_err() {
-            break;
+        if let Some(g) = &gate {
+            // An end-to-end window leaks a permit for every message the broker drops, so a
+            // stalled wait is bounded: after 200 ms the oldest message is presumed lost.
+            // (QoS 1/2 wait for acknowledgements in 200 ms slices so a stop is noticed.)
+            let got = futures_lite::future::or(async { Some(g.acquire(1).await.is_ok()) }, async {
+                glommio::timer::sleep(Duration::from_millis(200)).await;
+                None
+            })
+            .await;
+            match got {
+                Some(true) => {}
+                Some(false) => break, // connection closed
+                None if shared.stopped() => break,
+                None if qos != QoS::AtMostOnce => continue,
+                None => st.borrow_mut().window_timeouts += 1,
+            }
         }
         let mut n = 0u64;
         let mut measured = 0u64;
@@ -1199,14 +1320,17 @@ async fn publisher(
                     break;
                 }
             }
-            if qos != QoS::AtMostOnce && !win.try_acquire(1).unwrap_or(false) {
+            if gate
+                .as_ref()
+                .is_some_and(|g| !g.try_acquire(1).unwrap_or(false))
+            {
                 break;
             }
         }
         if n == 0 {
             // Acquired a window slot but nothing was due (end reached): give it back.
-            if qos != QoS::AtMostOnce {
-                win.signal(1);
+            if let Some(g) = &gate {
+                g.signal(1);
             }
             if sched.as_ref().is_some_and(|s| s.peek() >= end) || clock.now_ns() >= end {
                 break;

@@ -54,6 +54,13 @@ pub fn pubsub_table(r: &PubsubReport) -> String {
         if r.tls { " over TLS" } else { "" },
         if p.rate > 0.0 {
             format!("open loop at {:.0} msg/s", p.rate)
+        } else if p.e2e_window() {
+            format!(
+                "closed loop (≤ {} undelivered per publisher, end to end)",
+                p.inflight
+            )
+        } else if p.qos == 0 {
+            "closed loop (bounded by TCP only)".to_string()
         } else {
             format!("closed loop (in-flight ≤ {})", p.inflight)
         }
@@ -76,7 +83,7 @@ pub fn pubsub_table(r: &PubsubReport) -> String {
     );
     let _ = writeln!(
         o,
-        "  integrity     lost {:>12}   duplicates {:>10}   reordered {:>11}",
+        "  integrity     lost {:>12}   duplicates {:>10}   reordered {:>11}   (lost = not received by the end of the drain)",
         r.lost, r.duplicates, r.reordered
     );
     lat_header(&mut o);
