@@ -178,7 +178,8 @@ pub async fn connect(
     };
     let mut c = Conn {
         stream,
-        rbuf: BytesMut::with_capacity(16 << 10),
+        // Small: idle connections held by the thousand must stay cheap; it grows on demand.
+        rbuf: BytesMut::with_capacity(256),
         version: t.version,
         receive_maximum: u16::MAX,
     };

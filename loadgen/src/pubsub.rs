@@ -249,6 +249,8 @@ struct Shared {
     pubs_done: AtomicU64,
     /// Run nonce carried in every payload: deliveries of an earlier run are foreign.
     nonce: u16,
+    /// Subscriber read buffer: large for few connections (fewer syscalls), small for many.
+    read_buf: usize,
     /// Messages sent by finished publishers (exact once all are done; drives the drain).
     done_sent: AtomicU64,
     core_recv: Vec<AtomicU64>,
@@ -393,6 +395,11 @@ pub fn run(c: &Common, plan: &Plan) -> Result<PubsubReport, String> {
         aborted: AtomicBool::new(false),
         pubs_done: AtomicU64::new(0),
         nonce: payload::new_nonce(),
+        read_buf: if (plan.publishers + plan.subscribers) as usize / ncores > 1000 {
+            4 << 10
+        } else {
+            64 << 10
+        },
         done_sent: AtomicU64::new(0),
         core_recv: (0..ncores).map(|_| AtomicU64::new(0)).collect(),
         tx: Mutex::new(tx),
@@ -1005,7 +1012,7 @@ async fn subscriber(
         ..
     } = conn;
     let clock = shared.clock;
-    let mut tmp = vec![0u8; 64 << 10];
+    let mut tmp = vec![0u8; shared.read_buf];
     let mut out = BytesMut::with_capacity(4096);
     let limits = Limits::default();
     loop {
@@ -1242,7 +1249,8 @@ async fn publisher(
     let cap = plan.pub_cap(id);
     let mut seq: u64 = 0;
     let mut pid: u16 = 0;
-    let mut out: Vec<u8> = Vec::with_capacity(64 << 10);
+    // Grows to a batch's size only when catching up (many connections must stay cheap).
+    let mut out: Vec<u8> = Vec::new();
     let batch_max = (64 << 10usize).max(tmpl.bytes.len());
     // Everyone starts at the common t0 (open loop: the schedule starts there anyway).
     clock.sleep_until(start).await;
@@ -1391,7 +1399,7 @@ async fn ack_reader(
     wlock: Rc<Semaphore>,
     st: Rc<RefCell<CoreState>>,
 ) {
-    let mut tmp = vec![0u8; 16 << 10];
+    let mut tmp = vec![0u8; 2048];
     let mut out = BytesMut::with_capacity(1024);
     let limits = Limits::default();
     loop {
