@@ -90,9 +90,14 @@ pub fn pubsub_table(r: &PubsubReport) -> String {
     lat_row(&mut o, "end-to-end", &r.latency);
     let _ = writeln!(
         o,
-        "  loadgen CPU   {:.2}s total; busy per core: {}",
+        "  loadgen CPU   {:.2}s total; busy per core: {}; waited for a CPU: {}",
         r.loadgen_cpu_seconds,
         r.loadgen_cpu_busy
+            .iter()
+            .map(|b| format!("{:.0}%", b * 100.0))
+            .collect::<Vec<_>>()
+            .join(", "),
+        r.loadgen_runqueue_wait
             .iter()
             .map(|b| format!("{:.0}%", b * 100.0))
             .collect::<Vec<_>>()
@@ -106,8 +111,9 @@ pub fn pubsub_table(r: &PubsubReport) -> String {
     if let (Some(b), Some(m)) = (r.broker_cpu_seconds, r.broker_cpu_s_per_million) {
         let _ = writeln!(
             o,
-            "  broker CPU    {b:.2}s: {m:.2} CPU-s per million delivered messages ({:.2} µs/msg)",
-            m
+            "  broker CPU    {b:.2}s: {m:.2} CPU-s per million delivered messages ({:.2} µs/msg); waited for a CPU: {:.0}%",
+            m,
+            r.broker_runqueue_wait.unwrap_or(0.0) * 100.0
         );
     }
     for (e, n) in &r.errors {
