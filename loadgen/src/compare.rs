@@ -304,6 +304,10 @@ pub fn run(a: &CompareArgs) -> Result<(), String> {
                                 "broker RSS bytes per conn",
                                 r.broker_rss_per_conn.unwrap_or(f64::NAN),
                             ),
+                            (
+                                "broker waited for CPU %",
+                                r.broker_runqueue_wait.map_or(f64::NAN, |w| w * 100.0),
+                            ),
                         ],
                         loadgen_bound: r.loadgen_cpu_busy.iter().any(|b| *b >= 0.9),
                         warnings: r.warnings,

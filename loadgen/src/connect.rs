@@ -77,6 +77,7 @@ struct CoreResult {
     failures: HashMap<String, u64>,
     cpu: Duration,
     wall: Duration,
+    runq_wait: Duration,
 }
 
 #[derive(Serialize, Debug, Clone)]
@@ -109,6 +110,9 @@ pub struct ConnectReport {
     pub broker_cpu_seconds: Option<f64>,
     pub broker_cpu_ms_per_handshake: Option<f64>,
     pub loadgen_cpu_busy: Vec<f64>,
+    /// Fraction of the open phase each loadgen core / the broker waited for a CPU.
+    pub loadgen_runqueue_wait: Vec<f64>,
+    pub broker_runqueue_wait: Option<f64>,
     pub warnings: Vec<String>,
     #[serde(skip)]
     pub hists: Vec<(&'static str, Lat)>,
@@ -153,6 +157,7 @@ pub fn run(c: &Common, a: &ConnectArgs) -> Result<ConnectReport, String> {
     });
     let rss0 = a.broker_pid.and_then(crate::cpu::proc_rss);
     let bcpu0 = a.broker_pid.and_then(crate::cpu::proc_cpu);
+    let bsched0 = a.broker_pid.and_then(crate::cpu::proc_schedstat);
     if a.broker_pid.is_some() && (rss0.is_none() || bcpu0.is_none()) {
         return Err(format!(
             "--broker-pid {}: cannot read /proc/{0}/status or stat",
@@ -207,6 +212,7 @@ pub fn run(c: &Common, a: &ConnectArgs) -> Result<ConnectReport, String> {
     std::thread::sleep(Duration::from_millis(200));
     let rss1 = a.broker_pid.and_then(crate::cpu::proc_rss);
     let bcpu1 = a.broker_pid.and_then(crate::cpu::proc_cpu);
+    let bsched1 = a.broker_pid.and_then(crate::cpu::proc_schedstat);
     if !c.args.quiet && !a.hold.is_zero() {
         eprintln!(
             "holding {} connections for {:?}",
@@ -242,9 +248,12 @@ pub fn run(c: &Common, a: &ConnectArgs) -> Result<ConnectReport, String> {
         failures: HashMap::new(),
         cpu: Duration::ZERO,
         wall: Duration::ZERO,
+        runq_wait: Duration::ZERO,
     };
     let mut busy = Vec::new();
+    let mut runq = Vec::new();
     for x in &results {
+        runq.push(x.runq_wait.as_secs_f64() / x.wall.as_secs_f64().max(1e-9));
         r.tcp.merge(&x.tcp);
         r.tls.merge(&x.tls);
         r.connack.merge(&x.connack);
@@ -271,6 +280,24 @@ pub fn run(c: &Common, a: &ConnectArgs) -> Result<ConnectReport, String> {
                 b * 100.0
             ));
         }
+    }
+    for (i, w) in runq.iter().enumerate() {
+        if *w >= 0.1 {
+            warnings.push(format!(
+                "loadgen core {i} waited {:.0}% of the run for a CPU held by other processes: rates and latencies are limited by this machine",
+                w * 100.0
+            ));
+        }
+    }
+    let bwait = match (bsched0, bsched1) {
+        (Some(a), Some(b)) => Some(b.1.saturating_sub(a.1) as f64 / (open_s * 1e9).max(1.0)),
+        _ => None,
+    };
+    if let Some(w) = bwait.filter(|w| *w >= 0.1) {
+        warnings.push(format!(
+            "the broker waited {:.0}% of the open phase for a CPU held by other processes (its CPU per handshake is still valid)",
+            w * 100.0
+        ));
     }
     let not_tried = a.connections.saturating_sub(r.ok + failed);
     if not_tried > 0 {
@@ -307,6 +334,8 @@ pub fn run(c: &Common, a: &ConnectArgs) -> Result<ConnectReport, String> {
         broker_cpu_seconds: bcpu,
         broker_cpu_ms_per_handshake: bcpu.filter(|_| r.ok > 0).map(|s| s * 1e3 / r.ok as f64),
         loadgen_cpu_busy: busy,
+        loadgen_runqueue_wait: runq,
+        broker_runqueue_wait: bwait,
         warnings,
         hists: vec![
             ("tcp_connect", r.tcp),
@@ -411,6 +440,7 @@ async fn core_main(
     }
     let clock = shared.clock;
     let cpu0 = thread_cpu();
+    let sched0 = crate::cpu::thread_schedstat().unwrap_or_default();
     let wall0 = clock.now_ns();
     let start = clock.now_ns() + 5_000_000;
     let per_core = (a.concurrency as usize).div_ceil(ncores).max(1) as u64;
@@ -492,6 +522,12 @@ async fn core_main(
     }
     let cpu = thread_cpu().saturating_sub(cpu0);
     let wall = Duration::from_nanos(clock.now_ns() - wall0);
+    let runq_wait = Duration::from_nanos(
+        crate::cpu::thread_schedstat()
+            .unwrap_or_default()
+            .1
+            .saturating_sub(sched0.1),
+    );
     while !shared.release.load(Ordering::SeqCst) {
         glommio::timer::sleep(Duration::from_millis(10)).await;
     }
@@ -511,5 +547,6 @@ async fn core_main(
         failures: s.failures,
         cpu,
         wall,
+        runq_wait,
     }
 }
