@@ -264,17 +264,24 @@ pub fn table(r: &StormReport) -> String {
     o
 }
 
-async fn connect_one(
-    target: &net::Target,
+/// The TLS config of device `i` (minted once, before anything is timed).
+fn config(
     tls: &Option<Arc<crate::tls::TlsSetup>>,
     minter: Option<&crate::tls::Minter>,
     i: u64,
     id: &str,
+) -> Result<Option<Arc<rustls::ClientConfig>>, String> {
+    match tls {
+        None => Ok(None),
+        Some(t) => t.config_for(i, id, minter).map(Some),
+    }
+}
+
+async fn connect_one(
+    target: &net::Target,
+    cfg: Option<Arc<rustls::ClientConfig>>,
+    id: &str,
 ) -> Result<Conn, String> {
-    let cfg = match tls {
-        None => None,
-        Some(t) => Some(t.config_for(i, id, minter)?),
-    };
     net::connect(target, cfg, id, true)
         .await
         .map(|(c, _)| c)
@@ -300,6 +307,17 @@ async fn core_main(
             f.get_or_insert(e);
         }
     };
+    // Mint every identity up front: reconnect timing must not include key generation.
+    let mut cfgs = Vec::with_capacity(mine.len());
+    for &i in &mine {
+        match config(&tls, minter.as_ref(), i, &format!("{prefix}-d{i}")) {
+            Ok(c) => cfgs.push(c),
+            Err(e) => {
+                fail(e);
+                return empty();
+            }
+        }
+    }
     let steady: Rc<RefCell<Vec<(u64, u64)>>> = Rc::new(RefCell::new(Vec::new()));
     let sent = Rc::new(RefCell::new(0u64));
     let qos = QoS::from_u8(a.qos).unwrap_or_default();
@@ -307,22 +325,15 @@ async fn core_main(
     // The steady pair lives on core 0.
     let mut steady_conns = None;
     if ci == 0 {
-        let s = connect_one(
-            &target,
-            &tls,
-            minter.as_ref(),
-            a.devices,
-            &format!("{prefix}-steady-s"),
-        )
-        .await;
-        let p = connect_one(
-            &target,
-            &tls,
-            minter.as_ref(),
-            a.devices + 1,
-            &format!("{prefix}-steady-p"),
-        )
-        .await;
+        let (sid, pid) = (format!("{prefix}-steady-s"), format!("{prefix}-steady-p"));
+        let s = match config(&tls, minter.as_ref(), a.devices, &sid) {
+            Ok(c) => connect_one(&target, c, &sid).await,
+            Err(e) => Err(e),
+        };
+        let p = match config(&tls, minter.as_ref(), a.devices + 1, &pid) {
+            Ok(c) => connect_one(&target, c, &pid).await,
+            Err(e) => Err(e),
+        };
         match (s, p) {
             (Ok(mut s), Ok(p)) => {
                 let f =
@@ -368,18 +379,13 @@ async fn core_main(
         Rc::new(RefCell::new((0..mine.len()).map(|_| None).collect()));
     let mut tasks = Vec::new();
     for (k, &i) in mine.iter().enumerate() {
-        let (gate, held, target, tls, shared) = (
-            gate.clone(),
-            held.clone(),
-            target.clone(),
-            tls.clone(),
-            shared.clone(),
-        );
+        let (gate, held, target, shared) =
+            (gate.clone(), held.clone(), target.clone(), shared.clone());
         let id = format!("{prefix}-d{i}");
-        let m = tls.as_ref().and_then(|t| t.minter());
+        let cfg = cfgs[k].clone();
         tasks.push(glommio::spawn_local(async move {
             let _ = gate.acquire(1).await;
-            let r = connect_one(&target, &tls, m.as_ref(), i, &id).await;
+            let r = connect_one(&target, cfg, &id).await;
             gate.signal(1);
             match r {
                 Ok(c) => {
@@ -435,18 +441,17 @@ async fn core_main(
     let attempts = Rc::new(RefCell::new(0u64));
     let give_up = drop_ns + a.max_time.as_nanos() as u64;
     let mut tasks = Vec::new();
-    for &i in &mine {
-        let (gate, target, tls, shared) =
-            (gate.clone(), target.clone(), tls.clone(), shared.clone());
+    for (k, &i) in mine.iter().enumerate() {
+        let (gate, target, shared) = (gate.clone(), target.clone(), shared.clone());
         let (ttr, failures, attempts) = (ttr.clone(), failures.clone(), attempts.clone());
         let id = format!("{prefix}-d{i}");
-        let m = tls.as_ref().and_then(|t| t.minter());
+        let cfg = cfgs[k].clone();
         tasks.push(glommio::spawn_local(async move {
             let mut backoff = Duration::from_millis(50);
             loop {
                 let _ = gate.acquire(1).await;
                 *attempts.borrow_mut() += 1;
-                let r = connect_one(&target, &tls, m.as_ref(), i, &id).await;
+                let r = connect_one(&target, cfg.clone(), &id).await;
                 gate.signal(1);
                 match r {
                     Ok(c) => {
