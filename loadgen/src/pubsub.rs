@@ -1164,7 +1164,9 @@ impl Template {
             None
         } else {
             // v5 puts a property length (0 → one byte) between packet id and payload.
-            let off = payload_off - 2 - usize::from(version.is_v5());
+            let off = payload_off
+                .checked_sub(2 + usize::from(version.is_v5()))
+                .ok_or("encoded PUBLISH too short for a packet id")?;
             if bytes[off..off + 2] != marker_pid.to_be_bytes() {
                 return Err("cannot locate the packet id in the encoded PUBLISH".into());
             }
