@@ -102,7 +102,9 @@ pub enum DecodeError {
     #[error("UNSUBSCRIBE with no topic filters [MQTT-3.10.3-2]")]
     UnsubscribeWithoutFilters,
 
-    #[error("reserved bits of subscription options must be 0 [MQTT-3.8.3-5]")]
+    #[error(
+        "reserved bits of subscription options must be 0 [MQTT-3.8.3-5] (3.1.1: [MQTT-3-8.3-4])"
+    )]
     SubscriptionOptionsReserved,
 
     #[error("QoS 3 in subscription options [MQTT-3.8.3-4]")]

@@ -555,6 +555,35 @@ fn remaining_length_boundaries() {
     }
 }
 
+#[test]
+fn v5_only_fields_are_dropped_for_v3_peers() {
+    let mut p = publish(QoS::AtLeastOnce, 9, "a", b"x");
+    p.properties.message_expiry_interval = Some(5);
+    p.properties.subscription_identifiers = vec![3];
+    let wire = enc(&Packet::Publish(p.clone()), V311);
+    assert_eq!(wire, hex("32 06 0001 61 0009 78"));
+    p.properties = PublishProperties::default();
+    assert_eq!(dec(&wire, V311), Ok(Some(Packet::Publish(p))));
+    let sub = Packet::Subscribe(Subscribe {
+        packet_id: 1,
+        filters: vec![(
+            filter("a"),
+            SubscriptionOptions {
+                qos: QoS::AtLeastOnce,
+                no_local: true,
+                retain_as_published: true,
+                retain_handling: RetainHandling::Never,
+            },
+        )],
+        properties: SubscribeProperties {
+            subscription_identifier: Some(4),
+            user_properties: vec![],
+        },
+    });
+    // Only the QoS bits of the options byte exist in 3.1.1.
+    assert_eq!(enc(&sub, V311), hex("82 06 0001 0001 61 01"));
+}
+
 // ------------------------------------------------------------------------------------------
 // Resumability and limits.
 
