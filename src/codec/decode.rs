@@ -357,12 +357,15 @@ fn connect(r: &mut Reader) -> Result<Connect, DecodeError> {
     } else {
         None
     };
-    let username = if username_flag {
+    // Some MQTT 3.1 clients set the user name / password flags and then omit the fields;
+    // mosquitto ignores such flags for 3.1, and so do we.
+    let lenient = protocol == ProtocolVersion::V31;
+    let username = if username_flag && !(lenient && r.is_empty()) {
         Some(r.string("user name")?)
     } else {
         None
     };
-    let password = if password_flag {
+    let password = if password_flag && !(lenient && r.is_empty()) {
         Some(r.binary("password")?)
     } else {
         None

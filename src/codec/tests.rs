@@ -120,6 +120,16 @@ fn connect_31_uses_mqisdp_level_3() {
         V31,
         "10 10 0006 4D5149736470 03 02 003C 0002 6331",
     );
+    // 3.1 clients that set the user name and password flags but send neither field are
+    // accepted as if the flags were clear (mosquitto does the same); 3.1.1 ones are not.
+    assert_eq!(
+        dec(&hex("10 10 0006 4D5149736470 03 C2 003C 0002 6331"), V31),
+        Ok(Some(Packet::Connect(Box::new(connect(V31)))))
+    );
+    assert_eq!(
+        dec_err(&hex("10 0E 0004 4D515454 04 C2 003C 0002 6331"), V311),
+        DecodeError::UnexpectedEnd { field: "user name" }
+    );
     // A 3.1 client id longer than 23 bytes is accepted, as mosquitto does.
     let mut c = connect(V31);
     c.client_id = bs(&"x".repeat(40));
