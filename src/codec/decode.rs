@@ -190,7 +190,7 @@ fn remaining_length(buf: &[u8]) -> Result<Option<(u32, usize)>, DecodeError> {
     Err(DecodeError::RemainingLengthTooLong)
 }
 
-/// See [`super::decode`].
+/// See [`super::decode()`].
 pub fn decode(
     buf: &mut BytesMut,
     version: ProtocolVersion,
