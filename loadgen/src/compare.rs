@@ -199,6 +199,14 @@ pub fn run(a: &CompareArgs) -> Result<(), String> {
     }
     let dir = std::env::temp_dir().join(format!("midge-compare-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    // Remove the generated configs and logs however the run ends (errors included).
+    struct Cleanup(PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(dir.clone());
     let cafile = match &a.scenario {
         Scenario::Pubsub(p) => p.common.cafile.clone(),
         Scenario::Connect(c) => c.common.cafile.clone(),
@@ -347,7 +355,6 @@ pub fn run(a: &CompareArgs) -> Result<(), String> {
         crate::report::write_json(j, &v)?;
     }
     print!("{md}");
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 
