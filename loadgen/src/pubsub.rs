@@ -715,7 +715,12 @@ fn merge(
     }
     if window_timeouts > 0 {
         warnings.push(format!(
-            "{window_timeouts} end-to-end window waits timed out after 200 ms (QoS 0 messages presumed dropped)"
+            "{window_timeouts} end-to-end window waits timed out after 1 s: a QoS 0 message was presumed dropped and the window widened by one each time{}",
+            if lost == 0 {
+                " (none was actually lost: the broker stalled)"
+            } else {
+                ""
+            }
         ));
     }
     if lost > 0 && recv < sent * plan.fanout() {
@@ -1269,10 +1274,10 @@ async fn publisher(
         }
         if let Some(g) = &gate {
             // An end-to-end window leaks a permit for every message the broker drops, so a
-            // stalled wait is bounded: after 200 ms the oldest message is presumed lost.
-            // (QoS 1/2 wait for acknowledgements in 200 ms slices so a stop is noticed.)
+            // stalled wait is bounded: after 1 s the oldest message is presumed lost.
+            // (QoS 1/2 wait for acknowledgements in 1 s slices so a stop is noticed.)
             let got = futures_lite::future::or(async { Some(g.acquire(1).await.is_ok()) }, async {
-                glommio::timer::sleep(Duration::from_millis(200)).await;
+                glommio::timer::sleep(Duration::from_secs(1)).await;
                 None
             })
             .await;
