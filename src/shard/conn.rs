@@ -176,6 +176,8 @@ struct Admitted {
     version: ProtocolVersion,
     max_packet_size: u32,
     link: Rc<ConnLink>,
+    /// Broadcast sequence the first flush must wait for (see `Shard::wait_settled`).
+    settle: Option<u64>,
 }
 
 /// The CONNECT phase: read CONNECT, apply admission rules, register with the home shard and
@@ -281,6 +283,7 @@ async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
     let session = Session::accept(cfg, &connect, client_id, previous.map(|b| *b), now);
     drop(connect);
     let link = Rc::new(ConnLink::default());
+    let seq_before = shard.broadcast_seq();
     {
         let mut st = shard.st.borrow_mut();
         st.sessions.insert(
@@ -293,11 +296,14 @@ async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
         shard.pump(&mut st, key, now);
     }
 
+    // Resumed subscriptions were broadcast: CONNACK waits until every shard has them.
+    let seq_after = shard.broadcast_seq();
     Some(Admitted {
         key,
         version,
         max_packet_size: cfg.max_packet_size,
         link,
+        settle: (seq_after != seq_before).then_some(seq_after),
     })
 }
 
@@ -313,12 +319,19 @@ async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
         version,
         max_packet_size,
         link,
+        settle,
     } = a;
+    // Route deltas or retained updates this connection caused and other shards have not
+    // confirmed yet: its acknowledgements (SUBACK, PUBACK, CONNACK) wait for them.
+    let mut settle = settle;
     let mut wbuf = BytesMut::new();
     let limits = Limits { max_packet_size };
     let mut last_active = Instant::now();
     let mut trimmed = false;
     loop {
+        if let Some(seq) = settle.take() {
+            shard.wait_settled(seq).await;
+        }
         // 1. Everything the session wants sent, in one write.
         let mut deadline = None;
         {
@@ -394,6 +407,7 @@ async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
             Wake::Read(Ok(_)) => {
                 last_active = now;
                 trimmed = false;
+                let seq_before = shard.broadcast_seq();
                 let mut st = shard.st.borrow_mut();
                 loop {
                     if link.detached.get() {
@@ -425,6 +439,10 @@ async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
                             break;
                         }
                     }
+                }
+                let seq_after = shard.broadcast_seq();
+                if seq_after != seq_before {
+                    settle = Some(seq_after);
                 }
             }
             Wake::Timer => {

@@ -59,8 +59,9 @@ impl Shared {
 
 /// Messages between shards. All `Send`: payloads are refcounted `Bytes`.
 pub(crate) enum ShardMsg {
-    /// A shard gained its first / lost its last subscriber on a filter.
-    Route(RouteDelta),
+    /// A shard gained its first / lost its last subscriber on a filter. `seq` is the sender's
+    /// broadcast sequence number, acknowledged with `Applied`.
+    Route { delta: RouteDelta, seq: u64 },
     /// Deliver to this shard's plain subscribers (if `plain`) and to one local member of each
     /// share group in `groups`.
     Forward {
@@ -69,7 +70,9 @@ pub(crate) enum ShardMsg {
         groups: SmallVec<[TopicFilter; 1]>,
     },
     /// A retained message (or its deletion) to apply to this shard's retained replica.
-    Retain(Message),
+    Retain { msg: Message, seq: u64 },
+    /// The receiver applied the sender's broadcasts up to `seq` (see `Shard::settled`).
+    Applied { seq: u64 },
     /// To the home shard: `conn` is connecting with `client_id`.
     Register {
         client_id: ByteString,
@@ -164,6 +167,10 @@ pub(crate) struct Shard {
     pub stopping: Cell<bool>,
     pub stop_notify: Notify,
     pub live_conns: Cell<usize>,
+    /// Sequence number of this shard's latest broadcast, and what each peer has applied.
+    broadcast_seq: Cell<u64>,
+    applied_by_peer: RefCell<Vec<u64>>,
+    settle_waiters: super::notify::WaitList,
     /// Messages to this shard from itself, handled on the next turn (never re-entrantly).
     self_queue: RefCell<Vec<ShardMsg>>,
     self_notify: Notify,
@@ -198,27 +205,75 @@ impl Shard {
 
     fn broadcast_delta(&self, st: &mut State, delta: RouteDelta) {
         st.replica.apply(&delta);
+        let seq = self.next_broadcast_seq();
         for peer in 0..self.shared.shards {
             if peer != self.id {
+                let delta = delta.clone();
                 self.outbox
-                    .send_control(peer, ShardMsg::Route(delta.clone()));
+                    .send_control(peer, ShardMsg::Route { delta, seq });
             }
         }
     }
 
-    /// Handle a message from another shard (or from ourselves).
-    pub fn handle_msg(&self, msg: ShardMsg) {
+    fn next_broadcast_seq(&self) -> u64 {
+        let seq = self.broadcast_seq.get() + 1;
+        self.broadcast_seq.set(seq);
+        seq
+    }
+
+    /// The latest broadcast (route delta or retained update) this shard has sent.
+    pub fn broadcast_seq(&self) -> u64 {
+        self.broadcast_seq.get()
+    }
+
+    /// Every other shard has applied this shard's broadcasts up to `seq`.
+    pub fn settled(&self, seq: u64) -> bool {
+        self.applied_by_peer
+            .borrow()
+            .iter()
+            .enumerate()
+            .all(|(peer, &a)| peer == self.id || a >= seq)
+    }
+
+    /// Wait until `settled(seq)`. A SUBACK (or the PUBACK of a retained publish) is held
+    /// until then, so a client that saw it can rely on what it did being visible on every
+    /// core: a publish that follows a SUBACK, from any client on any shard, is delivered;
+    /// a subscribe that follows a retained PUBACK gets the message (mosquitto's guarantees).
+    pub async fn wait_settled(&self, seq: u64) {
+        while !self.settled(seq) && !self.stopping.get() {
+            self.settle_waiters.wait().await;
+        }
+    }
+
+    fn ack_broadcast(&self, from: ShardId, seq: u64) {
+        if from != self.id {
+            self.outbox.send_control(from, ShardMsg::Applied { seq });
+        }
+    }
+
+    /// Handle a message from shard `from` (possibly this one).
+    pub fn handle_msg(&self, from: ShardId, msg: ShardMsg) {
         let now = Instant::now();
         match msg {
-            ShardMsg::Route(delta) => {
+            ShardMsg::Route { delta, seq } => {
                 self.st.borrow_mut().replica.apply(&delta);
+                self.ack_broadcast(from, seq);
+            }
+            ShardMsg::Applied { seq } => {
+                let mut a = self.applied_by_peer.borrow_mut();
+                if a[from] < seq {
+                    a[from] = seq;
+                }
+                drop(a);
+                self.settle_waiters.wake_all();
             }
             ShardMsg::Forward { msg, plain, groups } => {
                 let mut st = self.st.borrow_mut();
                 self.deliver_local(&mut st, &msg, plain, &groups, now);
             }
-            ShardMsg::Retain(msg) => {
+            ShardMsg::Retain { msg, seq } => {
                 self.st.borrow_mut().retained.set(msg);
+                self.ack_broadcast(from, seq);
             }
             ShardMsg::Register { client_id, conn } => {
                 let reg = self.st.borrow_mut().registry.register(client_id, conn);
@@ -440,10 +495,12 @@ impl Shard {
             // by every shard's replica).
             let kept = msg.detached();
             st.retained.set(kept.clone());
+            let seq = self.next_broadcast_seq();
             for peer in 0..self.shared.shards {
                 if peer != self.id {
+                    let msg = kept.clone();
                     self.outbox
-                        .send_control(peer, ShardMsg::Retain(msg.clone()));
+                        .send_control(peer, ShardMsg::Retain { msg, seq });
                 }
             }
         }
@@ -695,7 +752,7 @@ async fn self_dispatch(shard: Rc<Shard>) {
                 break;
             }
             for m in batch {
-                shard.handle_msg(m);
+                shard.handle_msg(shard.id, m);
             }
         }
     }
@@ -871,6 +928,9 @@ pub(crate) async fn shard_main(
         stopping: Cell::new(false),
         stop_notify: Notify::default(),
         live_conns: Cell::new(0),
+        broadcast_seq: Cell::new(0),
+        applied_by_peer: RefCell::new(vec![0; shared.shards]),
+        settle_waiters: super::notify::WaitList::default(),
         self_queue: RefCell::new(Vec::new()),
         self_notify: Notify::default(),
     });
@@ -878,7 +938,7 @@ pub(crate) async fn shard_main(
     let handler_shard = shard.clone();
     let _receivers = spawn_receivers(
         receivers,
-        Rc::new(move |_peer, msg| handler_shard.handle_msg(msg)),
+        Rc::new(move |peer, msg| handler_shard.handle_msg(peer, msg)),
     );
     for peer in 0..shared.shards {
         if peer != id {
