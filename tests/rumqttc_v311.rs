@@ -53,7 +53,7 @@ fn qos_round_trips_with_wildcards() {
         .unwrap();
     wait_for(&mut sconn, suback);
     let (publ, mut pconn) = client("pub", b.port(), true);
-    std::thread::spawn(move || for _ in pconn.iter() {});
+    let _d = drive(pconn);
     for (i, qos) in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce]
         .into_iter()
         .enumerate()
