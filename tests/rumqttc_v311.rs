@@ -52,7 +52,7 @@ fn qos_round_trips_with_wildcards() {
     sub.subscribe("fleet/+/telemetry", QoS::ExactlyOnce)
         .unwrap();
     wait_for(&mut sconn, suback);
-    let (publ, mut pconn) = client("pub", b.port(), true);
+    let (publ, pconn) = client("pub", b.port(), true);
     let _d = drive(pconn);
     for (i, qos) in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce]
         .into_iter()
