@@ -130,7 +130,10 @@ fn truncated_packet_then_silence_closes_after_keepalive_grace() {
         // [MQTT-3.1.2-22]: 1.5 × keepalive (1 s) without a complete packet.
         let got = c.until_closed(Duration::from_secs(3));
         let took = start.elapsed();
-        assert!(took >= Duration::from_millis(1000), "closed too early: {took:?}");
+        assert!(
+            took >= Duration::from_millis(1000),
+            "closed too early: {took:?}"
+        );
         assert!(
             got.iter().all(|p| p.disconnect_reason() == Some(0x8D)),
             "only a v5 'keep alive timeout' may precede the close: {got:?}"
@@ -149,6 +152,9 @@ fn no_connect_is_closed_after_connect_timeout() {
     half.send(&raw::connect(V311, "half", 30, true)[..6]);
     assert_closed_silently(&mut idle, Duration::from_secs(3));
     assert_closed_silently(&mut half, Duration::from_secs(3));
-    assert!(start.elapsed() >= Duration::from_millis(900), "closed before the timeout");
+    assert!(
+        start.elapsed() >= Duration::from_millis(900),
+        "closed before the timeout"
+    );
     assert_serves(b.addr);
 }

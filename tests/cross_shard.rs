@@ -128,7 +128,11 @@ fn publishes_cross_shards_in_order_both_ways() {
         for (name, conn) in [("shard 0", &mut c0), ("shard 1", &mut c1)] {
             let got = recv_publishes(conn, N as usize, WAIT);
             assert!(got.iter().all(|m| m.topic == topic));
-            assert_eq!(numbers(&got), (0..N).collect::<Vec<_>>(), "{name} from {from}");
+            assert_eq!(
+                numbers(&got),
+                (0..N).collect::<Vec<_>>(),
+                "{name} from {from}"
+            );
         }
     }
     // Both publishers at once.
@@ -167,7 +171,10 @@ fn takeover_on_the_other_shard_moves_the_live_session() {
         subscribe(&a, &mut ac, &topic, QoS::AtLeastOnce);
 
         let (_b2, mut bc) = client(&id, b.shard_port(to), false);
-        assert!(connack(&mut bc), "session_present after takeover ({from}->{to})");
+        assert!(
+            connack(&mut bc),
+            "session_present after takeover ({from}->{to})"
+        );
         assert_closed(&mut ac);
         drop(ac); // stop the old event loop before it reconnects
 
@@ -200,14 +207,24 @@ fn reconnect_on_the_other_shard_gets_messages_queued_offline() {
         let (p, mut pc) = client(&format!("roam-pub-{i}"), b.shard_port(from), true);
         publish_acked(&p, &mut pc, &numbered(&topic, 5), false);
         let (p2, mut pc2) = client(&format!("roam-pub2-{i}"), b.shard_port(to), true);
-        publish_acked(&p2, &mut pc2, &[(topic.clone(), 5u32.to_be_bytes().to_vec())], false);
+        publish_acked(
+            &p2,
+            &mut pc2,
+            &[(topic.clone(), 5u32.to_be_bytes().to_vec())],
+            false,
+        );
 
         let (_a2, mut ac2) = client(&id, b.shard_port(to), false);
         assert!(connack(&mut ac2), "session_present ({from}->{to})");
         let got = recv_publishes(&mut ac2, 6, WAIT);
         assert_eq!(numbers(&got), [0, 1, 2, 3, 4, 5], "{from}->{to}");
         // Live delivery continues on the new shard.
-        publish_acked(&p, &mut pc, &[(topic.clone(), 6u32.to_be_bytes().to_vec())], false);
+        publish_acked(
+            &p,
+            &mut pc,
+            &[(topic.clone(), 6u32.to_be_bytes().to_vec())],
+            false,
+        );
         let got = recv_publishes(&mut ac2, 1, WAIT);
         assert_eq!(numbers(&got), [6]);
         assert!(recv_publishes(&mut ac2, 1, Duration::from_millis(200)).is_empty());
@@ -225,7 +242,11 @@ fn retained_set_on_one_shard_is_seen_on_the_other() {
         let (s, mut sc) = client(&format!("rx-sub{sub_on}"), b.shard_port(sub_on), true);
         s.subscribe("rx/#", QoS::AtLeastOnce).unwrap();
         let got = recv_publishes(&mut sc, 1, WAIT);
-        assert_eq!(got.len(), 1, "retained from shard {set_on} on shard {sub_on}");
+        assert_eq!(
+            got.len(),
+            1,
+            "retained from shard {set_on} on shard {sub_on}"
+        );
         assert!(got[0].retain);
         assert_eq!(got[0].topic, topic);
         disconnect(&s, &mut sc);
@@ -267,7 +288,10 @@ fn shared_subscription_delivers_each_message_to_exactly_one_member() {
         for (k, conn) in [&mut c0, &mut c1].into_iter().enumerate() {
             for m in recv_publishes(conn, 2 * N as usize, Duration::from_millis(50)) {
                 let v = numbers(std::slice::from_ref(&m))[0];
-                assert!(seen.insert(v), "message {v} delivered to more than one member");
+                assert!(
+                    seen.insert(v),
+                    "message {v} delivered to more than one member"
+                );
                 per_member[k] += 1;
             }
         }
@@ -279,7 +303,10 @@ fn shared_subscription_delivers_each_message_to_exactly_one_member() {
         }
     }
     // The group spreads the load over its members on both shards.
-    assert!(per_member.iter().all(|&n| n > 0), "per member: {per_member:?}");
+    assert!(
+        per_member.iter().all(|&n| n > 0),
+        "per member: {per_member:?}"
+    );
     let plain = recv_publishes(&mut plc, 2 * N as usize, WAIT);
     assert_eq!(plain.len(), 2 * N as usize);
 }

@@ -150,8 +150,13 @@ fn qos2_exactly_once_count() {
     let _d = drive(pconn);
     std::thread::spawn(move || {
         for i in 0..N as u32 {
-            publ.publish("q2/count", QoS::ExactlyOnce, false, i.to_be_bytes().to_vec())
-                .unwrap();
+            publ.publish(
+                "q2/count",
+                QoS::ExactlyOnce,
+                false,
+                i.to_be_bytes().to_vec(),
+            )
+            .unwrap();
         }
         publ
     });
@@ -172,8 +177,10 @@ fn qos2_exactly_once_count() {
 fn retained_delivered_on_subscribe_and_cleared_by_empty_publish() {
     let b = TestBroker::start(2);
     let (publ, mut pconn) = client("pub-ret", b.port(), true);
-    publ.publish("ret/a", QoS::AtLeastOnce, true, "kept").unwrap();
-    publ.publish("ret/b", QoS::AtMostOnce, true, "also").unwrap();
+    publ.publish("ret/a", QoS::AtLeastOnce, true, "kept")
+        .unwrap();
+    publ.publish("ret/b", QoS::AtMostOnce, true, "also")
+        .unwrap();
     // Wait for the QoS 1 PUBACK so the retained message is stored before we subscribe.
     wait_for(&mut pconn, |p| matches!(p, Packet::PubAck(_)));
 
@@ -182,7 +189,10 @@ fn retained_delivered_on_subscribe_and_cleared_by_empty_publish() {
     let mut got = recv_publishes(&mut sconn, 2, WAIT);
     got.sort_by(|a, b| a.topic.cmp(&b.topic));
     assert_eq!(got.len(), 2);
-    assert!(got.iter().all(|p| p.retain), "retained flag set on subscribe delivery");
+    assert!(
+        got.iter().all(|p| p.retain),
+        "retained flag set on subscribe delivery"
+    );
     assert_eq!(got[0].payload.as_ref(), b"kept");
     assert_eq!(got[1].payload.as_ref(), b"also");
     disconnect(&sub, &mut sconn);
@@ -213,7 +223,12 @@ fn will_published_on_abnormal_close_only() {
         "dying",
         30,
         true,
-        Some(Will { topic: "wills/dying", payload: b"gone", qos: 1, retain: false }),
+        Some(Will {
+            topic: "wills/dying",
+            payload: b"gone",
+            qos: 1,
+            retain: false,
+        }),
         None,
     ));
     dying.s.shutdown(std::net::Shutdown::Both).unwrap();
@@ -229,7 +244,12 @@ fn will_published_on_abnormal_close_only() {
         "polite",
         30,
         true,
-        Some(Will { topic: "wills/polite", payload: b"never", qos: 1, retain: false }),
+        Some(Will {
+            topic: "wills/polite",
+            payload: b"never",
+            qos: 1,
+            retain: false,
+        }),
         None,
     ));
     polite.send(&raw::disconnect());
@@ -253,7 +273,8 @@ fn persistent_session_receives_qos1_sent_while_offline() {
         publ.publish(format!("offline/{i}"), QoS::AtLeastOnce, false, vec![i])
             .unwrap();
     }
-    publ.publish("offline/q0", QoS::AtMostOnce, false, "dropped").unwrap();
+    publ.publish("offline/q0", QoS::AtMostOnce, false, "dropped")
+        .unwrap();
     let mut acks = 0;
     while acks < 5 {
         wait_for(&mut pconn, |p| matches!(p, Packet::PubAck(_)));
@@ -297,7 +318,8 @@ fn takeover_disconnects_first_client_second_works() {
     wait_for(&mut c2, suback);
     let (publ, pconn) = client("pub-take", b.port(), true);
     let _d = drive(pconn);
-    publ.publish("to/second", QoS::AtLeastOnce, false, "hi").unwrap();
+    publ.publish("to/second", QoS::AtLeastOnce, false, "hi")
+        .unwrap();
     let got = recv_publishes(&mut c2, 1, WAIT);
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].payload.as_ref(), b"hi");

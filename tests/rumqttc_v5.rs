@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use common::{TestBroker, WAIT};
 use rumqttc::v5::mqttbytes::v5::{DisconnectReasonCode, Packet, Publish};
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{Client, ConnectionError, Connection, Event, MqttOptions, StateError};
+use rumqttc::v5::{Client, Connection, ConnectionError, Event, MqttOptions, StateError};
 
 fn client(id: &str, port: u16, clean: bool, expiry: Option<u32>) -> (Client, Connection) {
     let mut o = MqttOptions::new(id, "127.0.0.1", port);
@@ -90,7 +90,8 @@ fn topic(p: &Publish) -> String {
 fn wildcards_and_qos_round_trips() {
     let b = TestBroker::start(2);
     let (sub, mut sconn) = client("v5-sub", b.port(), true, None);
-    sub.subscribe("fleet/+/telemetry", QoS::ExactlyOnce).unwrap();
+    sub.subscribe("fleet/+/telemetry", QoS::ExactlyOnce)
+        .unwrap();
     wait_for(&mut sconn, suback);
     sub.subscribe("cmd/#", QoS::AtLeastOnce).unwrap();
     wait_for(&mut sconn, suback);
@@ -100,12 +101,20 @@ fn wildcards_and_qos_round_trips() {
         .into_iter()
         .enumerate()
     {
-        publ.publish(format!("fleet/{i}/telemetry"), qos, false, vec![i as u8; 10])
-            .unwrap();
+        publ.publish(
+            format!("fleet/{i}/telemetry"),
+            qos,
+            false,
+            vec![i as u8; 10],
+        )
+        .unwrap();
     }
-    publ.publish("fleet/x/other", QoS::AtLeastOnce, false, "no").unwrap();
-    publ.publish("cmd", QoS::ExactlyOnce, false, "root").unwrap();
-    publ.publish("cmd/a/b", QoS::ExactlyOnce, false, "deep").unwrap();
+    publ.publish("fleet/x/other", QoS::AtLeastOnce, false, "no")
+        .unwrap();
+    publ.publish("cmd", QoS::ExactlyOnce, false, "root")
+        .unwrap();
+    publ.publish("cmd/a/b", QoS::ExactlyOnce, false, "deep")
+        .unwrap();
     let got = recv_publishes(&mut sconn, 5, WAIT);
     let seen: Vec<(String, QoS)> = got.iter().map(|p| (topic(p), p.qos)).collect();
     assert_eq!(
@@ -134,8 +143,13 @@ fn qos2_exactly_once_count() {
     let _d = drive(pconn);
     std::thread::spawn(move || {
         for i in 0..N as u32 {
-            publ.publish("q2/count", QoS::ExactlyOnce, false, i.to_be_bytes().to_vec())
-                .unwrap();
+            publ.publish(
+                "q2/count",
+                QoS::ExactlyOnce,
+                false,
+                i.to_be_bytes().to_vec(),
+            )
+            .unwrap();
         }
         publ
     });
@@ -156,7 +170,8 @@ fn qos2_exactly_once_count() {
 fn retained_delivered_on_subscribe_and_cleared() {
     let b = TestBroker::start(2);
     let (publ, mut pconn) = client("v5-pub-ret", b.port(), true, None);
-    publ.publish("ret5/a", QoS::AtLeastOnce, true, "kept").unwrap();
+    publ.publish("ret5/a", QoS::AtLeastOnce, true, "kept")
+        .unwrap();
     wait_for(&mut pconn, |p| matches!(p, Packet::PubAck(_)));
     let (sub, mut sconn) = client("v5-sub-ret", b.port(), true, None);
     sub.subscribe("ret5/#", QoS::AtLeastOnce).unwrap();
@@ -195,7 +210,12 @@ fn will_on_abnormal_close_not_after_disconnect() {
         "v5-dying",
         30,
         true,
-        Some(Will { topic: "wills5/dying", payload: b"gone", qos: 1, retain: false }),
+        Some(Will {
+            topic: "wills5/dying",
+            payload: b"gone",
+            qos: 1,
+            retain: false,
+        }),
         None,
     ));
     dying.s.shutdown(std::net::Shutdown::Both).unwrap();
@@ -210,7 +230,12 @@ fn will_on_abnormal_close_not_after_disconnect() {
         "v5-polite",
         30,
         true,
-        Some(Will { topic: "wills5/polite", payload: b"never", qos: 1, retain: false }),
+        Some(Will {
+            topic: "wills5/polite",
+            payload: b"never",
+            qos: 1,
+            retain: false,
+        }),
         None,
     ));
     polite.send(&[0xE0, 0x01, 0x00]); // DISCONNECT, normal disconnection
@@ -285,7 +310,8 @@ fn takeover_first_gets_0x8e_second_works() {
     wait_for(&mut c2, suback);
     let (publ, pconn) = client("v5-pub-take", b.port(), true, None);
     let _d = drive(pconn);
-    publ.publish("to5/second", QoS::AtLeastOnce, false, "hi").unwrap();
+    publ.publish("to5/second", QoS::AtLeastOnce, false, "hi")
+        .unwrap();
     let got = recv_publishes(&mut c2, 1, WAIT);
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].payload.as_ref(), b"hi");
@@ -301,7 +327,9 @@ fn takeover_raw_bytes_show_0x8e() {
     second.handshake(&raw::connect(V5, "raw-same", 30, true));
     let last = first.until_closed(WAIT);
     assert_eq!(
-        last.iter().map(|p| p.disconnect_reason()).collect::<Vec<_>>(),
+        last.iter()
+            .map(|p| p.disconnect_reason())
+            .collect::<Vec<_>>(),
         [Some(0x8E)],
         "first connection's last packets: {last:?}"
     );

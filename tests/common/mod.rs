@@ -44,6 +44,11 @@ impl TestBroker {
         }
     }
 
+    /// Each shard's counters (a snapshot at most one control tick old).
+    pub fn stats(&self) -> Vec<midge::shard::Stats> {
+        self.broker.as_ref().map(|b| b.stats()).unwrap_or_default()
+    }
+
     pub fn port(&self) -> u16 {
         self.addr.port()
     }
