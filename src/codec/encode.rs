@@ -237,11 +237,11 @@ fn body(packet: &Packet, version: ProtocolVersion, s: &mut dyn Sink) {
         Packet::Disconnect(d) => {
             if v5 {
                 let no_props = d.properties == DisconnectProperties::default();
-                // Remaining length 0 / 1 short forms [MQTT-3.14.2.1].
+                // Remaining length 0 short form [MQTT-3.14.2.1]. With a reason code we
+                // always write the property length (as mosquitto does): rumqttc 0.25 cannot
+                // parse the legal 1-byte form and reports a bare "connection aborted".
                 if d.reason != ReasonCode::NORMAL_DISCONNECTION || !no_props {
                     s.u8(d.reason.0);
-                }
-                if !no_props {
                     props::write_props(s, |s| props::write_disconnect(s, &d.properties));
                 }
             }

@@ -135,9 +135,20 @@ pub struct Broker {
     pub shard_addrs: Vec<SocketAddr>,
     pub control: Arc<Control>,
     threads: Vec<JoinHandle<()>>,
+    shared: Arc<runtime::Shared>,
 }
 
 impl Broker {
+    /// Each shard's counters, indexed by shard; a snapshot at most one control tick (50 ms)
+    /// old.
+    pub fn stats(&self) -> Vec<Stats> {
+        self.shared
+            .stats
+            .iter()
+            .map(|s| s.lock().map(|s| *s).unwrap_or_default())
+            .collect()
+    }
+
     pub fn shutdown(&self) {
         self.control.request_shutdown();
     }
@@ -251,10 +262,12 @@ pub fn start(cfg: RuntimeConfig) -> Result<Broker, StartError> {
         shard_addrs: shard_addrs.into_iter().flatten().collect(),
         control,
         threads,
+        shared,
     })
 }
 
 mod runtime;
+pub use runtime::Stats;
 
 /// Run until SIGINT/SIGTERM (graceful: clients get 0x8B, exit 0); on SIGHUP call `on_reload`
 /// (on the signal thread, never on a shard).

@@ -43,6 +43,8 @@ pub(crate) struct Shared {
     pub listeners: Vec<ListenerSpec>,
     pub shards: usize,
     pub connections: Vec<AtomicUsize>,
+    /// Each shard's counters, copied by the shard on its control tick (read-only outside).
+    pub stats: Vec<std::sync::Mutex<Stats>>,
 }
 
 impl Shared {
@@ -53,6 +55,7 @@ impl Shared {
             listeners,
             shards,
             connections,
+            stats: (0..shards).map(|_| Default::default()).collect(),
         }
     }
 }
@@ -994,6 +997,9 @@ pub(crate) async fn shard_main(
     loop {
         glommio::timer::sleep(tick).await;
         shard.tick_offline(Instant::now());
+        if let Ok(mut s) = shared.stats[id].lock() {
+            *s = shard.st.borrow().stats;
+        }
         if control.shutdown_requested() {
             break;
         }
