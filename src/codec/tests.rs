@@ -433,12 +433,18 @@ fn ping_and_disconnect() {
         both_ways(&Packet::PingResp, v, "D0 00");
         both_ways(&Packet::Disconnect(Disconnect::default()), v, "E0 00");
     }
-    // v5 short forms [MQTT-3.14.2.1]: reason only, then reason and properties.
+    // v5 with a reason code: we always write the property length (as mosquitto does; rumqttc
+    // 0.25 cannot parse the legal 1-byte form), and still read the 1-byte form
+    // [MQTT-3.14.2.1].
     let with_will = Disconnect {
         reason: ReasonCode::DISCONNECT_WITH_WILL,
         properties: DisconnectProperties::default(),
     };
-    both_ways(&Packet::Disconnect(with_will.clone()), V5, "E0 01 04");
+    both_ways(&Packet::Disconnect(with_will.clone()), V5, "E0 02 04 00");
+    assert_eq!(
+        dec(&hex("E0 01 04"), V5),
+        Ok(Some(Packet::Disconnect(with_will.clone())))
+    );
     // v3 DISCONNECT has no reason code.
     assert_eq!(enc(&Packet::Disconnect(with_will), V311), hex("E0 00"));
     both_ways(
