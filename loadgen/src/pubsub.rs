@@ -1464,6 +1464,19 @@ async fn ack_reader(
     }
 }
 
+/// Take one slot of every window, or none (a partial take is given back).
+fn try_acquire_all(gates: &[Rc<Semaphore>]) -> bool {
+    for (i, g) in gates.iter().enumerate() {
+        if !g.try_acquire(1).unwrap_or(false) {
+            for h in &gates[..i] {
+                h.signal(1);
+            }
+            return false;
+        }
+    }
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1550,17 +1563,4 @@ mod tests {
         assert_eq!(caps, vec![3, 3, 3, 3, 3, 2, 2, 2, 2, 2]);
         assert_eq!(caps.iter().sum::<u64>(), 25);
     }
-}
-
-/// Take one slot of every window, or none (a partial take is given back).
-fn try_acquire_all(gates: &[Rc<Semaphore>]) -> bool {
-    for (i, g) in gates.iter().enumerate() {
-        if !g.try_acquire(1).unwrap_or(false) {
-            for h in &gates[..i] {
-                h.signal(1);
-            }
-            return false;
-        }
-    }
-    true
 }

@@ -364,10 +364,7 @@ impl Shard {
     /// Drain `key`'s session events and act on them. Call after every input to a session.
     pub fn pump(&self, st: &mut State, key: ConnKey, now: Instant) {
         let mut events = mem::take(&mut st.events);
-        loop {
-            let Some(slot) = st.sessions.get_mut(&key) else {
-                break;
-            };
+        while let Some(slot) = st.sessions.get_mut(&key) {
             while let Some(ev) = slot.session.poll_event() {
                 events.push(ev);
             }
