@@ -101,6 +101,7 @@ pub fn prepare(cfg: &Config) -> Result<Prepared, TlsError> {
             } else {
                 lim.message_size_limit as usize
             },
+            sys_interval: cfg.sys_interval,
             ..RuntimeConfig::default()
         },
         reloaders,

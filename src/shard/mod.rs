@@ -10,6 +10,7 @@ mod conn;
 pub mod mailbox;
 pub mod notify;
 pub mod registry;
+mod sys;
 mod tls;
 
 use std::io;
@@ -69,6 +70,8 @@ pub struct RuntimeConfig {
     /// Publishes with a larger payload are acknowledged but not delivered (mosquitto's
     /// `message_size_limit`).
     pub message_size_limit: usize,
+    /// Period of `$SYS/broker/...` updates; `None` disables them.
+    pub sys_interval: Option<Duration>,
 }
 
 impl Default for RuntimeConfig {
@@ -89,6 +92,7 @@ impl Default for RuntimeConfig {
             session: crate::session::SessionConfig::default(),
             retained: crate::routing::RetainedLimits::default(),
             message_size_limit: usize::MAX,
+            sys_interval: Some(Duration::from_secs(10)),
         }
     }
 }

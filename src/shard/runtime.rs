@@ -134,6 +134,9 @@ pub struct Stats {
     pub dropped_expired: u64,
     pub forwards_out: u64,
     pub oversize_publishes: u64,
+    /// Gauges, refreshed on the control tick.
+    pub live_conns: u64,
+    pub retained: u64,
 }
 
 pub(crate) struct State {
@@ -989,13 +992,25 @@ pub(crate) async fn shard_main(
     }
     let _ = ready.send(Ok((id, shard_addr)));
 
-    // Control loop: shutdown flag and offline-session timers.
+    // Control loop: shutdown flag, offline-session timers, counter snapshots, $SYS.
     let tick = Duration::from_millis(50);
+    let started = Instant::now();
+    let mut next_sys = shared.cfg.sys_interval.map(|d| started + d);
     loop {
         glommio::timer::sleep(tick).await;
-        shard.tick_offline(Instant::now());
-        if let Ok(mut s) = shared.stats[id].lock() {
-            *s = shard.st.borrow().stats;
+        let now = Instant::now();
+        shard.tick_offline(now);
+        {
+            let mut st = shard.st.borrow_mut();
+            st.stats.live_conns = shard.live_conns.get() as u64;
+            st.stats.retained = st.retained.len() as u64;
+            if let Ok(mut s) = shared.stats[id].lock() {
+                *s = st.stats;
+            }
+        }
+        if id == 0 && next_sys.is_some_and(|t| now >= t) {
+            super::sys::publish(&shard, started);
+            next_sys = shared.cfg.sys_interval.map(|d| now + d);
         }
         if control.shutdown_requested() {
             break;
