@@ -770,3 +770,209 @@ fn bad_client_certificates_are_refused_with_the_reason_logged() {
     roundtrip(port, &pki.ca, &good, "mqttv311");
     roundtrip(port, &pki.ca, &good, "mqttv5");
 }
+
+// ---------------------------------------------------------------- 3. identity as username
+
+/// `use_identity_as_username`: the username is the certificate's CN, whatever `-u` the client
+/// sends; with `allow_anonymous false` + `require_certificate true` exactly the clients with a
+/// valid certificate get in.
+#[test]
+fn certificate_cn_is_the_username_and_only_valid_certificates_are_admitted() {
+    need_tools();
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::openssl(&tmp.path().join("pki"));
+    let dev = pki.openssl_client("device-1", "/C=DE/O=Acme Devices/CN=device-1", false);
+    let other = Pki::openssl(&tmp.path().join("other"));
+    let stranger = other.openssl_client("device-2", "/CN=device-2", false);
+    let port = free_port();
+    let b = start_with_conf(
+        tmp.path(),
+        "tls.conf",
+        &tls_conf(
+            port,
+            &pki,
+            "use_identity_as_username true\nallow_anonymous false\n",
+        ),
+        2,
+        port,
+    );
+    let id = unique("cn-user");
+    publish_ok(
+        port,
+        &pki.ca,
+        &dev,
+        "t/cn",
+        "x",
+        &["-u", "someone", "-i", &id],
+    );
+    let line = b.wait_log(&["New client connected", &format!(" as {id} (")]);
+    assert!(
+        line.contains("u'device-1'"),
+        "username must be the certificate CN, not the client's -u: {line}"
+    );
+    roundtrip(port, &pki.ca, &dev, "mqttv5");
+    // Without a certificate, or with one from another CA: not admitted.
+    for (what, d) in [("no certificate", None), ("another CA", Some(&stranger))] {
+        let id = unique("anon");
+        let out = publish(port, &pki.ca, d, "t/cn", "x", &["-u", "someone", "-i", &id]);
+        assert!(!out.status.success(), "{what}: must not be admitted");
+        assert_eq!(
+            b.count_log(&["New client connected", &id]),
+            0,
+            "{what}: no session"
+        );
+    }
+    b.wait_log(&["TLS handshake refused (no_certificate)"]);
+    b.wait_log(&["TLS handshake refused (unknown_ca)"]);
+}
+
+/// `use_subject_as_username`: the username is the subject in mosquitto's RFC 2253 form.
+#[test]
+fn certificate_subject_is_the_username_in_rfc2253_form() {
+    need_tools();
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::openssl(&tmp.path().join("pki"));
+    let dev = pki.openssl_client("device-1", "/C=DE/O=Acme Devices/CN=device-1", false);
+    let port = free_port();
+    let b = start_with_conf(
+        tmp.path(),
+        "tls.conf",
+        &tls_conf(
+            port,
+            &pki,
+            "use_subject_as_username true\nallow_anonymous false\n",
+        ),
+        1,
+        port,
+    );
+    let id = unique("subject-user");
+    publish_ok(
+        port,
+        &pki.ca,
+        &dev,
+        "t/subj",
+        "x",
+        &["-u", "someone", "-i", &id],
+    );
+    let line = b.wait_log(&["New client connected", &format!(" as {id} (")]);
+    // What `openssl x509 -subject -nameopt RFC2253` prints, and mosquitto uses.
+    let want = run_ok(
+        Command::new("openssl")
+            .args(["x509", "-noout", "-subject", "-nameopt", "RFC2253", "-in"])
+            .arg(&dev.cert),
+    );
+    let want = String::from_utf8_lossy(&want.stdout)
+        .trim()
+        .trim_start_matches("subject=")
+        .to_string();
+    assert_eq!(want, "CN=device-1,O=Acme Devices,C=DE");
+    assert!(
+        line.contains(&format!("u'{want}'")),
+        "username must be the RFC 2253 subject {want:?}: {line}"
+    );
+}
+
+// ---------------------------------------------------------------- 4. resumption
+
+/// First connection: full handshake, session saved with `-sess_out` once the broker sent it
+/// (TLS 1.3 tickets arrive after the handshake, so stdin stays open until the file exists).
+fn save_session(port: u16, ca: &Path, dev: &Device, version: &str, sess: &Path) -> String {
+    let mut child = Command::new("timeout")
+        .args(["10", "openssl", "s_client", "-connect"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("-CAfile")
+        .arg(ca)
+        .arg("-cert")
+        .arg(&dev.cert)
+        .arg("-key")
+        .arg(&dev.key)
+        .arg(version)
+        .arg("-sess_out")
+        .arg(sess)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn openssl s_client");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::fs::metadata(sess).map(|m| m.len()).unwrap_or(0) == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A moment more so every ticket the broker sends is read (the file holds the last).
+    std::thread::sleep(Duration::from_millis(100));
+    drop(child.stdin.take());
+    let out = child.wait_with_output().expect("s_client output");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        std::fs::metadata(sess).map(|m| m.len()).unwrap_or(0) > 0,
+        "{version}: no session saved by the first connection:\n{text}"
+    );
+    assert!(
+        text.contains("New, TLS"),
+        "{version}: first handshake is full:\n{text}"
+    );
+    text
+}
+
+/// Resumes `n` connections from one saved session; each sends an MQTT CONNECT so the broker's
+/// log says which shard served it. Returns the set of shards.
+fn resume_many(
+    b: &Broker,
+    port: u16,
+    ca: &Path,
+    dev: &Device,
+    version: &str,
+    n: usize,
+) -> Vec<usize> {
+    let dir = tempfile::tempdir().unwrap();
+    let sess = dir.path().join("session.pem");
+    save_session(port, ca, dev, version, &sess);
+    let sess_arg = sess.display().to_string();
+    let mut shards = Vec::new();
+    for i in 0..n {
+        let id = unique(&format!("resume{}-{i}", version.trim_start_matches('-')));
+        let (_, out) = s_client(
+            port,
+            ca,
+            Some(dev),
+            &[version, "-sess_in", &sess_arg],
+            &connect_disconnect(&id),
+        );
+        assert!(
+            out.contains("Reused, TLS"),
+            "{version}: connection {i} was not resumed:\n{out}"
+        );
+        shards.push(shard_of(b, &id));
+    }
+    shards.sort_unstable();
+    shards.dedup();
+    shards
+}
+
+/// With 2 shards, a session established on one shard resumes on both (one ticket key / session
+/// cache for the whole broker), at TLS 1.3 and TLS 1.2.
+#[test]
+fn sessions_resume_on_both_shards_at_tls13_and_tls12() {
+    need_tools();
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::midge(&tmp.path().join("pki"));
+    let dev = pki.midge_client("device-1");
+    let port = free_port();
+    let b = start_with_conf(
+        tmp.path(),
+        "tls.conf",
+        &tls_conf(port, &pki, "use_identity_as_username true\n"),
+        2,
+        port,
+    );
+    for version in ["-tls1_3", "-tls1_2"] {
+        // 20 connections from random source ports: the REUSEPORT hash puts them on both
+        // shards (all on one shard has probability 2^-19).
+        let shards = resume_many(&b, port, &pki.ca, &dev, version, 20);
+        assert_eq!(
+            shards,
+            vec![0, 1],
+            "{version}: resumed connections must be served by both shards"
+        );
+    }
+}
