@@ -8,7 +8,7 @@
 //! every broker listens on free 127.0.0.1 ports. Needs mosquitto-clients and openssl
 //! (scripts/test.sh installs them); each test fails with a clear message without them.
 use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -94,8 +94,12 @@ struct Pki {
 impl Pki {
     /// CA + server certificate (localhost, 127.0.0.1) made by `midge certs`.
     fn midge(dir: &Path) -> Pki {
+        Pki::midge_named(dir, "Midge CA")
+    }
+
+    fn midge_named(dir: &Path, ca_cn: &str) -> Pki {
         std::fs::create_dir_all(dir).unwrap();
-        midge_certs(dir, "ca", &[]);
+        midge_certs(dir, "ca", &["--cn", ca_cn]);
         midge_certs(dir, "server", &["--dns", "localhost", "--ip", "127.0.0.1"]);
         Pki {
             dir: dir.to_path_buf(),
@@ -973,6 +977,217 @@ fn sessions_resume_on_both_shards_at_tls13_and_tls12() {
             shards,
             vec![0, 1],
             "{version}: resumed connections must be served by both shards"
+        );
+    }
+}
+
+// ---------------------------------------------------------------- 5. hot reload
+
+fn wait_count(b: &Broker, parts: &[&str], n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while b.count_log(parts) < n {
+        assert!(
+            Instant::now() < deadline,
+            "expected {n} log lines containing {parts:?}; log:\n{}",
+            b.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Replace the CA file and reload (SIGHUP, then `midge reload --pid`): new devices are judged
+/// by the new CA while an established subscriber stays connected and keeps receiving; a broken
+/// key is refused with a logged error and the previous material keeps serving.
+#[test]
+fn tls_material_reloads_without_dropping_connected_devices() {
+    need_tools();
+    let tmp = tempfile::tempdir().unwrap();
+    let pki1 = Pki::midge_named(&tmp.path().join("ca1"), "Fleet CA 1");
+    let pki2 = Pki::midge_named(&tmp.path().join("ca2"), "Fleet CA 2");
+    let dev1 = pki1.midge_client("device-1");
+    let dev2 = pki2.midge_client("device-2");
+    // The files the broker reads; the server certificate stays CA 1's throughout, so every
+    // client verifies the broker with ca1.crt.
+    let live = tmp.path().join("live");
+    std::fs::create_dir_all(&live).unwrap();
+    let (cafile, certfile, keyfile) = (
+        live.join("cafile.pem"),
+        live.join("server.crt"),
+        live.join("server.key"),
+    );
+    std::fs::copy(&pki1.ca, &cafile).unwrap();
+    std::fs::copy(&pki1.server_cert, &certfile).unwrap();
+    std::fs::copy(&pki1.server_key, &keyfile).unwrap();
+    let port = free_port();
+    let b = start_with_conf(
+        tmp.path(),
+        "tls.conf",
+        &format!(
+            "listener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n\
+             require_certificate true\nuse_identity_as_username true\n",
+            cafile.display(),
+            certfile.display(),
+            keyfile.display()
+        ),
+        2,
+        port,
+    );
+    let ca = &pki1.ca;
+    let topic = unique("fleet");
+    let mut sub1 = Sub::start(port, ca, Some(&dev1), &topic, &["-q", "1"])
+        .unwrap_or_else(|o| panic!("CA 1 subscriber not admitted:\n{o}"));
+    assert!(
+        !publish(port, ca, Some(&dev2), &topic, "early", &[])
+            .status
+            .success(),
+        "a CA 2 device must be refused before the reload"
+    );
+    b.wait_log(&["TLS handshake refused (unknown_ca)"]);
+
+    // Reload 1 (SIGHUP): the CA file now holds CA 2 only.
+    std::fs::copy(&pki2.ca, &cafile).unwrap();
+    b.sighup();
+    wait_count(&b, &["TLS material reloaded"], 1);
+    publish_ok(port, ca, &dev2, &topic, "after-reload-1", &[]);
+    sub1.expect_message("after-reload-1");
+    assert!(
+        sub1.is_running(),
+        "the CA 1 subscriber must survive the reload"
+    );
+    let refused = b.count_log(&["TLS handshake refused (unknown_ca)"]);
+    assert!(
+        !publish(port, ca, Some(&dev1), &topic, "x", &[])
+            .status
+            .success(),
+        "a new CA 1 connection must be refused once cafile holds only CA 2"
+    );
+    wait_count(&b, &["TLS handshake refused (unknown_ca)"], refused + 1);
+
+    // Reload 2 (`midge reload --pid`): a bundle of both CAs.
+    std::fs::write(
+        &cafile,
+        [
+            std::fs::read(&pki1.ca).unwrap(),
+            std::fs::read(&pki2.ca).unwrap(),
+        ]
+        .concat(),
+    )
+    .unwrap();
+    let out = run_ok(
+        Command::new(MIDGE)
+            .args(["reload", "--pid"])
+            .arg(b.pid().to_string()),
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&b.pid().to_string()),
+        "midge reload names the pid it signalled"
+    );
+    wait_count(&b, &["TLS material reloaded"], 2);
+    publish_ok(port, ca, &dev1, &topic, "after-reload-2-ca1", &[]);
+    sub1.expect_message("after-reload-2-ca1");
+    publish_ok(port, ca, &dev2, &topic, "after-reload-2-ca2", &[]);
+    sub1.expect_message("after-reload-2-ca2");
+
+    // Reload 3: a truncated key is refused, and the bundle material keeps serving.
+    let key = std::fs::read(&keyfile).unwrap();
+    std::fs::write(&keyfile, &key[..key.len() / 2]).unwrap();
+    b.sighup();
+    let line = b.wait_log(&["TLS reload failed, keeping the previous material"]);
+    assert!(
+        line.contains("server.key"),
+        "the reload error names the broken file: {line}"
+    );
+    assert_eq!(b.count_log(&["TLS material reloaded"],), 2);
+    publish_ok(port, ca, &dev1, &topic, "after-failed-reload-ca1", &[]);
+    sub1.expect_message("after-failed-reload-ca1");
+    publish_ok(port, ca, &dev2, &topic, "after-failed-reload-ca2", &[]);
+    sub1.expect_message("after-failed-reload-ca2");
+    assert!(
+        sub1.is_running(),
+        "the CA 1 subscriber stayed connected through three reloads"
+    );
+    assert_eq!(
+        sub1.seen
+            .iter()
+            .filter(|l| l.contains("sending CONNECT"))
+            .count(),
+        1,
+        "the subscriber never reconnected (mosquitto_sub would reconnect after a drop):\n{}",
+        sub1.seen.join("\n")
+    );
+}
+
+// ---------------------------------------------------------------- 6. configuration checks
+
+#[test]
+fn check_config_shows_tls_keys_and_mismatched_key_fails_in_plain_words() {
+    need_tools();
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::midge(&tmp.path().join("pki"));
+    let other = Pki::midge(&tmp.path().join("other"));
+    let port = free_port();
+    let good = tmp.path().join("good.conf");
+    std::fs::write(
+        &good,
+        tls_conf(port, &pki, "use_identity_as_username true\n"),
+    )
+    .unwrap();
+    let out = run_ok(
+        Command::new(MIDGE)
+            .arg("-c")
+            .arg(&good)
+            .arg("--check-config"),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    for want in [
+        format!("listener {port} 127.0.0.1"),
+        format!("cafile {}", pki.ca.display()),
+        format!("certfile {}", pki.server_cert.display()),
+        format!("keyfile {}", pki.server_key.display()),
+        "require_certificate true".to_string(),
+        "use_identity_as_username true".to_string(),
+        "tls_version tlsv1.2".to_string(),
+    ] {
+        assert!(
+            text.lines().any(|l| l.trim() == want),
+            "--check-config output lacks {want:?}:\n{text}"
+        );
+    }
+
+    // The server key of another CA: does not match certfile.
+    let bad = tmp.path().join("bad.conf");
+    std::fs::write(
+        &bad,
+        format!(
+            "listener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\nuse_identity_as_username true\n",
+            pki.ca.display(),
+            pki.server_cert.display(),
+            other.server_key.display()
+        ),
+    )
+    .unwrap();
+    let check = run(Command::new(MIDGE)
+        .arg("-c")
+        .arg(&bad)
+        .arg("--check-config"));
+    let start = run(Command::new("timeout")
+        .args(["10", MIDGE, "-c"])
+        .arg(&bad)
+        .env("NO_COLOR", "1"));
+    for (what, out) in [("--check-config", &check), ("start", &start)] {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{what} with a mismatched key must fail with exit 1: {err}"
+        );
+        let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{what}: one error line, got:\n{err}");
+        assert!(
+            lines[0].contains(&other.server_key.display().to_string())
+                && lines[0].contains("does not match"),
+            "{what}: the error names the key file and says it does not match: {}",
+            lines[0]
         );
     }
 }
