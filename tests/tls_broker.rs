@@ -237,6 +237,71 @@ impl Pki {
     }
 }
 
+impl Pki {
+    /// A client certificate that expired long ago, made the openssl way (`openssl ca` with
+    /// `-startdate/-enddate`, in a scratch database beside the CA) and signed by this CA.
+    fn openssl_expired_client(&self, cn: &str) -> Device {
+        let db = self.dir.join("openssl-ca");
+        std::fs::create_dir_all(&db).unwrap();
+        std::fs::write(db.join("index.txt"), "").unwrap();
+        std::fs::write(db.join("serial"), "1000\n").unwrap();
+        std::fs::write(
+            db.join("ca.cnf"),
+            "[ca]\ndefault_ca = d\n[d]\ndatabase = index.txt\nnew_certs_dir = .\nserial = serial\n\
+             default_md = sha256\npolicy = p\nx509_extensions = e\n[p]\ncommonName = supplied\n\
+             [e]\nbasicConstraints = CA:FALSE\nextendedKeyUsage = clientAuth\n",
+        )
+        .unwrap();
+        let (key, csr, crt) = (
+            format!("{cn}.key"),
+            format!("{cn}.csr"),
+            format!("{cn}.crt"),
+        );
+        openssl(
+            &db,
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                &key,
+                "-out",
+                &csr,
+                "-subj",
+                &format!("/CN={cn}"),
+            ],
+        );
+        let (ca, ca_key) = (self.ca.display().to_string(), self.dir.join("ca.key"));
+        openssl(
+            &db,
+            &[
+                "ca",
+                "-batch",
+                "-config",
+                "ca.cnf",
+                "-cert",
+                &ca,
+                "-keyfile",
+                &ca_key.display().to_string(),
+                "-in",
+                &csr,
+                "-out",
+                &crt,
+                "-notext",
+                "-startdate",
+                "20200101000000Z",
+                "-enddate",
+                "20210101000000Z",
+            ],
+        );
+        Device {
+            cert: db.join(crt),
+            key: db.join(key),
+        }
+    }
+}
+
 // ---------------------------------------------------------------- the broker
 
 /// A running `midge` whose stderr (the log) is collected; killed on drop.
@@ -705,16 +770,19 @@ fn bad_client_certificates_are_refused_with_the_reason_logged() {
         port,
     );
 
-    let cases: [(&str, Option<&Device>); 5] = [
+    let expired_openssl = pki.openssl_expired_client("device-expired-2020");
+    let cases: [(&str, Option<&Device>); 6] = [
         ("no_certificate", None),
         ("unknown_ca", Some(&stranger)),
         ("unknown_ca", Some(&twin_dev)),
         ("revoked", Some(&revoked)),
         ("expired", Some(&expired)),
+        ("expired", Some(&expired_openssl)),
     ];
     for (reason, dev) in cases {
         let before = b.count_log(&[&format!("TLS handshake refused ({reason})")]);
-        let out = publish(port, &pki.ca, dev, &unique("refused"), "x", &[]);
+        let id = unique("refused");
+        let out = publish(port, &pki.ca, dev, "t/refused", "x", &["-i", &id]);
         assert!(
             !out.status.success(),
             "{reason}: mosquitto_pub succeeded but must be refused"
@@ -726,7 +794,7 @@ fn bad_client_certificates_are_refused_with_the_reason_logged() {
             "{reason}: one refusal logged"
         );
         assert_eq!(
-            b.count_log(&["New client connected", "refused-"]),
+            b.count_log(&["New client connected", &id]),
             0,
             "{reason}: no MQTT session may start"
         );
