@@ -31,7 +31,19 @@ fn main() -> ExitCode {
         None => {}
     }
     if cli.check_config {
-        return ExitCode::from(config::run_check_config(&cli) as u8);
+        let code = config::run_check_config(&cli);
+        if code != 0 {
+            return ExitCode::from(code as u8);
+        }
+        // The file is valid; load the TLS material as a start would (no sockets), so a key
+        // that does not match its certificate fails the check rather than the next restart.
+        if let Ok(cfg) = config::load(&cli) {
+            if let Err(e) = midge::broker::prepare(&cfg) {
+                eprintln!("midge: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+        return ExitCode::SUCCESS;
     }
     let cfg = match config::load(&cli) {
         Ok(c) => c,

@@ -122,7 +122,11 @@ impl HandshakeFailure {
     #[allow(deprecated)] // UnsupportedSignatureAlgorithm is still produced by older paths.
     fn classify_cert(ce: &CertificateError) -> Self {
         match ce {
-            CertificateError::UnknownIssuer => Self::UnknownCa,
+            // BadSignature: a CA in cafile has the issuer's name but did not sign it — in
+            // practice another CA with the same name (e.g. a regenerated or another site's
+            // default "Midge CA"); for the operator that is an unknown CA. (Legacy
+            // signatures were already reported as such by the verifier.)
+            CertificateError::UnknownIssuer | CertificateError::BadSignature => Self::UnknownCa,
             CertificateError::Expired | CertificateError::ExpiredContext { .. } => Self::Expired,
             CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
                 Self::NotYetValid
@@ -376,6 +380,10 @@ mod tests {
         );
         assert_eq!(
             HandshakeFailure::classify(&Error::InvalidCertificate(CertificateError::UnknownIssuer)),
+            HandshakeFailure::UnknownCa
+        );
+        assert_eq!(
+            HandshakeFailure::classify(&Error::InvalidCertificate(CertificateError::BadSignature)),
             HandshakeFailure::UnknownCa
         );
         assert_eq!(
