@@ -16,4 +16,14 @@ if [ ${#need[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
-cargo test --workspace --release "$@"
+# Run everything, keep cargo's output, and end with one total line (cargo's own last line is
+# the doc-test binary's, which says "0 passed" for a crate without doc tests).
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --workspace --release "$@" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+awk '/^test result:/ { p += $4; f += $6; i += $8 }
+     END { printf "\nsummary: %d passed, %d failed, %d skipped\n", p, f, i }' "$log"
+exit "$status"

@@ -348,8 +348,6 @@ fn idle_shard_is_woken_by_forwarded_messages() {
 /// another core to reach it (mosquitto: always). The route delta travels by mailbox, so
 /// this checks it is applied before a later publish is routed on the other shard.
 #[test]
-#[ignore = "reason: route deltas are applied asynchronously; a publish that causally follows \
-            SUBACK on another shard can be routed before the delta (~3% of tries on 2 cores)"]
 fn subscribe_then_publish_on_other_shard() {
     use common::raw::{self, V311};
     let b = TestBroker::start(2);
