@@ -327,7 +327,10 @@ async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
     let mut wbuf = BytesMut::new();
     let limits = Limits { max_packet_size };
     let mut last_active = Instant::now();
-    let mut trimmed = false;
+    // A new connection counts as idle until it sends something: it waits with a small buffer
+    // (devices that connect and then sit idle are the common case in a fleet).
+    let mut trimmed = true;
+    let mut setup_done = false;
     loop {
         if let Some(seq) = settle.take() {
             shard.wait_settled(seq).await;
@@ -358,6 +361,15 @@ async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
         }
         if link.closing.get() {
             break;
+        }
+        if !setup_done {
+            // The CONNACK (and any resumed messages) went out: give back what setting up
+            // the session needed.
+            setup_done = true;
+            wbuf = BytesMut::new();
+            if let Some(slot) = shard.st.borrow_mut().sessions.get_mut(&key) {
+                slot.session.shrink_idle();
+            }
         }
         // An idle connection gives its buffers back, so memory per idle client stays small
         // while a busy one keeps them (no allocation churn per read).
