@@ -30,6 +30,9 @@ const READ_CHUNK: usize = 4096;
 /// reading must not pin its queue (and its socket buffers) forever.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Longest a write waits for peers to apply this shard's route/retained updates.
+const SYNC_WAIT_MAX: Duration = Duration::from_secs(1);
+
 enum Wake {
     Read(std::io::Result<usize>),
     Notified,
@@ -220,6 +223,15 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
         if !wbuf.is_empty() {
+            // See `ConnLink::sync_to`: microseconds normally; bounded so a stopping or stuck
+            // peer cannot hold the connection.
+            let since = Instant::now();
+            while !shard.synced(link.sync_to.get())
+                && !shard.stopping.get()
+                && since.elapsed() < SYNC_WAIT_MAX
+            {
+                glommio::timer::sleep(Duration::from_micros(50)).await;
+            }
             let res = write_all(&mut io, &wbuf).await;
             wbuf.clear();
             if let Err(e) = res {

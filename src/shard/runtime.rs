@@ -70,7 +70,9 @@ pub(crate) enum ShardMsg {
         groups: SmallVec<[TopicFilter; 1]>,
     },
     /// A retained message (or its deletion) to apply to this shard's retained replica.
-    Retain(Message),
+    Retain { msg: Message, from: ShardId },
+    /// Shard `from` applied one more of our `Route`/`Retain` messages (see `Shard::synced`).
+    Applied { from: ShardId },
     /// To the home shard: `conn` is connecting with `client_id`.
     Register {
         client_id: ByteString,
@@ -102,6 +104,11 @@ pub(crate) struct ConnLink {
     pub last_words: RefCell<Vec<Packet>>,
     /// The session was taken away (takeover) or the shard is stopping.
     pub detached: Cell<bool>,
+    /// Hold the next write until every peer applied our replicated updates up to this
+    /// sequence number: a SUBACK, CONNACK (resumed subscriptions) or PUBACK (retained) must
+    /// not reach the client before other shards know, or a publish that causally follows it
+    /// on another shard is routed without this subscriber / finds no retained message.
+    pub sync_to: Cell<u64>,
 }
 
 pub(crate) struct Slot {
@@ -159,6 +166,10 @@ pub(crate) struct Shard {
     pub stopping: Cell<bool>,
     pub stop_notify: Notify,
     pub live_conns: Cell<usize>,
+    /// `Route`/`Retain` messages broadcast so far (each goes to every peer) and, per peer,
+    /// how many of them it has applied.
+    replicated: Cell<u64>,
+    applied: Vec<Cell<u64>>,
     /// Messages to this shard from itself, handled on the next turn (never re-entrantly).
     self_queue: RefCell<Vec<ShardMsg>>,
     self_notify: Notify,
@@ -192,6 +203,7 @@ impl Shard {
     }
 
     fn broadcast_delta(&self, st: &mut State, delta: RouteDelta) {
+        self.replicated.set(self.replicated.get() + 1);
         st.replica.apply(&delta);
         for peer in 0..self.shared.shards {
             if peer != self.id {
@@ -207,13 +219,20 @@ impl Shard {
         match msg {
             ShardMsg::Route(delta) => {
                 self.st.borrow_mut().replica.apply(&delta);
+                let from = delta.shard.index();
+                self.send_control(from, ShardMsg::Applied { from: self.id });
             }
             ShardMsg::Forward { msg, plain, groups } => {
                 let mut st = self.st.borrow_mut();
                 self.deliver_local(&mut st, &msg, plain, &groups, now);
             }
-            ShardMsg::Retain(msg) => {
+            ShardMsg::Retain { msg, from } => {
                 self.st.borrow_mut().retained.set(msg);
+                self.send_control(from, ShardMsg::Applied { from: self.id });
+            }
+            ShardMsg::Applied { from } => {
+                let a = &self.applied[from];
+                a.set(a.get() + 1);
             }
             ShardMsg::Register { client_id, conn } => {
                 let reg = self.st.borrow_mut().registry.register(client_id, conn);
@@ -291,6 +310,8 @@ impl Shard {
 
     /// Drain `key`'s session events and act on them. Call after every input to a session.
     pub fn pump(&self, st: &mut State, key: ConnKey, now: Instant) {
+        let replicated = self.replicated.get();
+        let mut subscribed = false;
         let mut events = mem::take(&mut st.events);
         loop {
             let Some(slot) = st.sessions.get_mut(&key) else {
@@ -303,10 +324,25 @@ impl Shard {
                 break;
             }
             for ev in events.drain(..) {
+                subscribed |= matches!(ev, SessionEvent::Subscribe { .. });
                 self.handle_event(st, key, ev, now);
             }
         }
         st.events = events;
+        // A subscribe that added no route itself may still depend on one still in flight.
+        if subscribed || self.replicated.get() != replicated {
+            if let Some(link) = st.sessions.get(&key).and_then(|s| s.link.as_ref()) {
+                link.sync_to.set(self.replicated.get());
+            }
+        }
+    }
+
+    /// Every peer has applied our `Route`/`Retain` broadcasts up to `seq`.
+    pub fn synced(&self, seq: u64) -> bool {
+        self.applied
+            .iter()
+            .enumerate()
+            .all(|(peer, a)| peer == self.id || a.get() >= seq)
     }
 
     fn handle_event(&self, st: &mut State, key: ConnKey, ev: SessionEvent, now: Instant) {
@@ -423,10 +459,14 @@ impl Shard {
         }
         if msg.retain {
             st.retained.set(msg.clone());
+            self.replicated.set(self.replicated.get() + 1);
             for peer in 0..self.shared.shards {
                 if peer != self.id {
-                    self.outbox
-                        .send_control(peer, ShardMsg::Retain(msg.clone()));
+                    let m = ShardMsg::Retain {
+                        msg: msg.clone(),
+                        from: self.id,
+                    };
+                    self.outbox.send_control(peer, m);
                 }
             }
         }
@@ -772,6 +812,8 @@ pub(crate) async fn shard_main(
         live_conns: Cell::new(0),
         self_queue: RefCell::new(Vec::new()),
         self_notify: Notify::default(),
+        replicated: Cell::new(0),
+        applied: (0..shared.shards).map(|_| Cell::new(0)).collect(),
     });
 
     let handler_shard = shard.clone();
