@@ -140,7 +140,10 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
 ) {
     let mut rbuf = BytesMut::new();
     let mut wbuf = BytesMut::new();
-    let connect = match read_connect(&shard, &mut io, &mut rbuf).await {
+    shard.connecting.set(shard.connecting.get() + 1);
+    let connect = read_connect(&shard, &mut io, &mut rbuf).await;
+    shard.connecting.set(shard.connecting.get() - 1);
+    let connect = match connect {
         Ok(c) => c,
         Err(refused) => {
             refuse(&mut io, &mut wbuf, refused).await;

@@ -166,6 +166,9 @@ pub(crate) struct Shard {
     pub stopping: Cell<bool>,
     pub stop_notify: Notify,
     pub live_conns: Cell<usize>,
+    /// Of `live_conns`, those still waiting for their CONNECT: shutdown does not wait for
+    /// them (they have nothing to flush).
+    pub connecting: Cell<usize>,
     /// `Route`/`Retain` messages broadcast so far (each goes to every peer) and, per peer,
     /// how many of them it has applied.
     replicated: Cell<u64>,
@@ -810,6 +813,7 @@ pub(crate) async fn shard_main(
         stopping: Cell::new(false),
         stop_notify: Notify::default(),
         live_conns: Cell::new(0),
+        connecting: Cell::new(0),
         self_queue: RefCell::new(Vec::new()),
         self_notify: Notify::default(),
         replicated: Cell::new(0),
@@ -886,7 +890,7 @@ pub(crate) async fn shard_main(
     shard.stop_notify.notify();
     shard.close_all();
     let deadline = Instant::now() + Duration::from_secs(3);
-    while shard.live_conns.get() > 0 && Instant::now() < deadline {
+    while shard.live_conns.get() > shard.connecting.get() && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(10)).await;
     }
     shard.outbox.mailbox().close();
