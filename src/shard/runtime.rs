@@ -537,8 +537,9 @@ impl Shard {
         }
         let counter = self.pub_counter.get();
         for g in groups {
-            if let Some(m) = st.local.pick_shared(g, counter) {
-                buf.push(m);
+            match st.local.pick_shared(g, counter) {
+                Some(m) => buf.push(m),
+                None => self.reroute_group(st, msg, g),
             }
         }
         if buf.len() > 1 {
@@ -591,6 +592,35 @@ impl Shard {
         }
         buf.clear();
         st.match_buf = buf;
+    }
+
+    /// The sender chose this shard for `group`, but its last local member has just left
+    /// (our route removal was still in flight): hand the message to a shard that still has
+    /// members, per our replica, instead of losing it.
+    fn reroute_group(&self, st: &mut State, msg: &Message, group: &TopicFilter) {
+        let mut sm = mem::take(&mut st.shard_match);
+        st.replica.match_shards(&msg.topic, &mut sm);
+        let shards = sm
+            .groups
+            .iter()
+            .filter(|(f, _)| f == group)
+            .fold(0, |m, (_, s)| m | s)
+            & !self.routing_id().bit();
+        st.shard_match = sm;
+        let Some(to) = routing::pick_shard(shards, self.pub_counter.get()) else {
+            return;
+        };
+        let fwd = ShardMsg::Forward {
+            msg: msg.clone(),
+            plain: false,
+            groups: smallvec::smallvec![group.clone()],
+        };
+        if let Forwarded::Full(m) =
+            self.outbox
+                .send_data(to.index(), fwd, msg.qos == QoS::AtMostOnce)
+        {
+            st.held.push((to.index(), m));
+        }
     }
 
     /// Register a connecting client with its home shard and wait for the previous session.
