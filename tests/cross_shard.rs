@@ -408,3 +408,48 @@ fn retained_then_subscribe_on_other_shard() {
     }
     assert!(misses.is_empty(), "missed: {misses:?}");
 }
+
+/// When a member of a share group leaves, the group's messages go to the members left; none
+/// is lost in the moment the leaving member's shard still appears in other shards' routes.
+#[test]
+fn shared_subscription_member_leaving_loses_nothing() {
+    use common::raw::{self, V311};
+    let b = TestBroker::start(2);
+    let mut lost = Vec::new();
+    for round in 0..20u16 {
+        let filter = format!("$share/g/leave/{round}");
+        let topic = format!("leave/{round}");
+        let mut stay = raw::client(b.shard_addrs[0], V311, "leave-stay");
+        stay.send(&raw::subscribe(V311, 1, &[(&filter, 1)]));
+        assert_eq!(stay.expect("SUBACK", WAIT).kind(), 9);
+        let mut go = raw::client(b.shard_addrs[1], V311, "leave-go");
+        go.send(&raw::subscribe(V311, 1, &[(&filter, 1)]));
+        assert_eq!(go.expect("SUBACK", WAIT).kind(), 9);
+        let mut publ = raw::client(b.shard_addrs[0], V311, "leave-pub");
+        go.send(&raw::disconnect());
+        go.until_closed(WAIT);
+        for i in 0..10u16 {
+            publ.send(&raw::publish(V311, &topic, &i.to_be_bytes(), 1, i + 1));
+            assert_eq!(publ.expect("PUBACK", WAIT).kind(), 4);
+        }
+        let mut got = 0;
+        while got < 10 {
+            match stay.read(Duration::from_millis(500)) {
+                raw::Read1::Packet(p) if p.kind() == 3 => {
+                    let pid = &p.body[2 + topic.len()..4 + topic.len()];
+                    stay.send(&[0x40, 2, pid[0], pid[1]]);
+                    got += 1;
+                }
+                other => {
+                    lost.push((round, 10 - got, format!("{other:?}")));
+                    break;
+                }
+            }
+        }
+        stay.send(&raw::disconnect());
+        publ.send(&raw::disconnect());
+        stay.until_closed(WAIT);
+        publ.until_closed(WAIT);
+    }
+    assert!(lost.is_empty(), "(round, lost, why): {lost:?}");
+}
