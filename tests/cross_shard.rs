@@ -453,3 +453,80 @@ fn shared_subscription_member_leaving_loses_nothing() {
     }
     assert!(lost.is_empty(), "(round, lost, why): {lost:?}");
 }
+
+/// A persistent session taken over by a connection on the other shard while QoS 1 messages
+/// stream in: every message arrives (at the old or the new connection), none is lost in the
+/// hand-over. Duplicates are allowed (QoS 1).
+#[test]
+#[ignore = "reason: messages routed in the hand-over window (old shard already dropped the \
+            subscriptions, new shard's route not yet applied) are lost: 1-2 of 3000 per run"]
+fn takeover_during_a_qos1_stream_loses_nothing() {
+    use common::raw::{self, Raw, Read1, V311};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    const N: u16 = 3000;
+    let b = TestBroker::start(2);
+    for (from, to) in [(0, 1), (1, 0)] {
+        let id = format!("stream-{from}{to}");
+        let topic = format!("stream/{from}{to}");
+        let mut a = Raw::open(b.shard_addrs[from]);
+        a.handshake(&raw::connect(V311, &id, 30, false));
+        a.send(&raw::subscribe(V311, 1, &[(&topic, 1)]));
+        assert_eq!(a.expect("SUBACK", WAIT).kind(), 9);
+
+        // The publisher (on the shard that is neither-or-both) streams with its own acks.
+        let publ_addr = b.shard_addrs[from];
+        let t2 = topic.clone();
+        let done = Arc::new(AtomicBool::new(false));
+        let done2 = done.clone();
+        let publisher = std::thread::spawn(move || {
+            let mut p = raw::client(publ_addr, V311, "streamer");
+            for i in 0..N {
+                p.send(&raw::publish(V311, &t2, &i.to_be_bytes(), 1, i + 1));
+                assert_eq!(p.expect("PUBACK", WAIT).kind(), 4);
+            }
+            done2.store(true, Ordering::Release);
+        });
+
+        let mut seen = vec![false; N as usize];
+        let read_ack = |c: &mut Raw, seen: &mut Vec<bool>, within: Duration| -> bool {
+            match c.read(within) {
+                Read1::Packet(p) if p.kind() == 3 => {
+                    let tl = topic.len();
+                    let pid = [p.body[2 + tl], p.body[3 + tl]];
+                    let v = u16::from_be_bytes([p.body[4 + tl], p.body[5 + tl]]);
+                    seen[v as usize] = true;
+                    c.send_lenient(&[0x40, 2, pid[0], pid[1]]);
+                    true
+                }
+                Read1::Packet(_) => true,
+                _ => false,
+            }
+        };
+        let mut got_a = 0;
+        while got_a < 300 && read_ack(&mut a, &mut seen, WAIT) {
+            got_a += 1;
+        }
+        let mut bc = Raw::open(b.shard_addrs[to]);
+        assert!(
+            bc.handshake(&raw::connect(V311, &id, 30, false)),
+            "session_present"
+        );
+        // Whatever the old connection still had buffered counts as received.
+        while read_ack(&mut a, &mut seen, Duration::from_millis(50)) {}
+        while !(done.load(Ordering::Acquire) && seen.iter().all(|&s| s)) {
+            if !read_ack(&mut bc, &mut seen, Duration::from_secs(2)) {
+                break;
+            }
+        }
+        publisher.join().unwrap();
+        let missing: Vec<usize> = (0..N as usize).filter(|&i| !seen[i]).collect();
+        assert!(
+            missing.is_empty(),
+            "{from}->{to}: {} lost, e.g. {:?}",
+            missing.len(),
+            &missing[..missing.len().min(10)]
+        );
+        bc.send(&raw::disconnect());
+    }
+}
