@@ -1,28 +1,102 @@
-//! The `midge` binary: CLI → Config → run.
+//! The `midge` binary: CLI → Config → run. Everything else lives in the library.
 use std::process::ExitCode;
 
+use clap::Parser;
+use midge::config::{self, Cli, Command, LogDest};
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-    let mut cfg = midge::shard::RuntimeConfig::default();
-    let args: Vec<String> = std::env::args().collect();
-    if let Some(i) = args.iter().position(|a| a == "--shards") {
-        cfg.shards = args.get(i + 1).and_then(|s| s.parse().ok()).unwrap_or(1);
+    let cli = Cli::parse();
+    match &cli.command {
+        Some(Command::Certs(cmd)) => {
+            return match midge::tls::certs::run(cmd.clone()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("midge certs: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Some(Command::Reload(args)) => {
+            return match config::run_reload(args) {
+                Ok(pid) => {
+                    println!("sent SIGHUP to midge (pid {pid})");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("midge reload: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        None => {}
     }
-    if let Some(i) = args.iter().position(|a| a == "-p") {
-        cfg.listeners[0]
-            .addr
-            .set_port(args.get(i + 1).and_then(|s| s.parse().ok()).unwrap_or(1883));
+    if cli.check_config {
+        let code = config::run_check_config(&cli);
+        if code != 0 {
+            return ExitCode::from(code as u8);
+        }
+        // The file is valid; load the TLS material as a start would (no sockets), so a key
+        // that does not match its certificate fails the check rather than the next restart.
+        if let Ok(cfg) = config::load(&cli) {
+            if let Err(e) = midge::broker::prepare(&cfg) {
+                eprintln!("midge: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+        return ExitCode::SUCCESS;
     }
-    match midge::shard::run_until_signalled(cfg) {
+    let cfg = match config::load(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("midge: configuration error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    init_logging(&cfg.log);
+    for w in &cfg.warnings {
+        if w.info {
+            tracing::info!("{}: {}: {}", w.origin, w.key, w.message);
+        } else {
+            tracing::warn!("{}: {}: {}", w.origin, w.key, w.message);
+        }
+    }
+    let prepared = match midge::broker::prepare(&cfg) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("midge: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(path) = &cfg.pid_file {
+        if let Err(e) = config::write_pid_file(path, std::process::id()) {
+            eprintln!("midge: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let reloaders = prepared.reloaders;
+    let result = midge::shard::run_until_signalled(prepared.runtime, move || {
+        midge::broker::reload_tls(&reloaders)
+    });
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("midge: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn init_logging(log: &config::LogSettings) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        // rustls warns about every client that sends an IP address as SNI (mosquitto_pub
+        // does): not the operator's problem, so only its errors are shown by default.
+        .unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new(format!("{},rustls=error", log.level))
+        });
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match log.dest {
+        LogDest::Stdout => builder.with_writer(std::io::stdout).init(),
+        LogDest::Stderr => builder.with_writer(std::io::stderr).init(),
+        LogDest::None => {}
     }
 }

@@ -37,6 +37,16 @@ impl Message {
         self.expires_at.is_some_and(|t| t <= now)
     }
 
+    /// A copy whose topic and payload have their own allocations, for messages kept long
+    /// (retained): a decoded message shares the publisher's whole read buffer.
+    pub fn detached(&self) -> Message {
+        Message {
+            topic: self.topic.detached(),
+            payload: Bytes::copy_from_slice(&self.payload),
+            ..self.clone()
+        }
+    }
+
     /// Bytes this message holds in a queue, for the `max_queued_bytes` bound.
     pub fn queued_size(&self) -> usize {
         self.topic.len() + self.payload.len()

@@ -303,13 +303,13 @@ fn body_len(packet: &Packet, version: ProtocolVersion) -> usize {
     count.0
 }
 
-/// See [`super::encoded_len`].
+/// See [`super::encoded_len()`].
 pub fn encoded_len(packet: &Packet, version: ProtocolVersion) -> usize {
     let len = body_len(packet, version);
     1 + var_int_len(len as u32) + len
 }
 
-/// See [`super::encode`].
+/// See [`super::encode()`].
 pub fn encode(packet: &Packet, version: ProtocolVersion, buf: &mut BytesMut) {
     let len = body_len(packet, version);
     buf.reserve(1 + var_int_len(len as u32) + len);

@@ -1,7 +1,8 @@
 //! Why a packet could not be decoded.
 //!
 //! Owns: [`DecodeError`], whose `Display` says what was wrong and cites the spec clause it breaks
-//! (`[MQTT-x.y.z-n]` normative statements where the spec numbers one, otherwise the section), and
+//! (`[MQTT-x.y.z-n]` normative statements where the spec numbers one, otherwise the section;
+//! MQTT 5 numbering, with the 3.1.1 number added where it differs and matters), and
 //! its mapping to the MQTT 5 reason code a broker sends back in CONNACK or DISCONNECT.
 //! Must not touch: anything that decides *whether* to send that packet (that is the session's).
 
@@ -50,10 +51,10 @@ pub enum DecodeError {
     #[error("{packet} has {extra} unexpected trailing bytes [MQTT-2.1.4]")]
     TrailingBytes { packet: &'static str, extra: usize },
 
-    #[error("invalid UTF-8 in {field} [MQTT-1.5.4-1]")]
+    #[error("invalid UTF-8 in {field} [MQTT-1.5.4-1] (3.1.1: [MQTT-1.5.3-1])")]
     InvalidUtf8 { field: &'static str },
 
-    #[error("{field} contains the null character U+0000 [MQTT-1.5.4-2]")]
+    #[error("{field} contains the null character U+0000 [MQTT-1.5.4-2] (3.1.1: [MQTT-1.5.3-2])")]
     NullCharacter { field: &'static str },
 
     #[error("packet identifier 0 on {packet} [MQTT-2.3.1-1]")]
@@ -102,7 +103,9 @@ pub enum DecodeError {
     #[error("UNSUBSCRIBE with no topic filters [MQTT-3.10.3-2]")]
     UnsubscribeWithoutFilters,
 
-    #[error("reserved bits of subscription options must be 0 [MQTT-3.8.3-5]")]
+    #[error(
+        "reserved bits of subscription options must be 0 [MQTT-3.8.3-5] (3.1.1: [MQTT-3-8.3-4])"
+    )]
     SubscriptionOptionsReserved,
 
     #[error("QoS 3 in subscription options [MQTT-3.8.3-4]")]

@@ -66,6 +66,12 @@ impl TopicName {
         Ok(TopicName(s))
     }
 
+    /// A copy in its own allocation. Decoded names share the read buffer they came in; one
+    /// that is kept for long (a will, a retained message) would otherwise pin that buffer.
+    pub fn detached(&self) -> TopicName {
+        TopicName(ByteString::from(&*self.0))
+    }
+
     /// The empty topic of a v5 PUBLISH that carries a topic alias.
     pub fn alias_placeholder() -> Self {
         TopicName(ByteString::new())
@@ -159,6 +165,15 @@ impl TopicFilter {
             filter_start,
             group_len,
         })
+    }
+
+    /// A copy in its own allocation (see [`TopicName::detached`]): subscriptions live as long
+    /// as their session, and must not pin the read buffer of the SUBSCRIBE they came in.
+    pub fn detached(&self) -> TopicFilter {
+        TopicFilter {
+            raw: ByteString::from(&*self.raw),
+            ..*self
+        }
     }
 
     /// The whole filter as sent by the client, `$share/...` prefix included.

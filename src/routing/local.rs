@@ -130,6 +130,27 @@ impl<K: Copy + Eq> LocalSubscriptions<K> {
         Some(members[(counter % members.len() as u64) as usize])
     }
 
+    /// Everyone on this shard who gets a message that routing sent here: every matching
+    /// plain subscription when `plain`, plus one member (by `counter`) of each group in
+    /// `groups`. Appended to `out`; allocation-free when `out` has the capacity. A group that
+    /// lost its last member here since the sender matched is skipped (the message is not
+    /// re-routed: the same window as any replicated table).
+    pub fn deliveries_into(
+        &self,
+        topic: &TopicName,
+        plain: bool,
+        groups: &[TopicFilter],
+        counter: u64,
+        out: &mut Vec<(K, LocalSubscription)>,
+    ) {
+        if plain {
+            self.trie.match_plain_into(topic, out);
+        }
+        for g in groups {
+            out.extend(self.pick_shared(g, counter));
+        }
+    }
+
     /// The local subscribers of exactly `filter`.
     pub fn subscribers(&self, filter: &TopicFilter) -> &[(K, LocalSubscription)] {
         self.trie.subscribers(filter)

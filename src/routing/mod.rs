@@ -7,12 +7,13 @@
 //! forwards and retained broadcasts between shards and calls in here.
 //!
 //! Publish path as the runtime wires it (shard `me`, per-shard `counter` bumped per publish):
-//! 1. `replica.match_shards(&topic, &mut shard_match)`;
-//! 2. `mask = shard_match.choose(counter, &mut chosen)` picks one shard per share group;
-//! 3. locally: if `shard_match.plain` has `me`, `local.match_plain_into(..)`; for each
-//!    `(group, me)` in `chosen`, `local.pick_shared(group, counter)`;
-//! 4. for every other shard in `mask`: one forward carrying the `Message` (shared `Bytes`),
-//!    whether its plain bit was set, and the groups chosen for it; the receiver runs step 3.
+//! 1. `replica.match_shards(&msg.topic, &mut sm)`; nothing to do if `sm.is_empty()`;
+//! 2. `mask = sm.choose(counter, &mut chosen)` picks one shard per share group;
+//! 3. for each shard `d` in `shards_in(mask)`: `sm.work_for(d, &chosen, &mut groups)` gives
+//!    `plain` and the groups `d` serves; for `d == me` call
+//!    `local.deliveries_into(&topic, plain, &groups, counter, &mut out)` directly, otherwise
+//!    send `Forward { message, plain, groups }` (payload `Bytes` shared, not copied) and the
+//!    receiver makes the same `deliveries_into` call.
 //!
 //! SUBSCRIBE: `local.subscribe(..)`; a returned delta is applied to the local replica and
 //! broadcast to all other shards; then `retained.match_filter(..)` (local replica).
@@ -27,7 +28,8 @@ mod trie;
 
 pub use local::{LocalSubscription, LocalSubscriptions, SubscribeOutcome, UnsubscribeOutcome};
 pub use replica::{
-    pick_shard, shards_in, RouteDelta, RouteOp, RoutingReplica, ShardId, ShardMatch, MAX_SHARDS,
+    pick_shard, shards_in, Forward, RouteDelta, RouteOp, RoutingReplica, ShardId, ShardMatch,
+    MAX_SHARDS,
 };
 pub use retained::{RefuseReason, RetainOutcome, RetainedLimits, RetainedStore};
 pub use trie::{pick_one_per_group, Match, SubscriptionTrie};

@@ -41,8 +41,55 @@ fn filter() -> impl Strategy<Value = TopicFilter> {
         })
 }
 
+/// A filter/topic pair strategy whose first level is one of 20 numbers, so trie nodes get
+/// more children than the linear-search threshold and switch to a map.
+fn wide_filter() -> impl Strategy<Value = TopicFilter> {
+    (0u8..20, filter()).prop_filter_map("valid", |(n, f)| {
+        if f.is_shared() {
+            return None;
+        }
+        TopicFilter::new(format!("{n}/{}", f.as_str())).ok()
+    })
+}
+
+fn wide_topic() -> impl Strategy<Value = TopicName> {
+    (0u8..20, topic()).prop_map(|(n, t)| TopicName::new(format!("{n}/{t}")).unwrap())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Wide nodes (map-backed children) match like narrow ones, and prune back to nothing.
+    #[test]
+    fn wide_trie_matches_naive(
+        ops in prop::collection::vec((wide_filter(), 0u64..2, any::<bool>()), 1..120),
+        topics in prop::collection::vec(wide_topic(), 1..20),
+    ) {
+        let mut trie = SubscriptionTrie::new();
+        let mut model: HashMap<(TopicFilter, u64), u32> = HashMap::new();
+        for (i, (f, key, insert)) in ops.iter().enumerate() {
+            if *insert {
+                prop_assert_eq!(trie.insert(f, *key, i as u32), model.insert((f.clone(), *key), i as u32));
+            } else {
+                prop_assert_eq!(trie.remove(f, key), model.remove(&(f.clone(), *key)));
+            }
+        }
+        let mut out = Vec::new();
+        for t in &topics {
+            out.clear();
+            trie.match_plain_into(t, &mut out);
+            let mut got: Vec<u32> = out.iter().map(|(_, v)| *v).collect();
+            got.sort_unstable();
+            let mut want: Vec<u32> =
+                model.iter().filter(|((f, _), _)| f.matches(t)).map(|(_, v)| *v).collect();
+            want.sort_unstable();
+            prop_assert_eq!(got, want, "topic {}", t);
+        }
+        for (f, key) in model.keys() {
+            prop_assert!(trie.remove(f, key).is_some());
+        }
+        prop_assert_eq!(trie.node_count(), 0);
+    }
 
     /// The trie's matches are exactly the naive matcher's, shared groups are tagged
     /// consistently, and removing everything leaves no node behind.
@@ -243,5 +290,73 @@ proptest! {
         }
         prop_assert!(store.is_empty());
         prop_assert_eq!(store.node_count(), 0);
+    }
+
+    /// End to end across three shards: subscriptions on any shard, deltas broadcast to all
+    /// replicas, publishes from any shard fanned out with `choose`/`work_for`/
+    /// `deliveries_into`. Every matching plain subscription gets exactly one copy and every
+    /// matching share group exactly one member, whichever shard published.
+    #[test]
+    fn cross_shard_fanout_delivers_exactly_once(
+        subs in prop::collection::vec((filter(), 0u64..4, 0usize..3), 1..40),
+        publishes in prop::collection::vec((topic(), 0usize..3), 1..20),
+    ) {
+        const N: usize = 3;
+        let ids: Vec<ShardId> = (0..N).map(|i| ShardId::new(i).unwrap()).collect();
+        let mut locals: Vec<LocalSubscriptions<u64>> =
+            ids.iter().map(|&s| LocalSubscriptions::new(s)).collect();
+        let mut replicas: Vec<RoutingReplica> = (0..N).map(|_| RoutingReplica::new()).collect();
+        // (filter, session) -> subscription id; session s lives on shard s / 10.
+        let mut model: HashMap<(TopicFilter, u64), u32> = HashMap::new();
+        for (i, (f, session, shard)) in subs.iter().enumerate() {
+            let session = *shard as u64 * 10 + session;
+            let sub = LocalSubscription { subscription_id: Some(i as u32), ..Default::default() };
+            if let Some(d) = locals[*shard].subscribe(f, session, sub).unwrap().delta {
+                for r in &mut replicas {
+                    r.apply(&d);
+                }
+            }
+            model.insert((f.clone(), session), i as u32);
+        }
+        let mut sm = ShardMatch::default();
+        let mut chosen = Vec::new();
+        let mut out = Vec::new();
+        for (counter, (t, from)) in publishes.iter().enumerate() {
+            let counter = counter as u64;
+            replicas[*from].match_shards(t, &mut sm);
+            chosen.clear();
+            let mask = sm.choose(counter, &mut chosen);
+            out.clear();
+            for d in shards_in(mask) {
+                let mut groups = smallvec::SmallVec::new();
+                prop_assert!(sm.work_for(d, &chosen, &mut groups));
+                locals[d.index()].deliveries_into(t, sm.plain & d.bit() != 0, &groups, counter, &mut out);
+            }
+            let mut got_plain: Vec<(u64, u32)> = Vec::new();
+            let mut got_groups: BTreeMap<String, usize> = BTreeMap::new();
+            for (session, sub) in &out {
+                let id = sub.subscription_id.unwrap();
+                let ((f, _), _) = model.iter().find(|(_, v)| **v == id).unwrap();
+                if f.is_shared() {
+                    *got_groups.entry(f.to_string()).or_default() += 1;
+                } else {
+                    got_plain.push((*session, id));
+                }
+            }
+            got_plain.sort_unstable();
+            let mut want_plain: Vec<(u64, u32)> = model
+                .iter()
+                .filter(|((f, _), _)| !f.is_shared() && f.matches(t))
+                .map(|((_, s), id)| (*s, *id))
+                .collect();
+            want_plain.sort_unstable();
+            prop_assert_eq!(got_plain, want_plain);
+            let want_groups: BTreeMap<String, usize> = model
+                .keys()
+                .filter(|(f, _)| f.is_shared() && f.matches(t))
+                .map(|(f, _)| (f.to_string(), 1))
+                .collect();
+            prop_assert_eq!(got_groups, want_groups);
+        }
     }
 }

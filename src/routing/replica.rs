@@ -17,7 +17,10 @@
 
 use std::fmt;
 
+use smallvec::SmallVec;
+
 use crate::codec::{TopicFilter, TopicName};
+use crate::message::Message;
 
 use super::trie::{Payload, Trie};
 
@@ -117,6 +120,37 @@ impl ShardMatch {
             }
         }
         mask
+    }
+}
+
+/// What a publishing shard sends to another shard (and, in effect, tells itself): the
+/// message, whether the destination has plain subscribers to serve, and the share groups it
+/// was chosen to serve (one member each). `Send`; the payload is shared, not copied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward {
+    pub message: Message,
+    pub plain: bool,
+    pub groups: SmallVec<[TopicFilter; 1]>,
+}
+
+impl ShardMatch {
+    /// The work for shard `dest` after [`ShardMatch::choose`] returned `chosen`: whether it
+    /// serves plain subscribers and which groups (appended to `groups`). Returns false when
+    /// `dest` has nothing to do.
+    pub fn work_for(
+        &self,
+        dest: ShardId,
+        chosen: &[(TopicFilter, ShardId)],
+        groups: &mut SmallVec<[TopicFilter; 1]>,
+    ) -> bool {
+        let before = groups.len();
+        groups.extend(
+            chosen
+                .iter()
+                .filter(|(_, s)| *s == dest)
+                .map(|(f, _)| f.clone()),
+        );
+        self.plain & dest.bit() != 0 || groups.len() > before
     }
 }
 
@@ -316,6 +350,13 @@ mod tests {
             shard: s(shard),
             op,
         }
+    }
+
+    #[test]
+    fn cross_shard_values_are_send() {
+        fn assert_send<T: Send + 'static>() {}
+        assert_send::<RouteDelta>();
+        assert_send::<Forward>();
     }
 
     #[test]

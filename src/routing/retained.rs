@@ -23,7 +23,9 @@ use crate::message::Message;
 use super::trie::{next_level, Node, Trie};
 use super::MAX_FILTER_LEVELS;
 
-/// Bounds of one retained store (per shard; every shard holds the same set).
+/// Bounds of one retained store (per shard; every shard holds the same set). `max_bytes` is
+/// counted per replica, but the payload allocations are shared by all replicas, so the
+/// process holds the payloads once plus one trie per shard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetainedLimits {
     /// Most topics with a retained message.
@@ -417,6 +419,32 @@ mod tests {
             RetainOutcome::Refused(RefuseReason::TooManyBytes)
         );
         assert_eq!(s.refused(), 3);
+    }
+
+    #[test]
+    fn every_shard_replica_answers_after_a_broadcast() {
+        // The runtime applies a retained publish on its own shard and broadcasts the same
+        // `Message` to the others; each replica then serves SUBSCRIBEs locally.
+        let mut shards: Vec<RetainedStore> = (0..3).map(|_| RetainedStore::default()).collect();
+        let m = msg("fleet/s1/d7/status", "online");
+        for s in &mut shards {
+            assert_eq!(s.set(m.clone()), RetainOutcome::Stored { replaced: false });
+        }
+        for s in &shards {
+            let mut out = Vec::new();
+            s.match_filter(&f("fleet/+/+/status"), Instant::now(), &mut out);
+            assert_eq!(out.len(), 1);
+            assert_eq!(
+                out[0].payload.as_ptr(),
+                m.payload.as_ptr(),
+                "payload not copied"
+            );
+        }
+        // The delete is broadcast the same way.
+        for s in &mut shards {
+            s.set(msg("fleet/s1/d7/status", ""));
+        }
+        assert!(shards.iter().all(RetainedStore::is_empty));
     }
 
     #[test]

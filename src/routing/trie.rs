@@ -6,7 +6,7 @@
 //!
 //! Depth: a filter may legally have ~32k levels. Matching, pruning and dropping are iterative
 //! so a deep trie cannot overflow a shard's stack; the runtime should still refuse absurdly
-//! deep filters ([`crate::routing::MAX_TOPIC_LEVELS`]) because every level costs a node.
+//! deep filters ([`crate::routing::MAX_FILTER_LEVELS`]) because every level costs a node.
 
 use std::collections::HashMap;
 
@@ -14,7 +14,117 @@ use smallvec::SmallVec;
 
 use crate::codec::{TopicFilter, TopicName};
 
-type ChildMap<P> = HashMap<Box<str>, Node<P>, ahash::RandomState>;
+/// Nodes are boxed in the map so its buckets stay small (24 bytes): a 1000-device site's
+/// map then fits far better in cache than with ~110-byte inline nodes.
+type ChildMap<P> = HashMap<Box<str>, Box<Node<P>>, ahash::RandomState>;
+
+/// Up to this many exact children live in a vector searched linearly; beyond, a hash map.
+/// Most nodes of a fleet's tree have one child ("…/{device}/telemetry"), and a one-entry
+/// `HashMap` costs ~400 bytes against ~110 for an exactly-sized vector.
+const FEW_CHILDREN: usize = 8;
+
+enum Children<P> {
+    /// Capacity kept equal to length (`reserve_exact`): these are tiny and rarely grow.
+    Few(Vec<(Box<str>, Node<P>)>),
+    Many(Box<ChildMap<P>>),
+}
+
+impl<P> Children<P> {
+    fn len(&self) -> usize {
+        match self {
+            Children::Few(v) => v.len(),
+            Children::Many(m) => m.len(),
+        }
+    }
+
+    #[inline]
+    fn get(&self, level: &str) -> Option<&Node<P>> {
+        match self {
+            Children::Few(v) => v.iter().find(|(k, _)| **k == *level).map(|(_, n)| n),
+            Children::Many(m) => m.get(level).map(|n| &**n),
+        }
+    }
+
+    fn get_mut(&mut self, level: &str) -> Option<&mut Node<P>> {
+        match self {
+            Children::Few(v) => v.iter_mut().find(|(k, _)| **k == *level).map(|(_, n)| n),
+            Children::Many(m) => m.get_mut(level).map(|n| &mut **n),
+        }
+    }
+
+    /// The child at `level`, created if absent; the flag says whether it was created.
+    fn get_or_insert(&mut self, level: &str) -> (&mut Node<P>, bool)
+    where
+        P: Default,
+    {
+        if let Children::Few(v) = self {
+            if v.len() >= FEW_CHILDREN && !v.iter().any(|(k, _)| **k == *level) {
+                let mut map =
+                    ChildMap::with_capacity_and_hasher(FEW_CHILDREN * 2, ahash::RandomState::new());
+                map.extend(v.drain(..).map(|(k, n)| (k, Box::new(n))));
+                *self = Children::Many(Box::new(map));
+            }
+        }
+        match self {
+            Children::Few(v) => {
+                if let Some(i) = v.iter().position(|(k, _)| **k == *level) {
+                    return (&mut v[i].1, false);
+                }
+                v.reserve_exact(1);
+                v.push((level.into(), Node::default()));
+                let last = v.len() - 1;
+                (&mut v[last].1, true)
+            }
+            Children::Many(m) => {
+                // Look up before inserting so an existing level costs no key allocation.
+                let created = !m.contains_key(level);
+                if created {
+                    m.insert(level.into(), Box::default());
+                }
+                (
+                    &mut **m.get_mut(level).expect("level inserted above"),
+                    created,
+                )
+            }
+        }
+    }
+
+    fn remove(&mut self, level: &str) -> Option<Node<P>> {
+        match self {
+            Children::Few(v) => {
+                let i = v.iter().position(|(k, _)| **k == *level)?;
+                let n = v.swap_remove(i).1;
+                v.shrink_to_fit();
+                Some(n)
+            }
+            Children::Many(m) => {
+                let n = m.remove(level).map(|n| *n);
+                if m.is_empty() {
+                    *self = Children::Few(Vec::new());
+                }
+                n
+            }
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&str, &Node<P>)> {
+        let (few, many) = match self {
+            Children::Few(v) => (Some(v.iter()), None),
+            Children::Many(m) => (None, Some(m.iter())),
+        };
+        few.into_iter()
+            .flatten()
+            .map(|(k, n)| (&**k, n))
+            .chain(many.into_iter().flatten().map(|(k, n)| (&**k, &**n)))
+    }
+
+    fn drain_into(&mut self, out: &mut Vec<Node<P>>) {
+        match std::mem::replace(self, Children::Few(Vec::new())) {
+            Children::Few(v) => out.extend(v.into_iter().map(|(_, n)| n)),
+            Children::Many(m) => out.extend(m.into_values().map(|n| *n)),
+        }
+    }
+}
 
 /// What a node carries; a node whose payload is empty and that has no children is pruned.
 pub(crate) trait Payload: Default {
@@ -28,9 +138,8 @@ impl<T> Payload for Option<T> {
 }
 
 pub(crate) struct Node<P> {
-    /// Exact-level children. Boxed and lazily created: most nodes of a device fleet's tree are
-    /// leaves, and an empty `HashMap` inline would cost 64 bytes each.
-    children: Option<Box<ChildMap<P>>>,
+    /// Exact-level children.
+    children: Children<P>,
     plus: Option<Box<Node<P>>>,
     /// `#` is always the last level, so this node never has children of its own.
     hash: Option<Box<Node<P>>>,
@@ -40,7 +149,7 @@ pub(crate) struct Node<P> {
 impl<P: Default> Default for Node<P> {
     fn default() -> Self {
         Node {
-            children: None,
+            children: Children::Few(Vec::new()),
             plus: None,
             hash: None,
             payload: P::default(),
@@ -50,19 +159,16 @@ impl<P: Default> Default for Node<P> {
 
 impl<P> Node<P> {
     fn child_count(&self) -> usize {
-        self.children.as_ref().map_or(0, |c| c.len())
-            + usize::from(self.plus.is_some())
-            + usize::from(self.hash.is_some())
+        self.children.len() + usize::from(self.plus.is_some()) + usize::from(self.hash.is_some())
     }
 
+    #[inline]
     pub(crate) fn child(&self, level: &str) -> Option<&Node<P>> {
-        self.children.as_ref()?.get(level)
+        self.children.get(level)
     }
 
     pub(crate) fn children(&self) -> impl Iterator<Item = (&str, &Node<P>)> {
-        self.children
-            .iter()
-            .flat_map(|m| m.iter().map(|(k, v)| (&**k, v)))
+        self.children.iter()
     }
 
     /// Exact children, then the `+` and `#` slots under those names.
@@ -82,7 +188,7 @@ impl<P> Node<P> {
 
     fn step_mut(&mut self, step: Step<'_>) -> Option<&mut Node<P>> {
         match step {
-            Step::Exact(l) => self.children.as_mut()?.get_mut(l),
+            Step::Exact(l) => self.children.get_mut(l),
             Step::Plus => self.plus.as_deref_mut(),
             Step::Hash => self.hash.as_deref_mut(),
         }
@@ -91,23 +197,14 @@ impl<P> Node<P> {
     /// Detach the child at `step`, returning it so the caller can count it.
     fn take_child(&mut self, step: Step<'_>) -> Option<Node<P>> {
         match step {
-            Step::Exact(l) => {
-                let map = self.children.as_mut()?;
-                let n = map.remove(l);
-                if map.is_empty() {
-                    self.children = None;
-                }
-                n
-            }
+            Step::Exact(l) => self.children.remove(l),
             Step::Plus => self.plus.take().map(|b| *b),
             Step::Hash => self.hash.take().map(|b| *b),
         }
     }
 
     fn drain_children_into(&mut self, out: &mut Vec<Node<P>>) {
-        if let Some(map) = self.children.take() {
-            out.extend(map.into_values());
-        }
+        self.children.drain_into(out);
         if let Some(n) = self.plus.take() {
             out.push(*n);
         }
@@ -185,13 +282,9 @@ impl<P: Payload> Trie<P> {
         for level in levels {
             node = match Step::of(level) {
                 Step::Exact(l) => {
-                    let map = node.children.get_or_insert_with(Default::default);
-                    // Look up before inserting so an existing level costs no key allocation.
-                    if !map.contains_key(l) {
-                        created += 1;
-                        map.insert(Box::from(l), Node::default());
-                    }
-                    map.get_mut(l).expect("level inserted above")
+                    let (n, new) = node.children.get_or_insert(l);
+                    created += usize::from(new);
+                    n
                 }
                 Step::Plus => node.plus.get_or_insert_with(|| {
                     created += 1;
@@ -626,6 +719,33 @@ mod tests {
             assert_eq!(out.len(), 3);
         }
         assert_eq!((out.capacity(), out.as_ptr()), (cap, ptr));
+    }
+
+    #[test]
+    fn wide_nodes_switch_to_a_map_and_back() {
+        let mut trie = SubscriptionTrie::new();
+        let n = FEW_CHILDREN as u64 * 3;
+        for i in 0..n {
+            trie.insert(&f(&format!("w/{i}")), i, ());
+            trie.insert(&f(&format!("w/{i}/x")), 1000 + i, ());
+        }
+        trie.insert(&f("w/+"), 5000, ());
+        assert_eq!(trie.node_count(), 1 + 2 * n as usize + 1);
+        for i in 0..n {
+            assert_eq!(keys(&trie, &format!("w/{i}")), vec![i, 5000]);
+            assert_eq!(keys(&trie, &format!("w/{i}/x")), vec![1000 + i]);
+        }
+        assert_eq!(keys(&trie, "w/none"), vec![5000]);
+        for i in (0..n).rev() {
+            assert_eq!(trie.remove(&f(&format!("w/{i}/x")), &(1000 + i)), Some(()));
+            assert_eq!(trie.remove(&f(&format!("w/{i}")), &i), Some(()));
+            for j in 0..i {
+                assert_eq!(keys(&trie, &format!("w/{j}/x")), vec![1000 + j]);
+            }
+        }
+        assert_eq!(trie.node_count(), 2);
+        trie.remove(&f("w/+"), &5000);
+        assert_eq!(trie.node_count(), 0);
     }
 
     #[test]

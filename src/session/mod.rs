@@ -13,8 +13,9 @@
 //!   [`SessionConfig::check_connect`], resolves takeover, generates a client id if the client
 //!   sent an empty one, and calls [`Session::accept`] with the previous [`SessionState`] if it
 //!   has one. The CONNACK is the first packet from [`Session::poll_transmit`]; on resume it is
-//!   followed by the re-sent unacknowledged PUBLISHes (DUP=1) and PUBRELs [MQTT-4.4.0-1], then
-//!   queued messages.
+//!   followed by the re-sent unacknowledged PUBLISHes (DUP=1, original ids) and PUBRELs
+//!   [MQTT-4.4.0-1], in their original order and as far as the new connection's window allows
+//!   (the rest follow as acks arrive), then queued messages.
 //! * **Input**: [`Session::handle_packet`] for every decoded packet, [`Session::handle_timeout`]
 //!   whenever `now >= poll_timeout()`, [`Session::deliver`] / [`Session::deliver_retained`]
 //!   from the router, [`Session::connection_lost`] when the socket dies without DISCONNECT,
@@ -23,7 +24,9 @@
 //!   - [`Session::poll_transmit`]: packets to encode and write, in order.
 //!   - [`Session::poll_event`]: [`SessionEvent`]s for the runtime/router.
 //!   - [`Session::poll_timeout`]: when to call `handle_timeout` next.
-//! * **Close**: every way a connection ends emits exactly one [`SessionEvent::Close`]. If the
+//! * **Close**: every way a connection ends emits exactly one [`SessionEvent::Close`], followed
+//!   by `Will` if the will is due now and, if the session ends with the connection,
+//!   `Unsubscribe`… and `Ended`. If the
 //!   session sent a DISCONNECT (v5 only) it is the last packet in `poll_transmit`: flush the
 //!   transmit queue, then close the socket. A protocol violation returns `Err` from
 //!   `handle_packet` *and* has already done all of this (DISCONNECT queued, will handled,
@@ -39,6 +42,20 @@
 //!   `Subscribe { resumed: true, .. }` (update tables only, send no retained messages).
 //!
 //! The router's local subscriber table is maintained exactly from `Subscribe`/`Unsubscribe`.
+//!
+//! # Policies (where the spec leaves a choice)
+//!
+//! * Outgoing window = min(client's Receive Maximum, `max_inflight`) for v5, `max_inflight`
+//!   for v3. QoS 0 bypasses the window and the queue while connected.
+//! * Queue full (count or bytes): the new message is dropped and reported as
+//!   [`DropReason::QueueFull`] (mosquitto's policy); queued messages are never evicted.
+//! * Outgoing topic aliases: the first N distinct topics (N = client's Topic Alias Maximum)
+//!   of a connection keep their alias for its life; topics of 3 bytes or less get none.
+//! * Expired queued messages are dropped when dequeued and on each `handle_timeout`; they do
+//!   not arm a timer of their own. Inflight messages are re-sent even if expired (delivery
+//!   had started).
+//! * PUBACK/PUBREC are sent as soon as a PUBLISH is accepted (before routing); a v5 PUBACK
+//!   never says 0x10 "no matching subscribers".
 //!
 //! Reason strings are only ever put on the DISCONNECT of a protocol violation (the spec allows
 //! that whatever Request Problem Information says [MQTT-3.1.2-29]), so that property needs no
@@ -65,6 +82,35 @@ use crate::codec::{
 };
 use crate::message::Message;
 use state::{Inflight, Outgoing, PendingWill};
+
+/// A will in its own allocations: it lives as long as the connection, and the CONNECT it came
+/// in shares a read buffer that would otherwise stay pinned.
+fn detached_will(w: &LastWill) -> LastWill {
+    let p = &w.properties;
+    let s = |v: &ByteString| ByteString::from(&**v);
+    LastWill {
+        topic: w.topic.detached(),
+        payload: bytes::Bytes::copy_from_slice(&w.payload),
+        qos: w.qos,
+        retain: w.retain,
+        properties: crate::codec::WillProperties {
+            will_delay_interval: p.will_delay_interval,
+            payload_format_indicator: p.payload_format_indicator,
+            message_expiry_interval: p.message_expiry_interval,
+            content_type: p.content_type.as_ref().map(s),
+            response_topic: p.response_topic.as_ref().map(TopicName::detached),
+            correlation_data: p
+                .correlation_data
+                .as_ref()
+                .map(|b| bytes::Bytes::copy_from_slice(b)),
+            user_properties: p
+                .user_properties
+                .iter()
+                .map(|(k, v)| (s(k), s(v)))
+                .collect(),
+        },
+    }
+}
 
 /// Largest packet the protocol can express: 268,435,455 bytes of body plus a 5-byte header.
 const PROTOCOL_MAX_PACKET_SIZE: u32 = 268_435_455 + 5;
@@ -131,10 +177,10 @@ impl SessionConfig {
     pub fn check_connect(&self, connect: &Connect) -> Result<(), ReasonCode> {
         if let Some(will) = &connect.will {
             if will.qos > self.maximum_qos {
-                return Err(ReasonCode::QOS_NOT_SUPPORTED); // [MQTT-3.2.2-12]
+                return Err(ReasonCode::QOS_NOT_SUPPORTED); // MQTT 5 §3.2.2.3.4
             }
             if will.retain && !self.retain_available {
-                return Err(ReasonCode::RETAIN_NOT_SUPPORTED); // [MQTT-3.2.2-13]
+                return Err(ReasonCode::RETAIN_NOT_SUPPORTED); // MQTT 5 §3.2.2.3.5
             }
         }
         // v3 has no Server Keep Alive to negotiate with; mosquitto refuses with "identifier
@@ -146,6 +192,14 @@ impl SessionConfig {
             return Err(ReasonCode::CLIENT_IDENTIFIER_NOT_VALID);
         }
         Ok(())
+    }
+
+    /// The decoder limits that go with this configuration (oversize packets are refused
+    /// before buffering; the runtime answers v5 clients with DISCONNECT 0x95).
+    pub fn decode_limits(&self) -> crate::codec::Limits {
+        crate::codec::Limits {
+            max_packet_size: self.max_packet_size,
+        }
     }
 
     fn receive_maximum(&self) -> u16 {
@@ -183,7 +237,7 @@ pub enum CloseReason {
     ClientDisconnect(ReasonCode),
     /// The client broke the protocol; a v5 client was sent DISCONNECT with this reason.
     ProtocolViolation(ReasonCode),
-    /// Nothing received within 1.5 × keepalive [MQTT-3.1.2-22]; v5 got DISCONNECT 0x8D.
+    /// Nothing received within 1.5 × keepalive ([MQTT-3.1.2-22]; 3.1.1: [MQTT-3.1.2-24]); v5 got DISCONNECT 0x8D.
     KeepAliveTimeout,
     /// The runtime called [`Session::disconnect`] (takeover, shutdown, administrative).
     Server(ReasonCode),
@@ -246,7 +300,7 @@ pub enum DropReason {
 #[derive(Debug)]
 struct Conn {
     version: ProtocolVersion,
-    /// 1.5 × keepalive [MQTT-3.1.2-22]; `None` when keepalive is 0.
+    /// 1.5 × keepalive ([MQTT-3.1.2-22]; 3.1.1: [MQTT-3.1.2-24]); `None` when keepalive is 0.
     keepalive_grace: Option<Duration>,
     last_rx: Instant,
     /// Max outgoing QoS 1/2 unacknowledged (see `SessionConfig::max_inflight`).
@@ -370,6 +424,7 @@ impl Session {
         previous: Option<SessionState>,
         now: Instant,
     ) -> Session {
+        debug_assert!(previous.as_ref().is_none_or(|p| p.client_id == client_id));
         let version = connect.protocol;
         let v5 = version.is_v5();
         let props = &connect.properties;
@@ -433,7 +488,7 @@ impl Session {
             next_out_alias: 1,
             in_aliases: Vec::new(),
             connect_expiry_zero: requested_expiry == 0,
-            will: connect.will.clone(),
+            will: connect.will.as_ref().map(detached_will),
         };
 
         let mut ack = ConnAckProperties::default();
@@ -542,6 +597,17 @@ impl Session {
         (!self.ended).then_some(self.state)
     }
 
+    /// Give back the memory of empty queues (the runtime calls this when a connection has
+    /// been idle for a while, so idle sessions stay small).
+    pub fn shrink_idle(&mut self) {
+        if self.transmit.is_empty() {
+            self.transmit.shrink_to_fit();
+        }
+        if self.events.is_empty() {
+            self.events.shrink_to_fit();
+        }
+    }
+
     /// Packets waiting in `poll_transmit` (the runtime bounds QoS 0 to slow readers by it).
     pub fn pending_transmit(&self) -> usize {
         self.transmit.len()
@@ -592,7 +658,11 @@ impl Session {
             self.end_session(now);
             return;
         }
-        self.state.purge_expired(now);
+        // While connected the queue drains and skips expired entries itself; offline, free
+        // their memory now.
+        if self.conn.is_none() {
+            self.state.purge_expired(now);
+        }
     }
 
     /// The server ends the connection (takeover 0x8E, shutdown 0x8B, ...): v5 clients get a
@@ -602,7 +672,7 @@ impl Session {
         self.close(CloseReason::Server(reason), Some(reason), true, now);
     }
 
-    /// The network connection closed without DISCONNECT: publish the will [MQTT-3.1.2-8].
+    /// The network connection closed without DISCONNECT: publish the will (MQTT 5 §3.1.2.5).
     pub fn connection_lost(&mut self, now: Instant) {
         self.close(CloseReason::ConnectionLost, None, true, now);
         // Nothing can be written any more; unacknowledged messages are in `inflight`.
@@ -614,7 +684,7 @@ impl Session {
         let Some(conn) = self.conn.as_mut() else {
             return Ok(());
         };
-        // Any packet counts for keepalive [MQTT-3.1.2-22].
+        // Any packet counts for keepalive (MQTT 5 §3.1.2.10).
         conn.last_rx = now;
         let result = match packet {
             Packet::Publish(p) => self.on_publish(p, now),
@@ -650,7 +720,7 @@ impl Session {
             )),
             Packet::Auth(_) => Err(violation(
                 ReasonCode::PROTOCOL_ERROR,
-                "AUTH without an Authentication Method in CONNECT [MQTT-4.12.0-1]",
+                "AUTH without an Authentication Method in CONNECT (MQTT 5 §4.12)",
             )),
             Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
                 Err(violation(
@@ -672,8 +742,10 @@ impl Session {
     }
 
     /// Offers a message that matched one of this client's subscriptions. `options` are the
-    /// matching subscription's (granted) options, `subscription_ids` the identifiers of all
-    /// this client's subscriptions it matched (attached for v5 [MQTT-3.3.4-3]).
+    /// matching subscription's (granted) options, `subscription_ids` the identifiers to attach
+    /// (v5 [MQTT-3.3.4-3]). With overlapping subscriptions the router may call this once per
+    /// matching subscription (one copy each, mosquitto's behaviour) or once with the highest
+    /// granted QoS and all their identifiers; the session does not care.
     pub fn deliver(
         &mut self,
         msg: &Message,
@@ -690,7 +762,7 @@ impl Session {
     }
 
     /// Offers a retained message because of a new subscription: always RETAIN=1
-    /// [MQTT-3.3.1-9]. `options`: the new subscription's options.
+    /// (3.1.1: [MQTT-3.3.1-8]). `options`: the new subscription's options.
     pub fn deliver_retained(
         &mut self,
         msg: &Message,
@@ -742,11 +814,15 @@ impl Session {
             }
         }
         if out.qos == QoS::AtMostOnce {
-            // QoS 0 is not subject to the window [MQTT-4.9.0-3]... nor to ordering with it.
+            // QoS 0 is not subject to the window (MQTT 5 §4.9), so it is not held behind it.
             self.emit_publish(&out, 0, false, now);
             return DeliveryOutcome::Sent;
         }
-        if self.state.queue.is_empty() && self.state.inflight.len() < conn.send_window {
+        // Anything already waiting (queued, or carried over and not yet re-sent) goes first.
+        if self.state.queue.is_empty()
+            && conn.resend_pending == 0
+            && self.state.inflight.len() < conn.send_window
+        {
             self.send_inflight(out, now);
             DeliveryOutcome::Sent
         } else {
@@ -824,14 +900,15 @@ impl Session {
             let pending = conn.resend_pending;
             debug_assert!(pending <= self.state.inflight.len());
             if pending > 0 {
-                // Carried-over entries count against the window only once re-sent; they
-                // are always the last `pending` entries (nothing new is added meanwhile).
+                // Carried-over entries count against the window only once re-sent.
                 if self.state.inflight.len() - pending >= window {
                     return;
                 }
                 conn.resend_pending -= 1;
-                let idx = self.state.inflight.len() - pending;
-                self.resend_entry(idx, now);
+                // The client may have answered some out of turn, so look for the next one.
+                if let Some(idx) = self.state.inflight.iter().position(|f| f.resend) {
+                    self.resend_entry(idx, now);
+                }
                 continue;
             }
             if self.state.inflight.len() >= window {
@@ -888,19 +965,19 @@ impl Session {
         if p.qos > self.config.maximum_qos {
             return Err(violation(
                 ReasonCode::QOS_NOT_SUPPORTED,
-                "PUBLISH QoS above Maximum QoS [MQTT-3.2.2-11]",
+                "PUBLISH QoS above our Maximum QoS (MQTT 5 §3.2.2.3.4)",
             ));
         }
         if p.retain && !self.config.retain_available {
             return Err(violation(
                 ReasonCode::RETAIN_NOT_SUPPORTED,
-                "RETAIN=1 while Retain Available is 0 [MQTT-3.2.2-14]",
+                "RETAIN=1 while Retain Available is 0 (MQTT 5 §3.2.2.3.5)",
             ));
         }
         if p.qos != QoS::AtMostOnce && p.packet_id == 0 {
             return Err(violation(
                 ReasonCode::PROTOCOL_ERROR,
-                "QoS 1/2 PUBLISH without packet identifier [MQTT-2.2.1-3]",
+                "QoS 1/2 PUBLISH without packet identifier (MQTT 5 §2.2.1)",
             ));
         }
         if let Some(alias) = p.properties.topic_alias.take() {
@@ -921,7 +998,7 @@ impl Session {
                     None => {
                         return Err(violation(
                             ReasonCode::PROTOCOL_ERROR,
-                            "empty topic with an unmapped topic alias [MQTT-3.3.4]",
+                            "empty topic with an unmapped topic alias (MQTT 5 §3.3.2.3.4)",
                         ))
                     }
                 }
@@ -931,7 +1008,7 @@ impl Session {
         } else if p.topic.is_empty() {
             return Err(violation(
                 ReasonCode::PROTOCOL_ERROR,
-                "empty topic name without topic alias [MQTT-3.3.2-1]",
+                "empty topic name without topic alias (MQTT 5 §3.3.2.1)",
             ));
         }
 
@@ -955,7 +1032,7 @@ impl Session {
                 {
                     return Err(violation(
                         ReasonCode::RECEIVE_MAXIMUM_EXCEEDED,
-                        "more unacknowledged QoS 2 PUBLISHes than Receive Maximum [MQTT-3.3.4-9]",
+                        "more unacknowledged QoS 2 PUBLISHes than our Receive Maximum (MQTT 5 §4.9)",
                     ));
                 }
                 self.state.incoming_qos2.insert(p.packet_id);
@@ -996,7 +1073,7 @@ impl Session {
         match self.state.inflight_position(r.packet_id) {
             Some(pos) => match self.state.inflight[pos].state {
                 InflightState::AwaitingPubRec if v5 && r.reason.is_error() => {
-                    // The client refused it: the flow ends here and frees the slot [MQTT-4.9].
+                    // The client refused it: the flow ends here and frees the slot (MQTT 5 §4.9).
                     self.remove_inflight(pos);
                     self.fill_window(now);
                 }
@@ -1052,13 +1129,13 @@ impl Session {
             if !self.config.subscription_identifiers_available {
                 return Err(violation(
                     ReasonCode::SUBSCRIPTION_IDENTIFIERS_NOT_SUPPORTED,
-                    "Subscription Identifier while not supported [MQTT-3.8.2.1.2]",
+                    "Subscription Identifier while not supported (MQTT 5 §3.8.2.1.2)",
                 ));
             }
             if id == 0 {
                 return Err(violation(
                     ReasonCode::PROTOCOL_ERROR,
-                    "Subscription Identifier 0 [MQTT-3.8.2.1.2]",
+                    "Subscription Identifier 0 (MQTT 5 §3.8.2.1.2)",
                 ));
             }
         }
@@ -1070,6 +1147,8 @@ impl Session {
         }
         let mut codes = Vec::with_capacity(s.filters.len());
         for (filter, mut options) in s.filters {
+            // Kept for the session's life: must not pin the SUBSCRIBE's read buffer.
+            let filter = filter.detached();
             if filter.is_shared() && !self.config.shared_subscriptions_available {
                 codes.push(ReasonCode::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED);
                 continue;

@@ -16,7 +16,7 @@ use smallvec::SmallVec;
 use crate::codec::{LastWill, QoS, SubscriptionOptions, TopicFilter};
 use crate::message::Message;
 
-/// Session expiry interval meaning "never expires" [MQTT-3.1.2.11.2].
+/// Session expiry interval meaning "never expires" (MQTT 5 §3.1.2.11.2).
 pub const EXPIRY_NEVER: u32 = u32::MAX;
 
 /// One subscription as granted: options (QoS already capped) and the v5 subscription id.
@@ -38,7 +38,7 @@ pub(crate) struct Outgoing {
     pub sub_ids: SmallVec<[u32; 2]>,
 }
 
-/// Where an outgoing QoS 1/2 message stands in its acknowledgement flow [MQTT-4.3].
+/// Where an outgoing QoS 1/2 message stands in its acknowledgement flow (MQTT 5 §4.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InflightState {
     /// QoS 1 PUBLISH sent, waiting for PUBACK.
@@ -66,7 +66,7 @@ pub(crate) struct PendingWill {
     pub due: Instant,
 }
 
-/// The exportable, `Send` persistent state of one client's session [MQTT-4.1].
+/// The exportable, `Send` persistent state of one client's session (MQTT 5 §4.1).
 ///
 /// Obtained with `Session::into_state` and given back to `Session::accept` on the next
 /// connection of the same client id (possibly on another shard).
@@ -75,7 +75,7 @@ pub struct SessionState {
     pub(crate) client_id: ByteString,
     pub(crate) subscriptions: AHashMap<TopicFilter, Subscription>,
     /// Outgoing QoS 1/2 messages with a packet id, in the order they were first sent (the
-    /// order they must be re-sent in [MQTT-4.6.0-1]).
+    /// order they must be re-sent in, MQTT 5 §4.6).
     pub(crate) inflight: VecDeque<Inflight>,
     /// Messages waiting for room in the inflight window or for the client to come back.
     pub(crate) queue: VecDeque<Outgoing>,
@@ -141,8 +141,8 @@ impl SessionState {
         self.expires_at
     }
 
-    /// Next free packet id: never 0 [MQTT-2.2.1-2], skipping ids still held by an unacknowledged
-    /// message [MQTT-2.2.1-3], wrapping 65535 → 1. The caller guarantees a free id exists
+    /// Next free packet id: never 0, skipping ids still held by an unacknowledged
+    /// message (MQTT 5 §2.2.1), wrapping 65535 → 1. The caller guarantees a free id exists
     /// (the inflight window is below 65535). Linear in the window, which is small by design.
     pub(crate) fn alloc_packet_id(&mut self) -> u16 {
         loop {

@@ -6,6 +6,7 @@
 //! everything the session queued in one batched write per wake-up. Must not touch: protocol
 //! rules beyond CONNECT admission (the session decides), routing decisions (the shard does).
 
+use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -13,7 +14,7 @@ use bytes::BytesMut;
 use bytestring::ByteString;
 use futures_lite::future;
 use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tracing::debug;
+use tracing::{debug, info, warn};
 
 use super::runtime::{ConnLink, Shard, Slot};
 use crate::codec::{
@@ -21,17 +22,21 @@ use crate::codec::{
     ReasonCode,
 };
 use crate::session::Session;
+use crate::tls::{resolve_username, ClientIdentity, UsernameOutcome, UsernameRule};
 
 /// Bytes asked of the socket per read. Small on purpose: an idle connection keeps no read
 /// buffer at all (see `serve`), and MQTT device traffic is mostly small packets.
 const READ_CHUNK: usize = 4096;
 
+/// Read size of an idle connection (and of the CONNECT phase).
+const IDLE_READ_CHUNK: usize = 128;
+
+/// A connection with no traffic for this long releases its buffers.
+const IDLE_TRIM_AFTER: Duration = Duration::from_secs(1);
+
 /// A peer that accepts none of our bytes for this long is dropped: a subscriber that stopped
 /// reading must not pin its queue (and its socket buffers) forever.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Longest a write waits for peers to apply this shard's route/retained updates.
-const SYNC_WAIT_MAX: Duration = Duration::from_secs(1);
 
 enum Wake {
     Read(std::io::Result<usize>),
@@ -69,17 +74,24 @@ async fn write_all<S: AsyncWrite + Unpin>(io: &mut S, buf: &[u8]) -> std::io::Re
 
 /// Read more bytes into `buf`; `Ok(0)` is end of stream.
 async fn read_some<S: AsyncRead + Unpin>(io: &mut S, buf: &mut BytesMut) -> std::io::Result<usize> {
-    let start = grow(buf);
+    // CONNECT packets are small: start small, grow only if a big one arrives.
+    let chunk = if buf.is_empty() {
+        IDLE_READ_CHUNK
+    } else {
+        READ_CHUNK
+    };
+    let start = grow(buf, chunk);
     let r = io.read(&mut buf[start..]).await;
     buf.truncate(start + *r.as_ref().unwrap_or(&0));
     r
 }
 
-/// Make room for one read; returns where the new bytes go. The caller truncates to what was
-/// read, also when the read was abandoned (cancelled reads must not leave zeros behind).
-fn grow(buf: &mut BytesMut) -> usize {
+/// Make room for one read of `chunk` bytes; returns where the new bytes go. The caller
+/// truncates to what was read, also when the read was abandoned (cancelled reads must not
+/// leave zeros behind).
+fn grow(buf: &mut BytesMut, chunk: usize) -> usize {
     let start = buf.len();
-    buf.resize(start + READ_CHUNK, 0);
+    buf.resize(start + chunk, 0);
     start
 }
 
@@ -132,41 +144,109 @@ async fn read_connect<S: AsyncRead + Unpin>(
     .await
 }
 
+/// Who may connect on this connection's listener, and what TLS said about the client.
+pub(crate) struct Auth {
+    pub allow_anonymous: bool,
+    /// The listener's `max_qos`.
+    pub max_qos: crate::codec::QoS,
+    pub topic_alias_maximum: u16,
+    pub rule: UsernameRule,
+    /// The verified client certificate's identity, if the client sent one.
+    pub identity: Option<ClientIdentity>,
+}
+
 /// Serve one accepted connection until it closes.
 pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     shard: Rc<Shard>,
     mut io: S,
-    allow_anonymous: bool,
+    auth: Auth,
+    peer: Option<SocketAddr>,
 ) {
     let mut rbuf = BytesMut::new();
+    // Boxed: the CONNECT phase's state is large and short-lived; keeping it out of this
+    // future keeps every idle connection small.
+    let admitted = Box::pin(admit(&shard, &mut io, &mut rbuf, auth, peer)).await;
+    let Some(a) = admitted else { return };
+    run_session(shard, &mut io, rbuf, a).await;
+}
+
+/// What the CONNECT phase hands to the session loop.
+struct Admitted {
+    key: u64,
+    version: ProtocolVersion,
+    max_packet_size: u32,
+    link: Rc<ConnLink>,
+    /// Broadcast sequence the first flush must wait for (see `Shard::wait_settled`).
+    settle: Option<u64>,
+}
+
+/// The CONNECT phase: read CONNECT, apply admission rules, register with the home shard and
+/// install the session. `None` if the client was refused or went away.
+async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
+    shard: &Rc<Shard>,
+    io: &mut S,
+    rbuf: &mut BytesMut,
+    auth: Auth,
+    peer: Option<SocketAddr>,
+) -> Option<Admitted> {
     let mut wbuf = BytesMut::new();
     shard.connecting.set(shard.connecting.get() + 1);
-    let connect = read_connect(&shard, &mut io, &mut rbuf).await;
+    let connect = read_connect(shard, io, rbuf).await;
     shard.connecting.set(shard.connecting.get() - 1);
     let connect = match connect {
         Ok(c) => c,
         Err(refused) => {
-            refuse(&mut io, &mut wbuf, refused).await;
-            return;
+            refuse(io, &mut wbuf, refused).await;
+            return None;
         }
     };
     let version = connect.protocol;
-    let cfg = &shard.shared.cfg.session;
+    let cfg = &crate::session::SessionConfig {
+        maximum_qos: auth.max_qos.min(shard.shared.cfg.session.maximum_qos),
+        topic_alias_maximum: auth.topic_alias_maximum,
+        ..shard.shared.cfg.session
+    };
 
-    // Admission: anonymous policy, limits, client-id rules.
-    if !allow_anonymous && connect.username.is_none() {
-        let r = Refused::ConnAck(version, ReasonCode::NOT_AUTHORIZED, "anonymous not allowed");
-        refuse(&mut io, &mut wbuf, r).await;
-        return;
-    }
+    // Admission: identity and anonymous policy (mosquitto's rules), limits, client-id rules.
+    let username = match resolve_username(
+        auth.rule,
+        auth.identity.as_ref(),
+        connect.username.as_deref(),
+    ) {
+        Ok(UsernameOutcome::Certificate(name)) => Some(name),
+        Ok(UsernameOutcome::Client(name)) => {
+            // Midge has no password database: on a listener that does not allow anonymous
+            // clients, only a certificate identity admits a client.
+            if !auth.allow_anonymous {
+                let r = Refused::ConnAck(
+                    version,
+                    ReasonCode::NOT_AUTHORIZED,
+                    "anonymous clients are not allowed on this listener",
+                );
+                refuse(io, &mut wbuf, r).await;
+                return None;
+            }
+            name.map(str::to_owned)
+        }
+        Err(e) => {
+            warn!(peer = ?peer, "connection refused: {e}");
+            let r = Refused::ConnAck(
+                version,
+                ReasonCode::BAD_USER_NAME_OR_PASSWORD,
+                "no usable certificate identity",
+            );
+            refuse(io, &mut wbuf, r).await;
+            return None;
+        }
+    };
     if let Err(reason) = cfg.check_connect(&connect) {
         refuse(
-            &mut io,
+            io,
             &mut wbuf,
             Refused::ConnAck(version, reason, "CONNECT outside limits"),
         )
         .await;
-        return;
+        return None;
     }
     let key = shard.next_conn_key();
     let client_id = if connect.client_id.is_empty() {
@@ -178,38 +258,83 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
                 "empty client id without clean session",
             );
-            refuse(&mut io, &mut wbuf, r).await;
-            return;
+            refuse(io, &mut wbuf, r).await;
+            return None;
         }
         ByteString::from(format!("auto-{key:016x}"))
     } else {
-        connect.client_id.clone()
+        // Copied: the id lives as long as the session and must not pin the read buffer.
+        ByteString::from(&*connect.client_id)
     };
 
     // The home shard orders this connect against any other with the same id.
     let Some(previous) = shard.register(client_id.clone(), key).await else {
-        return; // shutting down
+        return None; // shutting down, or taken over by a newer connection already
     };
     let now = Instant::now();
+    // mosquitto's connect line, so operators (and tests) see the identity used.
+    info!(
+        "New client connected from {} as {} (p{}, c{}, k{}, u'{}') on shard {}",
+        peer.map(|p| p.to_string()).unwrap_or_default(),
+        client_id,
+        version.level(),
+        u8::from(connect.clean_start),
+        connect.keep_alive,
+        username.as_deref().unwrap_or(""),
+        shard.id
+    );
     let session = Session::accept(cfg, &connect, client_id, previous.map(|b| *b), now);
     drop(connect);
     let link = Rc::new(ConnLink::default());
+    let seq_before = shard.broadcast_seq();
     {
         let mut st = shard.st.borrow_mut();
         st.sessions.insert(
             key,
             Slot {
-                session,
+                session: Box::new(session),
                 link: Some(link.clone()),
             },
         );
         shard.pump(&mut st, key, now);
     }
 
-    let limits = Limits {
+    // Resumed subscriptions were broadcast: CONNACK waits until every shard has them.
+    let seq_after = shard.broadcast_seq();
+    Some(Admitted {
+        key,
+        version,
         max_packet_size: cfg.max_packet_size,
-    };
+        link,
+        settle: (seq_after != seq_before).then_some(seq_after),
+    })
+}
+
+/// The session loop: read, decode, drive the session, write, until the connection ends.
+async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
+    shard: Rc<Shard>,
+    io: &mut S,
+    mut rbuf: BytesMut,
+    a: Admitted,
+) {
+    let Admitted {
+        key,
+        version,
+        max_packet_size,
+        link,
+        settle,
+    } = a;
+    // Route deltas or retained updates this connection caused and other shards have not
+    // confirmed yet: its acknowledgements (SUBACK, PUBACK, CONNACK) wait for them.
+    let mut settle = settle;
+    let mut wbuf = BytesMut::new();
+    let limits = Limits { max_packet_size };
+    let mut last_active = Instant::now();
+    let mut trimmed = false;
     loop {
+        if let Some(seq) = settle.take() {
+            shard.wait_settled(seq).await;
+        }
         // 1. Everything the session wants sent, in one write.
         let mut deadline = None;
         {
@@ -226,16 +351,7 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
         if !wbuf.is_empty() {
-            // See `ConnLink::sync_to`: microseconds normally; bounded so a stopping or stuck
-            // peer cannot hold the connection.
-            let since = Instant::now();
-            while !shard.synced(link.sync_to.get())
-                && !shard.stopping.get()
-                && since.elapsed() < SYNC_WAIT_MAX
-            {
-                glommio::timer::sleep(Duration::from_micros(50)).await;
-            }
-            let res = write_all(&mut io, &wbuf).await;
+            let res = write_all(io, &wbuf).await;
             wbuf.clear();
             if let Err(e) = res {
                 debug!(shard = shard.id, "write failed: {e}");
@@ -246,13 +362,21 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         if link.closing.get() {
             break;
         }
-        // An idle connection holds no read buffer: memory per idle client stays small.
-        if rbuf.is_empty() && rbuf.capacity() > 0 {
-            rbuf = BytesMut::new();
-        }
+        // An idle connection gives its buffers back, so memory per idle client stays small
+        // while a busy one keeps them (no allocation churn per read).
+        let trim_at = (!trimmed).then(|| last_active + IDLE_TRIM_AFTER);
+        let deadline = match (deadline, trim_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
 
         // 2. Wait for bytes, a notification, a timer or shutdown.
-        let start = grow(&mut rbuf);
+        // An idle connection waits with a tiny buffer (a PINGREQ or a small PUBLISH fits);
+        // the first read after activity switches to full-size reads.
+        let start = grow(
+            &mut rbuf,
+            if trimmed { IDLE_READ_CHUNK } else { READ_CHUNK },
+        );
         let wake = {
             let read = async { Wake::Read(io.read(&mut rbuf[start..]).await) };
             let notified = async {
@@ -284,6 +408,9 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 break;
             }
             Wake::Read(Ok(_)) => {
+                last_active = now;
+                trimmed = false;
+                let seq_before = shard.broadcast_seq();
                 let mut st = shard.st.borrow_mut();
                 loop {
                     if link.detached.get() {
@@ -316,11 +443,21 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         }
                     }
                 }
+                let seq_after = shard.broadcast_seq();
+                if seq_after != seq_before {
+                    settle = Some(seq_after);
+                }
             }
             Wake::Timer => {
                 let mut st = shard.st.borrow_mut();
                 if let Some(slot) = st.sessions.get_mut(&key) {
                     slot.session.handle_timeout(now);
+                    if !trimmed && now >= last_active + IDLE_TRIM_AFTER && rbuf.is_empty() {
+                        rbuf = BytesMut::new();
+                        wbuf = BytesMut::new();
+                        slot.session.shrink_idle();
+                        trimmed = true;
+                    }
                 }
                 shard.pump(&mut st, key, now);
             }
@@ -355,6 +492,7 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         if slot.link.as_ref().is_some_and(|l| Rc::ptr_eq(l, &link)) {
             slot.link = None;
             st.offline.insert(key);
+            shard.schedule_offline(&mut st, key);
         }
     }
 }

@@ -10,6 +10,8 @@ mod conn;
 pub mod mailbox;
 pub mod notify;
 pub mod registry;
+mod sys;
+mod tls;
 
 use std::io;
 use std::net::{SocketAddr, TcpListener as StdListener};
@@ -27,6 +29,27 @@ pub struct ListenerSpec {
     pub allow_anonymous: bool,
     /// Connections this listener accepts in total across shards (0 = unlimited).
     pub max_connections: usize,
+    /// Highest QoS granted or accepted on this listener (mosquitto's per-listener `max_qos`).
+    pub max_qos: crate::codec::QoS,
+    /// Topic aliases a v5 client may use towards us on this listener (`max_topic_alias`).
+    pub topic_alias_maximum: u16,
+    /// Mutual TLS (or server-only TLS) on this listener.
+    pub tls: Option<Arc<TlsListener>>,
+}
+
+/// A TLS listener's shared parts: the hot-reloadable rustls config and the policies the
+/// connection task applies after the handshake.
+#[derive(Debug)]
+pub struct TlsListener {
+    /// Current `ServerConfig`; SIGHUP swaps it, new handshakes on every shard pick it up.
+    pub reloader: Arc<crate::tls::TlsReloader>,
+    pub username_rule: crate::tls::UsernameRule,
+    pub handshake_timeout: Duration,
+    /// Per shard: handshakes in progress beyond this wait in the accept loop (and the
+    /// kernel backlog) instead of competing with established clients for CPU.
+    pub max_handshakes_in_progress: usize,
+    /// Per-shard handshake counters, indexed by shard.
+    pub stats: Vec<Arc<crate::tls::HandshakeStats>>,
 }
 
 /// Runtime settings, derived from `config::Config`.
@@ -47,6 +70,8 @@ pub struct RuntimeConfig {
     /// Publishes with a larger payload are acknowledged but not delivered (mosquitto's
     /// `message_size_limit`).
     pub message_size_limit: usize,
+    /// Period of `$SYS/broker/...` updates; `None` disables them.
+    pub sys_interval: Option<Duration>,
 }
 
 impl Default for RuntimeConfig {
@@ -57,6 +82,9 @@ impl Default for RuntimeConfig {
                 addr: SocketAddr::from(([127, 0, 0, 1], 1883)),
                 allow_anonymous: true,
                 max_connections: 0,
+                max_qos: crate::codec::QoS::ExactlyOnce,
+                topic_alias_maximum: 10,
+                tls: None,
             }],
             connect_timeout: Duration::from_secs(10),
             mailbox_capacity: 1024,
@@ -64,6 +92,7 @@ impl Default for RuntimeConfig {
             session: crate::session::SessionConfig::default(),
             retained: crate::routing::RetainedLimits::default(),
             message_size_limit: usize::MAX,
+            sys_interval: Some(Duration::from_secs(10)),
         }
     }
 }
@@ -244,8 +273,12 @@ pub fn start(cfg: RuntimeConfig) -> Result<Broker, StartError> {
 mod runtime;
 pub use runtime::Stats;
 
-/// Run until SIGINT/SIGTERM (graceful: clients get 0x8B, exit 0); SIGHUP requests a reload.
-pub fn run_until_signalled(cfg: RuntimeConfig) -> Result<(), StartError> {
+/// Run until SIGINT/SIGTERM (graceful: clients get 0x8B, exit 0); on SIGHUP call `on_reload`
+/// (on the signal thread, never on a shard).
+pub fn run_until_signalled(
+    cfg: RuntimeConfig,
+    on_reload: impl Fn() + Send + 'static,
+) -> Result<(), StartError> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let broker = start(cfg)?;
     let control = broker.control.clone();
@@ -261,8 +294,9 @@ pub fn run_until_signalled(cfg: RuntimeConfig) -> Result<(), StartError> {
         for sig in signals.forever() {
             match sig {
                 SIGHUP => {
-                    tracing::info!("SIGHUP: reload requested");
+                    tracing::info!("SIGHUP: reloading");
                     control.request_reload();
+                    on_reload();
                 }
                 _ => {
                     tracing::info!("signal {sig}: shutting down");

@@ -34,3 +34,32 @@ impl Notify {
         .await
     }
 }
+
+/// Many waiters, woken all at once (waiters re-check their own condition).
+#[derive(Default)]
+pub struct WaitList {
+    wakers: std::cell::RefCell<Vec<Waker>>,
+}
+
+impl WaitList {
+    pub fn wake_all(&self) {
+        for w in self.wakers.borrow_mut().drain(..) {
+            w.wake();
+        }
+    }
+
+    /// Resolves at the next `wake_all`.
+    pub async fn wait(&self) {
+        let mut registered = false;
+        poll_fn(|cx| {
+            if registered {
+                Poll::Ready(())
+            } else {
+                registered = true;
+                self.wakers.borrow_mut().push(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}

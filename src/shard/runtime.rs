@@ -9,6 +9,8 @@
 //! an `.await`, so tasks on the shard cannot observe each other half-way.
 
 use std::cell::{Cell, RefCell};
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::mem;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -60,8 +62,9 @@ impl Shared {
 
 /// Messages between shards. All `Send`: payloads are refcounted `Bytes`.
 pub(crate) enum ShardMsg {
-    /// A shard gained its first / lost its last subscriber on a filter.
-    Route(RouteDelta),
+    /// A shard gained its first / lost its last subscriber on a filter. `seq` is the sender's
+    /// broadcast sequence number, acknowledged with `Applied`.
+    Route { delta: RouteDelta, seq: u64 },
     /// Deliver to this shard's plain subscribers (if `plain`) and to one local member of each
     /// share group in `groups`.
     Forward {
@@ -70,9 +73,9 @@ pub(crate) enum ShardMsg {
         groups: SmallVec<[TopicFilter; 1]>,
     },
     /// A retained message (or its deletion) to apply to this shard's retained replica.
-    Retain { msg: Message, from: ShardId },
-    /// Shard `from` applied one more of our `Route`/`Retain` messages (see `Shard::synced`).
-    Applied { from: ShardId },
+    Retain { msg: Message, seq: u64 },
+    /// The receiver applied the sender's broadcasts up to `seq` (see `Shard::settled`).
+    Applied { seq: u64 },
     /// To the home shard: `conn` is connecting with `client_id`.
     Register {
         client_id: ByteString,
@@ -104,15 +107,11 @@ pub(crate) struct ConnLink {
     pub last_words: RefCell<Vec<Packet>>,
     /// The session was taken away (takeover) or the shard is stopping.
     pub detached: Cell<bool>,
-    /// Hold the next write until every peer applied our replicated updates up to this
-    /// sequence number: a SUBACK, CONNACK (resumed subscriptions) or PUBACK (retained) must
-    /// not reach the client before other shards know, or a publish that causally follows it
-    /// on another shard is routed without this subscriber / finds no retained message.
-    pub sync_to: Cell<u64>,
 }
 
 pub(crate) struct Slot {
-    pub session: Session,
+    /// Boxed: the map then holds small entries, and its spare capacity costs little.
+    pub session: Box<Session>,
     pub link: Option<Rc<ConnLink>>,
 }
 
@@ -121,6 +120,8 @@ pub(crate) struct Slot {
 pub(crate) struct Pending {
     pub result: RefCell<Option<Option<Box<SessionState>>>>,
     pub notify: Notify,
+    /// A newer connection with the same id took over before this one started its session.
+    pub kicked: Cell<bool>,
 }
 
 #[derive(Default, Debug, Clone, Copy)]
@@ -133,13 +134,19 @@ pub struct Stats {
     pub dropped_expired: u64,
     pub forwards_out: u64,
     pub oversize_publishes: u64,
+    /// Gauges, refreshed on the control tick.
+    pub live_conns: u64,
+    pub retained: u64,
 }
 
 pub(crate) struct State {
     pub registry: Registry,
     pub sessions: AHashMap<ConnKey, Slot>,
-    /// Sessions without a live connection, for expiry and will-delay timers.
+    /// Sessions without a live connection.
     pub offline: AHashSet<ConnKey>,
+    /// Timers of offline sessions (session expiry, will delay): earliest first. Entries may
+    /// be stale; they are checked against the session when they fire.
+    pub timers: BinaryHeap<Reverse<(Instant, ConnKey)>>,
     pub local: LocalSubscriptions<ConnKey>,
     pub replica: RoutingReplica,
     pub retained: RetainedStore,
@@ -169,10 +176,10 @@ pub(crate) struct Shard {
     /// Of `live_conns`, those still waiting for their CONNECT: shutdown does not wait for
     /// them (they have nothing to flush).
     pub connecting: Cell<usize>,
-    /// `Route`/`Retain` messages broadcast so far (each goes to every peer) and, per peer,
-    /// how many of them it has applied.
-    replicated: Cell<u64>,
-    applied: Vec<Cell<u64>>,
+    /// Sequence number of this shard's latest broadcast, and what each peer has applied.
+    broadcast_seq: Cell<u64>,
+    applied_by_peer: RefCell<Vec<u64>>,
+    settle_waiters: super::notify::WaitList,
     /// Messages to this shard from itself, handled on the next turn (never re-entrantly).
     self_queue: RefCell<Vec<ShardMsg>>,
     self_notify: Notify,
@@ -206,36 +213,76 @@ impl Shard {
     }
 
     fn broadcast_delta(&self, st: &mut State, delta: RouteDelta) {
-        self.replicated.set(self.replicated.get() + 1);
         st.replica.apply(&delta);
+        let seq = self.next_broadcast_seq();
         for peer in 0..self.shared.shards {
             if peer != self.id {
+                let delta = delta.clone();
                 self.outbox
-                    .send_control(peer, ShardMsg::Route(delta.clone()));
+                    .send_control(peer, ShardMsg::Route { delta, seq });
             }
         }
     }
 
-    /// Handle a message from another shard (or from ourselves).
-    pub fn handle_msg(&self, msg: ShardMsg) {
+    fn next_broadcast_seq(&self) -> u64 {
+        let seq = self.broadcast_seq.get() + 1;
+        self.broadcast_seq.set(seq);
+        seq
+    }
+
+    /// The latest broadcast (route delta or retained update) this shard has sent.
+    pub fn broadcast_seq(&self) -> u64 {
+        self.broadcast_seq.get()
+    }
+
+    /// Every other shard has applied this shard's broadcasts up to `seq`.
+    pub fn settled(&self, seq: u64) -> bool {
+        self.applied_by_peer
+            .borrow()
+            .iter()
+            .enumerate()
+            .all(|(peer, &a)| peer == self.id || a >= seq)
+    }
+
+    /// Wait until `settled(seq)`. A SUBACK (or the PUBACK of a retained publish) is held
+    /// until then, so a client that saw it can rely on what it did being visible on every
+    /// core: a publish that follows a SUBACK, from any client on any shard, is delivered;
+    /// a subscribe that follows a retained PUBACK gets the message (mosquitto's guarantees).
+    pub async fn wait_settled(&self, seq: u64) {
+        while !self.settled(seq) && !self.stopping.get() {
+            self.settle_waiters.wait().await;
+        }
+    }
+
+    fn ack_broadcast(&self, from: ShardId, seq: u64) {
+        if from != self.id {
+            self.outbox.send_control(from, ShardMsg::Applied { seq });
+        }
+    }
+
+    /// Handle a message from shard `from` (possibly this one).
+    pub fn handle_msg(&self, from: ShardId, msg: ShardMsg) {
         let now = Instant::now();
         match msg {
-            ShardMsg::Route(delta) => {
+            ShardMsg::Route { delta, seq } => {
                 self.st.borrow_mut().replica.apply(&delta);
-                let from = delta.shard.index();
-                self.send_control(from, ShardMsg::Applied { from: self.id });
+                self.ack_broadcast(from, seq);
+            }
+            ShardMsg::Applied { seq } => {
+                let mut a = self.applied_by_peer.borrow_mut();
+                if a[from] < seq {
+                    a[from] = seq;
+                }
+                drop(a);
+                self.settle_waiters.wake_all();
             }
             ShardMsg::Forward { msg, plain, groups } => {
                 let mut st = self.st.borrow_mut();
                 self.deliver_local(&mut st, &msg, plain, &groups, now);
             }
-            ShardMsg::Retain { msg, from } => {
+            ShardMsg::Retain { msg, seq } => {
                 self.st.borrow_mut().retained.set(msg);
-                self.send_control(from, ShardMsg::Applied { from: self.id });
-            }
-            ShardMsg::Applied { from } => {
-                let a = &self.applied[from];
-                a.set(a.get() + 1);
+                self.ack_broadcast(from, seq);
             }
             ShardMsg::Register { client_id, conn } => {
                 let reg = self.st.borrow_mut().registry.register(client_id, conn);
@@ -251,7 +298,9 @@ impl Shard {
                 self.send_control(conn_shard(conn), ShardMsg::Handover { conn, state });
             }
             ShardMsg::Handover { conn, state } => {
-                let pending = self.st.borrow_mut().pending.remove(&conn);
+                // Stays in `pending` until the connection task installs its session, so a
+                // takeover arriving in between finds the state here (see `take_session`).
+                let pending = self.st.borrow().pending.get(&conn).cloned();
                 match pending {
                     Some(p) => {
                         *p.result.borrow_mut() = Some(state);
@@ -278,7 +327,14 @@ impl Shard {
     /// its subscriptions from this shard, and return its persistent state.
     fn take_session(&self, key: ConnKey, now: Instant) -> Option<Box<SessionState>> {
         let mut st = self.st.borrow_mut();
-        let mut slot = st.sessions.remove(&key)?;
+        let Some(mut slot) = st.sessions.remove(&key) else {
+            // Not started yet: its hand-over may be waiting for the connection task.
+            let p = st.pending.get(&key)?;
+            p.kicked.set(true);
+            p.notify.notify();
+            let state = p.result.borrow_mut().take().flatten();
+            return state;
+        };
         st.offline.remove(&key);
         if slot.session.is_connected() {
             slot.session.disconnect(ReasonCode::SESSION_TAKEN_OVER, now);
@@ -313,13 +369,8 @@ impl Shard {
 
     /// Drain `key`'s session events and act on them. Call after every input to a session.
     pub fn pump(&self, st: &mut State, key: ConnKey, now: Instant) {
-        let replicated = self.replicated.get();
-        let mut subscribed = false;
         let mut events = mem::take(&mut st.events);
-        loop {
-            let Some(slot) = st.sessions.get_mut(&key) else {
-                break;
-            };
+        while let Some(slot) = st.sessions.get_mut(&key) {
             while let Some(ev) = slot.session.poll_event() {
                 events.push(ev);
             }
@@ -327,25 +378,10 @@ impl Shard {
                 break;
             }
             for ev in events.drain(..) {
-                subscribed |= matches!(ev, SessionEvent::Subscribe { .. });
                 self.handle_event(st, key, ev, now);
             }
         }
         st.events = events;
-        // A subscribe that added no route itself may still depend on one still in flight.
-        if subscribed || self.replicated.get() != replicated {
-            if let Some(link) = st.sessions.get(&key).and_then(|s| s.link.as_ref()) {
-                link.sync_to.set(self.replicated.get());
-            }
-        }
-    }
-
-    /// Every peer has applied our `Route`/`Retain` broadcasts up to `seq`.
-    pub fn synced(&self, seq: u64) -> bool {
-        self.applied
-            .iter()
-            .enumerate()
-            .all(|(peer, a)| peer == self.id || a.get() >= seq)
     }
 
     fn handle_event(&self, st: &mut State, key: ConnKey, ev: SessionEvent, now: Instant) {
@@ -461,15 +497,16 @@ impl Shard {
             return held;
         }
         if msg.retain {
-            st.retained.set(msg.clone());
-            self.replicated.set(self.replicated.get() + 1);
+            // The store keeps it indefinitely: give it its own allocation (one copy, shared
+            // by every shard's replica).
+            let kept = msg.detached();
+            st.retained.set(kept.clone());
+            let seq = self.next_broadcast_seq();
             for peer in 0..self.shared.shards {
                 if peer != self.id {
-                    let m = ShardMsg::Retain {
-                        msg: msg.clone(),
-                        from: self.id,
-                    };
-                    self.outbox.send_control(peer, m);
+                    let msg = kept.clone();
+                    self.outbox
+                        .send_control(peer, ShardMsg::Retain { msg, seq });
                 }
             }
         }
@@ -640,7 +677,20 @@ impl Shard {
             },
         );
         loop {
-            if let Some(r) = pending.result.borrow_mut().take() {
+            if pending.kicked.get() {
+                // Taken over before it started: the newer connection has the session.
+                self.st.borrow_mut().pending.remove(&key);
+                debug!(
+                    shard = self.id,
+                    "connection taken over before its session started"
+                );
+                return None;
+            }
+            let ready = pending.result.borrow_mut().take();
+            if let Some(r) = ready {
+                // The caller installs the session before its next await, so nothing can
+                // come between this and the session being in `sessions`.
+                self.st.borrow_mut().pending.remove(&key);
                 return Some(r);
             }
             let stop = async {
@@ -668,22 +718,33 @@ impl Shard {
     /// their connection tasks.
     fn tick_offline(&self, now: Instant) {
         let mut st = self.st.borrow_mut();
-        let due: Vec<ConnKey> = st
-            .offline
-            .iter()
-            .copied()
-            .filter(|k| {
-                st.sessions
-                    .get(k)
-                    .and_then(|s| s.session.poll_timeout())
-                    .is_some_and(|t| t <= now)
-            })
-            .collect();
-        for k in due {
-            if let Some(slot) = st.sessions.get_mut(&k) {
-                slot.session.handle_timeout(now);
+        while let Some(Reverse((due, key))) = st.timers.peek().copied() {
+            if due > now {
+                break;
             }
-            self.pump(&mut st, k, now);
+            st.timers.pop();
+            if !st.offline.contains(&key) {
+                continue;
+            }
+            let Some(slot) = st.sessions.get_mut(&key) else {
+                continue;
+            };
+            match slot.session.poll_timeout() {
+                Some(t) if t <= now => {
+                    slot.session.handle_timeout(now);
+                    self.pump(&mut st, key, now);
+                    self.schedule_offline(&mut st, key);
+                }
+                Some(t) => st.timers.push(Reverse((t, key))),
+                None => {}
+            }
+        }
+    }
+
+    /// The session of `key` just lost its connection: mark it offline and arm its timer.
+    pub fn schedule_offline(&self, st: &mut State, key: ConnKey) {
+        if let Some(t) = st.sessions.get(&key).and_then(|s| s.session.poll_timeout()) {
+            st.timers.push(Reverse((t, key)));
         }
     }
 
@@ -727,14 +788,36 @@ async fn self_dispatch(shard: Rc<Shard>) {
                 break;
             }
             for m in batch {
-                shard.handle_msg(m);
+                shard.handle_msg(shard.id, m);
             }
         }
     }
 }
 
 async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, idx: Option<usize>) {
+    let spec = idx.map(|i| shard.shared.listeners[i].clone());
+    let tls = spec.as_ref().and_then(|l| l.tls.clone());
+    // Handshakes in progress on this shard for this listener (see TlsListener).
+    let handshakes = tls.as_ref().map(|t| {
+        Rc::new(glommio::sync::Semaphore::new(
+            t.max_handshakes_in_progress as u64,
+        ))
+    });
     loop {
+        let mut permit = None;
+        if let Some(sem) = &handshakes {
+            // Take a handshake slot before accepting: a reconnect storm queues in the kernel
+            // backlog instead of starving established clients.
+            let p = future::or(async { Some(sem.acquire_static_permit(1).await) }, async {
+                shard.stop_notify_wait().await;
+                None
+            })
+            .await;
+            match p {
+                Some(Ok(p)) => permit = Some(p),
+                _ => break,
+            }
+        }
         let accepted = future::or(async { Some(listener.accept().await) }, async {
             shard.stop_notify_wait().await;
             None
@@ -753,33 +836,70 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, idx: Option<usize>
         if let Err(e) = stream.set_nodelay(true) {
             debug!("set_nodelay: {e}");
         }
-        let spec_idx = idx.unwrap_or(0);
-        let max = idx
-            .map(|i| shard.shared.listeners[i].max_connections)
-            .unwrap_or(0);
-        if let Some(i) = idx {
+        let peer = stream.peer_addr().ok();
+        if let (Some(i), Some(l)) = (idx, &spec) {
             let n = shard.shared.connections[i].fetch_add(1, Ordering::AcqRel);
-            if max != 0 && n >= max {
+            if l.max_connections != 0 && n >= l.max_connections {
                 shard.shared.connections[i].fetch_sub(1, Ordering::AcqRel);
                 debug!(shard = shard.id, "max_connections reached: refusing");
                 drop(stream);
                 continue;
             }
         }
-        let shard2 = shard.clone();
-        glommio::spawn_local(async move {
-            shard2.live_conns.set(shard2.live_conns.get() + 1);
-            let allow_anonymous = idx
-                .map(|i| shard2.shared.listeners[i].allow_anonymous)
-                .unwrap_or(true);
-            conn::serve(shard2.clone(), stream, allow_anonymous).await;
-            shard2.live_conns.set(shard2.live_conns.get() - 1);
-            if let Some(i) = idx {
-                shard2.shared.connections[i].fetch_sub(1, Ordering::AcqRel);
+        let allow_anonymous = spec.as_ref().map(|l| l.allow_anonymous).unwrap_or(true);
+        let auth = conn::Auth {
+            allow_anonymous,
+            max_qos: spec.as_ref().map(|l| l.max_qos).unwrap_or(QoS::ExactlyOnce),
+            topic_alias_maximum: spec.as_ref().map(|l| l.topic_alias_maximum).unwrap_or(10),
+            rule: tls
+                .as_ref()
+                .map(|t| t.username_rule)
+                .unwrap_or(crate::tls::UsernameRule::FromClient),
+            identity: None,
+        };
+        // Separate task types for TLS and plain connections: each task is sized for its
+        // own future, so plain connections do not pay for TLS state.
+        match &tls {
+            Some(t) => {
+                let t = t.clone();
+                glommio::spawn_local(conn_task(
+                    shard.clone(),
+                    idx,
+                    async move |shard: Rc<Shard>| {
+                        let hs = Box::pin(super::tls::handshake(&shard, &t, stream, peer)).await;
+                        drop(permit);
+                        if let Some((io, identity)) = hs {
+                            conn::serve(shard, io, conn::Auth { identity, ..auth }, peer).await;
+                        }
+                    },
+                ))
+                .detach();
             }
-            let _ = spec_idx;
-        })
-        .detach();
+            None => {
+                glommio::spawn_local(conn_task(
+                    shard.clone(),
+                    idx,
+                    async move |shard: Rc<Shard>| {
+                        conn::serve(shard, stream, auth, peer).await;
+                    },
+                ))
+                .detach();
+            }
+        }
+    }
+}
+
+/// Run one connection's future with the shard's connection accounting around it.
+async fn conn_task<F, Fut>(shard: Rc<Shard>, idx: Option<usize>, f: F)
+where
+    F: FnOnce(Rc<Shard>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    shard.live_conns.set(shard.live_conns.get() + 1);
+    f(shard.clone()).await;
+    shard.live_conns.set(shard.live_conns.get() - 1);
+    if let Some(i) = idx {
+        shard.shared.connections[i].fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -826,6 +946,7 @@ pub(crate) async fn shard_main(
             registry: Registry::default(),
             sessions: AHashMap::new(),
             offline: AHashSet::new(),
+            timers: BinaryHeap::new(),
             local: LocalSubscriptions::new(my_routing_id),
             replica: RoutingReplica::new(),
             retained: RetainedStore::new(shared.cfg.retained),
@@ -844,16 +965,17 @@ pub(crate) async fn shard_main(
         stop_notify: Notify::default(),
         live_conns: Cell::new(0),
         connecting: Cell::new(0),
+        broadcast_seq: Cell::new(0),
+        applied_by_peer: RefCell::new(vec![0; shared.shards]),
+        settle_waiters: super::notify::WaitList::default(),
         self_queue: RefCell::new(Vec::new()),
         self_notify: Notify::default(),
-        replicated: Cell::new(0),
-        applied: (0..shared.shards).map(|_| Cell::new(0)).collect(),
     });
 
     let handler_shard = shard.clone();
     let _receivers = spawn_receivers(
         receivers,
-        Rc::new(move |_peer, msg| handler_shard.handle_msg(msg)),
+        Rc::new(move |peer, msg| handler_shard.handle_msg(peer, msg)),
     );
     for peer in 0..shared.shards {
         if peer != id {
@@ -904,13 +1026,25 @@ pub(crate) async fn shard_main(
     }
     let _ = ready.send(Ok((id, shard_addr)));
 
-    // Control loop: shutdown flag and offline-session timers.
+    // Control loop: shutdown flag, offline-session timers, counter snapshots, $SYS.
     let tick = Duration::from_millis(50);
+    let started = Instant::now();
+    let mut next_sys = shared.cfg.sys_interval.map(|d| started + d);
     loop {
         glommio::timer::sleep(tick).await;
-        shard.tick_offline(Instant::now());
-        if let Ok(mut s) = shared.stats[id].lock() {
-            *s = shard.st.borrow().stats;
+        let now = Instant::now();
+        shard.tick_offline(now);
+        {
+            let mut st = shard.st.borrow_mut();
+            st.stats.live_conns = shard.live_conns.get() as u64;
+            st.stats.retained = st.retained.len() as u64;
+            if let Ok(mut s) = shared.stats[id].lock() {
+                *s = st.stats;
+            }
+        }
+        if id == 0 && next_sys.is_some_and(|t| now >= t) {
+            super::sys::publish(&shard, started);
+            next_sys = shared.cfg.sys_interval.map(|d| now + d);
         }
         if control.shutdown_requested() {
             break;

@@ -27,6 +27,9 @@ impl TestBroker {
                 addr: "127.0.0.1:0".parse().unwrap(),
                 allow_anonymous: true,
                 max_connections: 0,
+                max_qos: midge::codec::QoS::ExactlyOnce,
+                topic_alias_maximum: 10,
+                tls: None,
             }],
             shard_listeners: true,
             ..RuntimeConfig::default()
