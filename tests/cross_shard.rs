@@ -459,7 +459,7 @@ fn shared_subscription_member_leaving_loses_nothing() {
 /// hand-over. Duplicates are allowed (QoS 1).
 #[test]
 #[ignore = "reason: messages routed in the hand-over window (old shard already dropped the \
-            subscriptions, new shard's route not yet applied) are lost: 1-2 of 3000 per run"]
+            subscriptions, new shard's route not yet applied) are lost: 1-6 of 3000 per run"]
 fn takeover_during_a_qos1_stream_loses_nothing() {
     use common::raw::{self, Raw, Read1, V311};
     use std::sync::atomic::{AtomicBool, Ordering};
