@@ -141,3 +141,24 @@ fn second_broker_on_the_same_port_fails_clearly() {
     );
     assert!(out.status.success(), "{out:?}");
 }
+
+#[test]
+fn sigterm_is_prompt_with_a_connection_that_never_sent_connect() {
+    let port = free_port();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut g = Guard(spawn_midge(port));
+    wait_listening(addr, &mut g.0);
+    let _silent: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    let mut c = Raw::open(addr);
+    c.handshake(&raw::connect(V5, "bin-prompt", 30, true));
+    std::thread::sleep(Duration::from_millis(100));
+    let pid = g.0.id() as libc::pid_t;
+    let sent = Instant::now();
+    // SAFETY: plain kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let st = wait_exit(&mut g.0, Duration::from_secs(5)).expect("midge exits after SIGTERM");
+    let took = sent.elapsed();
+    assert_eq!(st.code(), Some(0));
+    eprintln!("exit after {took:?}");
+    assert!(took < Duration::from_secs(1), "shutdown took {took:?}");
+}

@@ -218,9 +218,8 @@ fn reconnect_on_the_other_shard_gets_messages_queued_offline() {
         assert!(connack(&mut ac2), "session_present ({from}->{to})");
         let got = recv_publishes(&mut ac2, 6, WAIT);
         assert_eq!(numbers(&got), [0, 1, 2, 3, 4, 5], "{from}->{to}");
-        // Live delivery continues on the new shard. (The pause lets the new shard's route
-        // delta reach the publisher's shard: see subscribe_then_publish_on_other_shard.)
-        std::thread::sleep(Duration::from_millis(100));
+        // Live delivery continues on the new shard, right away: the resumed subscription's
+        // route reached the publisher's shard before our CONNACK did.
         publish_acked(
             &p,
             &mut pc,
@@ -368,6 +367,9 @@ fn subscribe_then_publish_on_other_shard() {
                 }
                 other => misses.push((from, to, i, format!("{other:?}"))),
             }
+            if misses.len() >= 10 {
+                break; // enough to show it; keep a failing run short
+            }
         }
     }
     assert!(
@@ -375,4 +377,156 @@ fn subscribe_then_publish_on_other_shard() {
         "{} of 200 missed: {misses:?}",
         misses.len()
     );
+}
+
+/// A retained message acknowledged (PUBACK) on one shard is there for a subscriber on the
+/// other shard that subscribes right after.
+#[test]
+fn retained_then_subscribe_on_other_shard() {
+    use common::raw::{self, V311};
+    let b = TestBroker::start(2);
+    let mut misses = Vec::new();
+    for (from, to) in [(0, 1), (1, 0)] {
+        let mut publ = raw::client(b.shard_addrs[from], V311, &format!("rp-pub-{from}"));
+        let mut sub = raw::client(b.shard_addrs[to], V311, &format!("rp-sub-{to}"));
+        for i in 0..100u16 {
+            let topic = format!("rp/{from}/{i}");
+            let mut p = raw::publish(V311, &topic, b"r", 1, i + 1);
+            p[0] |= 0x01; // retain
+            publ.send(&p);
+            assert_eq!(publ.expect("PUBACK", WAIT).kind(), 4);
+            sub.send(&raw::subscribe(V311, i + 1, &[(&topic, 0)]));
+            assert_eq!(sub.expect("SUBACK", WAIT).kind(), 9);
+            match sub.read(Duration::from_secs(1)) {
+                raw::Read1::Packet(p) if p.kind() == 3 => {}
+                other => misses.push((from, to, i, format!("{other:?}"))),
+            }
+            if misses.len() >= 10 {
+                break; // enough to show it; keep a failing run short
+            }
+        }
+    }
+    assert!(misses.is_empty(), "missed: {misses:?}");
+}
+
+/// When a member of a share group leaves, the group's messages go to the members left; none
+/// is lost in the moment the leaving member's shard still appears in other shards' routes.
+#[test]
+fn shared_subscription_member_leaving_loses_nothing() {
+    use common::raw::{self, V311};
+    let b = TestBroker::start(2);
+    let mut lost = Vec::new();
+    for round in 0..20u16 {
+        let filter = format!("$share/g/leave/{round}");
+        let topic = format!("leave/{round}");
+        let mut stay = raw::client(b.shard_addrs[0], V311, "leave-stay");
+        stay.send(&raw::subscribe(V311, 1, &[(&filter, 1)]));
+        assert_eq!(stay.expect("SUBACK", WAIT).kind(), 9);
+        let mut go = raw::client(b.shard_addrs[1], V311, "leave-go");
+        go.send(&raw::subscribe(V311, 1, &[(&filter, 1)]));
+        assert_eq!(go.expect("SUBACK", WAIT).kind(), 9);
+        let mut publ = raw::client(b.shard_addrs[0], V311, "leave-pub");
+        go.send(&raw::disconnect());
+        go.until_closed(WAIT);
+        for i in 0..10u16 {
+            publ.send(&raw::publish(V311, &topic, &i.to_be_bytes(), 1, i + 1));
+            assert_eq!(publ.expect("PUBACK", WAIT).kind(), 4);
+        }
+        let mut got = 0;
+        while got < 10 {
+            match stay.read(Duration::from_millis(500)) {
+                raw::Read1::Packet(p) if p.kind() == 3 => {
+                    let pid = &p.body[2 + topic.len()..4 + topic.len()];
+                    stay.send(&[0x40, 2, pid[0], pid[1]]);
+                    got += 1;
+                }
+                other => {
+                    lost.push((round, 10 - got, format!("{other:?}")));
+                    break;
+                }
+            }
+        }
+        stay.send(&raw::disconnect());
+        publ.send(&raw::disconnect());
+        stay.until_closed(WAIT);
+        publ.until_closed(WAIT);
+    }
+    assert!(lost.is_empty(), "(round, lost, why): {lost:?}");
+}
+
+/// A persistent session taken over by a connection on the other shard while QoS 1 messages
+/// stream in: every message arrives (at the old or the new connection), none is lost in the
+/// hand-over. Duplicates are allowed (QoS 1).
+#[test]
+#[ignore = "reason: messages routed in the hand-over window (old shard already dropped the \
+            subscriptions, new shard's route not yet applied) are lost: 1-6 of 3000 per run"]
+fn takeover_during_a_qos1_stream_loses_nothing() {
+    use common::raw::{self, Raw, Read1, V311};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    const N: u16 = 3000;
+    let b = TestBroker::start(2);
+    for (from, to) in [(0, 1), (1, 0)] {
+        let id = format!("stream-{from}{to}");
+        let topic = format!("stream/{from}{to}");
+        let mut a = Raw::open(b.shard_addrs[from]);
+        a.handshake(&raw::connect(V311, &id, 30, false));
+        a.send(&raw::subscribe(V311, 1, &[(&topic, 1)]));
+        assert_eq!(a.expect("SUBACK", WAIT).kind(), 9);
+
+        // The publisher (on the shard that is neither-or-both) streams with its own acks.
+        let publ_addr = b.shard_addrs[from];
+        let t2 = topic.clone();
+        let done = Arc::new(AtomicBool::new(false));
+        let done2 = done.clone();
+        let publisher = std::thread::spawn(move || {
+            let mut p = raw::client(publ_addr, V311, "streamer");
+            for i in 0..N {
+                p.send(&raw::publish(V311, &t2, &i.to_be_bytes(), 1, i + 1));
+                assert_eq!(p.expect("PUBACK", WAIT).kind(), 4);
+            }
+            done2.store(true, Ordering::Release);
+        });
+
+        let mut seen = vec![false; N as usize];
+        let read_ack = |c: &mut Raw, seen: &mut Vec<bool>, within: Duration| -> bool {
+            match c.read(within) {
+                Read1::Packet(p) if p.kind() == 3 => {
+                    let tl = topic.len();
+                    let pid = [p.body[2 + tl], p.body[3 + tl]];
+                    let v = u16::from_be_bytes([p.body[4 + tl], p.body[5 + tl]]);
+                    seen[v as usize] = true;
+                    c.send_lenient(&[0x40, 2, pid[0], pid[1]]);
+                    true
+                }
+                Read1::Packet(_) => true,
+                _ => false,
+            }
+        };
+        let mut got_a = 0;
+        while got_a < 300 && read_ack(&mut a, &mut seen, WAIT) {
+            got_a += 1;
+        }
+        let mut bc = Raw::open(b.shard_addrs[to]);
+        assert!(
+            bc.handshake(&raw::connect(V311, &id, 30, false)),
+            "session_present"
+        );
+        // Whatever the old connection still had buffered counts as received.
+        while read_ack(&mut a, &mut seen, Duration::from_millis(50)) {}
+        while !(done.load(Ordering::Acquire) && seen.iter().all(|&s| s)) {
+            if !read_ack(&mut bc, &mut seen, Duration::from_secs(2)) {
+                break;
+            }
+        }
+        publisher.join().unwrap();
+        let missing: Vec<usize> = (0..N as usize).filter(|&i| !seen[i]).collect();
+        assert!(
+            missing.is_empty(),
+            "{from}->{to}: {} lost, e.g. {:?}",
+            missing.len(),
+            &missing[..missing.len().min(10)]
+        );
+        bc.send(&raw::disconnect());
+    }
 }

@@ -190,7 +190,10 @@ async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
     peer: Option<SocketAddr>,
 ) -> Option<Admitted> {
     let mut wbuf = BytesMut::new();
-    let connect = match read_connect(shard, io, rbuf).await {
+    shard.connecting.set(shard.connecting.get() + 1);
+    let connect = read_connect(shard, io, rbuf).await;
+    shard.connecting.set(shard.connecting.get() - 1);
+    let connect = match connect {
         Ok(c) => c,
         Err(refused) => {
             refuse(io, &mut wbuf, refused).await;

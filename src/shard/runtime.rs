@@ -173,6 +173,9 @@ pub(crate) struct Shard {
     pub stopping: Cell<bool>,
     pub stop_notify: Notify,
     pub live_conns: Cell<usize>,
+    /// Of `live_conns`, those still waiting for their CONNECT: shutdown does not wait for
+    /// them (they have nothing to flush).
+    pub connecting: Cell<usize>,
     /// Sequence number of this shard's latest broadcast, and what each peer has applied.
     broadcast_seq: Cell<u64>,
     applied_by_peer: RefCell<Vec<u64>>,
@@ -571,8 +574,9 @@ impl Shard {
         }
         let counter = self.pub_counter.get();
         for g in groups {
-            if let Some(m) = st.local.pick_shared(g, counter) {
-                buf.push(m);
+            match st.local.pick_shared(g, counter) {
+                Some(m) => buf.push(m),
+                None => self.reroute_group(st, msg, g),
             }
         }
         if buf.len() > 1 {
@@ -625,6 +629,35 @@ impl Shard {
         }
         buf.clear();
         st.match_buf = buf;
+    }
+
+    /// The sender chose this shard for `group`, but its last local member has just left
+    /// (our route removal was still in flight): hand the message to a shard that still has
+    /// members, per our replica, instead of losing it.
+    fn reroute_group(&self, st: &mut State, msg: &Message, group: &TopicFilter) {
+        let mut sm = mem::take(&mut st.shard_match);
+        st.replica.match_shards(&msg.topic, &mut sm);
+        let shards = sm
+            .groups
+            .iter()
+            .filter(|(f, _)| f == group)
+            .fold(0, |m, (_, s)| m | s)
+            & !self.routing_id().bit();
+        st.shard_match = sm;
+        let Some(to) = routing::pick_shard(shards, self.pub_counter.get()) else {
+            return;
+        };
+        let fwd = ShardMsg::Forward {
+            msg: msg.clone(),
+            plain: false,
+            groups: smallvec::smallvec![group.clone()],
+        };
+        if let Forwarded::Full(m) =
+            self.outbox
+                .send_data(to.index(), fwd, msg.qos == QoS::AtMostOnce)
+        {
+            st.held.push((to.index(), m));
+        }
     }
 
     /// Register a connecting client with its home shard and wait for the previous session.
@@ -931,6 +964,7 @@ pub(crate) async fn shard_main(
         stopping: Cell::new(false),
         stop_notify: Notify::default(),
         live_conns: Cell::new(0),
+        connecting: Cell::new(0),
         broadcast_seq: Cell::new(0),
         applied_by_peer: RefCell::new(vec![0; shared.shards]),
         settle_waiters: super::notify::WaitList::default(),
@@ -1020,7 +1054,7 @@ pub(crate) async fn shard_main(
     shard.stop_notify.notify();
     shard.close_all();
     let deadline = Instant::now() + Duration::from_secs(3);
-    while shard.live_conns.get() > 0 && Instant::now() < deadline {
+    while shard.live_conns.get() > shard.connecting.get() && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(10)).await;
     }
     shard.outbox.mailbox().close();
