@@ -283,7 +283,8 @@ async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
         username.as_deref().unwrap_or(""),
         shard.id
     );
-    let session = Session::accept(cfg, &connect, client_id, previous.map(|b| *b), now);
+    let moved_from = previous.as_ref().map(|t| t.from);
+    let session = Session::accept(cfg, &connect, client_id, previous.map(|t| *t.state), now);
     drop(connect);
     let link = Rc::new(ConnLink::default());
     let seq_before = shard.broadcast_seq();
@@ -297,6 +298,9 @@ async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
             },
         );
         shard.pump(&mut st, key, now);
+        if let Some(old) = moved_from {
+            shard.start_cutover(&mut st, old, key);
+        }
     }
 
     // Resumed subscriptions were broadcast: CONNACK waits until every shard has them.

@@ -86,14 +86,56 @@ pub(crate) enum ShardMsg {
     /// To the shard hosting `conn`: the registration is done; here is the previous session.
     Handover {
         conn: ConnKey,
-        state: Option<Box<SessionState>>,
+        state: Option<Transfer>,
     },
+    /// From the new host of a moved session (`old` → `new`), to every other shard, after its
+    /// route deltas: "switch now". Each shard answers `Cutover` to the old host and
+    /// `CutoverAck` to the new one at the same moment, so both agree, per sending shard,
+    /// which of its messages reach the session through the old host (parked there) and
+    /// which directly (see `Parked`).
+    CutoverRequest { old: ConnKey, new: ConnKey },
+    /// To the old host: the sender's later messages reach the session directly.
+    Cutover { old: ConnKey },
+    /// To the new host: the sender's later messages for `new` are to be delivered.
+    CutoverAck { new: ConnKey },
+    /// Messages that matched a moved session while its routes were being switched, for its
+    /// new connection `conn`.
+    Unparked { conn: ConnKey, msgs: Vec<ParkedMsg> },
     /// To the home shard: the session of `conn` ended for good.
     Unregister {
         client_id: ByteString,
         conn: ConnKey,
     },
 }
+
+/// A session moving to another shard, with the key it had there (its old shard parks what
+/// still arrives for it until every shard routes to the new host).
+pub(crate) struct Transfer {
+    pub from: ConnKey,
+    pub state: Box<SessionState>,
+}
+
+pub(crate) type ParkedMsg = (
+    Message,
+    crate::codec::SubscriptionOptions,
+    SmallVec<[u32; 2]>,
+);
+
+/// A session that moved away: its subscriptions stay in this shard's table (under its old
+/// key) until every shard has switched to the new host, and what matches them meanwhile is
+/// kept for the new host — unless it came from a shard that already switched (that shard
+/// delivered it to the new host itself), so nothing is lost and nothing arrives twice.
+pub(crate) struct Parked {
+    new_conn: ConnKey,
+    filters: Vec<TopicFilter>,
+    /// Shards that have switched (bit per shard).
+    cut: u64,
+    msgs: Vec<ParkedMsg>,
+    since: Instant,
+}
+
+/// A move that takes longer than this is finished anyway (a shard stopped answering).
+const PARK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The link between a session and its live connection task.
 #[derive(Default)]
@@ -118,7 +160,7 @@ pub(crate) struct Slot {
 /// A connection waiting for its home shard's answer.
 #[derive(Default)]
 pub(crate) struct Pending {
-    pub result: RefCell<Option<Option<Box<SessionState>>>>,
+    pub result: RefCell<Option<Option<Transfer>>>,
     pub notify: Notify,
     /// A newer connection with the same id took over before this one started its session.
     pub kicked: Cell<bool>,
@@ -151,6 +193,11 @@ pub(crate) struct State {
     pub replica: RoutingReplica,
     pub retained: RetainedStore,
     pub pending: AHashMap<ConnKey, Rc<Pending>>,
+    /// Sessions that moved away and whose routes are being switched (see `Parked`).
+    pub parked: AHashMap<ConnKey, Parked>,
+    /// Sessions that moved here, with the shards that have switched to us (bit per shard):
+    /// messages from the others still come through the old host.
+    pub switching: AHashMap<ConnKey, (u64, Instant)>,
     pub stats: Stats,
     /// QoS 1/2 forwards a saturated peer refused; the publishing connection retries them
     /// before it sends its acknowledgements.
@@ -278,7 +325,43 @@ impl Shard {
             }
             ShardMsg::Forward { msg, plain, groups } => {
                 let mut st = self.st.borrow_mut();
-                self.deliver_local(&mut st, &msg, plain, &groups, now);
+                self.deliver_local(&mut st, from, &msg, plain, &groups, now);
+            }
+            ShardMsg::CutoverRequest { old, new } => {
+                // Both answers leave now, so the old and the new host split this shard's
+                // messages at the same point.
+                let mut st = self.st.borrow_mut();
+                self.cut_over(&mut st, old);
+                drop(st);
+                self.send_control(conn_shard(new), ShardMsg::CutoverAck { new });
+            }
+            ShardMsg::Cutover { old } => {
+                let mut st = self.st.borrow_mut();
+                self.mark_cut(&mut st, old, from);
+            }
+            ShardMsg::CutoverAck { new } => {
+                let all = self.all_shards_mask();
+                let mut st = self.st.borrow_mut();
+                let done = st.switching.get_mut(&new).is_some_and(|(m, _)| {
+                    *m |= 1 << from;
+                    *m == all
+                });
+                if done {
+                    st.switching.remove(&new);
+                }
+            }
+            ShardMsg::Unparked { conn, msgs } => {
+                let mut st = self.st.borrow_mut();
+                let Some(slot) = st.sessions.get_mut(&conn) else {
+                    return;
+                };
+                for (m, opts, ids) in msgs {
+                    slot.session.deliver(&m, opts, &ids, now);
+                }
+                if let Some(link) = &slot.link {
+                    link.notify.notify();
+                }
+                self.pump(&mut st, conn, now);
             }
             ShardMsg::Retain { msg, seq } => {
                 self.st.borrow_mut().retained.set(msg);
@@ -294,7 +377,7 @@ impl Shard {
                 }
             }
             ShardMsg::Takeover { previous, conn } => {
-                let state = self.take_session(previous, now);
+                let state = self.take_session(previous, conn, now);
                 self.send_control(conn_shard(conn), ShardMsg::Handover { conn, state });
             }
             ShardMsg::Handover { conn, state } => {
@@ -325,7 +408,7 @@ impl Shard {
 
     /// Detach the session of `key` (takeover): close its connection with 0x8E if live, remove
     /// its subscriptions from this shard, and return its persistent state.
-    fn take_session(&self, key: ConnKey, now: Instant) -> Option<Box<SessionState>> {
+    fn take_session(&self, key: ConnKey, new_conn: ConnKey, now: Instant) -> Option<Transfer> {
         let mut st = self.st.borrow_mut();
         let Some(mut slot) = st.sessions.remove(&key) else {
             // Not started yet: its hand-over may be waiting for the connection task.
@@ -358,13 +441,103 @@ impl Shard {
             link.notify.notify();
         }
         let state = slot.session.into_state()?;
-        for (filter, _) in state.subscriptions() {
-            let out = st.local.unsubscribe(filter, &key);
+        // The subscriptions stay here, parked, until every shard routes to the new host.
+        st.parked.insert(
+            key,
+            Parked {
+                new_conn,
+                filters: state.subscriptions().map(|(f, _)| f.clone()).collect(),
+                cut: 0,
+                msgs: Vec::new(),
+                since: now,
+            },
+        );
+        Some(Transfer {
+            from: key,
+            state: Box::new(state),
+        })
+    }
+
+    fn all_shards_mask(&self) -> u64 {
+        if self.shared.shards >= 64 {
+            u64::MAX
+        } else {
+            (1u64 << self.shared.shards) - 1
+        }
+    }
+
+    /// This shard switches to the new host of `old`: tell the old host (or mark it here).
+    fn cut_over(&self, st: &mut State, old: ConnKey) {
+        let parked_at = conn_shard(old);
+        if parked_at == self.id {
+            self.mark_cut(st, old, self.id);
+        } else {
+            self.send_control(parked_at, ShardMsg::Cutover { old });
+        }
+    }
+
+    /// Shard `from` has switched for the parked session `old`.
+    fn mark_cut(&self, st: &mut State, old: ConnKey, from: ShardId) {
+        let all = self.all_shards_mask();
+        let done = st.parked.get_mut(&old).is_some_and(|p| {
+            p.cut |= 1 << from;
+            p.cut == all
+        });
+        if done {
+            self.finish_parked(st, old);
+        }
+    }
+
+    /// Every shard routes to the new host of `old`: drop its parked subscriptions here and
+    /// send what was kept to the new connection.
+    fn finish_parked(&self, st: &mut State, old: ConnKey) {
+        let Some(p) = st.parked.remove(&old) else {
+            return;
+        };
+        for filter in &p.filters {
+            let out = st.local.unsubscribe(filter, &old);
             if let Some(d) = out.delta {
-                self.broadcast_delta(&mut st, d);
+                self.broadcast_delta(st, d);
             }
         }
-        Some(Box::new(state))
+        if !p.msgs.is_empty() {
+            let msg = ShardMsg::Unparked {
+                conn: p.new_conn,
+                msgs: p.msgs,
+            };
+            self.send_control(conn_shard(p.new_conn), msg);
+        }
+    }
+
+    /// The new connection of a moved session installed it: ask every shard to switch, or,
+    /// when it moved within this shard, switch at once (nothing else routes differently).
+    pub fn start_cutover(&self, st: &mut State, old: ConnKey, new: ConnKey) {
+        let parked_at = conn_shard(old);
+        if parked_at == self.id {
+            if let Some(p) = st.parked.remove(&old) {
+                let now = Instant::now();
+                for filter in &p.filters {
+                    let out = st.local.unsubscribe(filter, &old);
+                    if let Some(d) = out.delta {
+                        self.broadcast_delta(st, d);
+                    }
+                }
+                if let Some(slot) = st.sessions.get_mut(&p.new_conn) {
+                    for (m, opts, ids) in p.msgs {
+                        slot.session.deliver(&m, opts, &ids, now);
+                    }
+                }
+            }
+            return;
+        }
+        // Until a shard acknowledges, its messages for `new` arrive through the old host.
+        st.switching.insert(new, (1 << self.id, Instant::now()));
+        self.cut_over(st, old);
+        for shard in 0..self.shared.shards {
+            if shard != self.id {
+                self.send_control(shard, ShardMsg::CutoverRequest { old, new });
+            }
+        }
     }
 
     /// Drain `key`'s session events and act on them. Call after every input to a session.
@@ -550,7 +723,7 @@ impl Shard {
         }
         if mask & me.bit() != 0 {
             let plain = sm.plain & me.bit() != 0;
-            self.deliver_local(st, &msg, plain, &mine, now);
+            self.deliver_local(st, self.id, &msg, plain, &mine, now);
         }
         st.shard_match = sm;
         st.chosen = chosen;
@@ -562,6 +735,7 @@ impl Shard {
     fn deliver_local(
         &self,
         st: &mut State,
+        from: ShardId,
         msg: &Message,
         plain: bool,
         groups: &[TopicFilter],
@@ -602,7 +776,24 @@ impl Shard {
                 j += 1;
             }
             i = j;
+            if let Some((mask, _)) = st.switching.get(&key) {
+                if mask & (1 << from) == 0 {
+                    continue; // the old host parks this one for us
+                }
+            }
             let Some(slot) = st.sessions.get_mut(&key) else {
+                if let Some(p) = st.parked.get_mut(&key) {
+                    // A moved session: keep it for the new host unless the sending shard
+                    // already routes to that host itself.
+                    if p.cut & (1 << from) == 0 {
+                        let cap = self.shared.cfg.session.max_queued_messages.max(1);
+                        if p.msgs.len() < cap {
+                            p.msgs.push((msg.clone(), opts, ids));
+                        } else {
+                            st.stats.dropped_queue_full += 1;
+                        }
+                    }
+                }
                 continue;
             };
             if msg.qos.min(opts.qos) == QoS::AtMostOnce
@@ -661,11 +852,7 @@ impl Shard {
     }
 
     /// Register a connecting client with its home shard and wait for the previous session.
-    pub async fn register(
-        &self,
-        client_id: ByteString,
-        key: ConnKey,
-    ) -> Option<Option<Box<SessionState>>> {
+    pub async fn register(&self, client_id: ByteString, key: ConnKey) -> Option<Option<Transfer>> {
         let pending = Rc::new(Pending::default());
         self.st.borrow_mut().pending.insert(key, pending.clone());
         let home = home_shard(&client_id, self.shared.shards);
@@ -718,6 +905,25 @@ impl Shard {
     /// their connection tasks.
     fn tick_offline(&self, now: Instant) {
         let mut st = self.st.borrow_mut();
+        if !st.parked.is_empty() {
+            let stale: Vec<ConnKey> = st
+                .parked
+                .iter()
+                .filter(|(_, p)| now.duration_since(p.since) > PARK_TIMEOUT)
+                .map(|(k, _)| *k)
+                .collect();
+            for k in stale {
+                warn!(
+                    shard = self.id,
+                    "session move not confirmed by every shard in time"
+                );
+                self.finish_parked(&mut st, k);
+            }
+        }
+        if !st.switching.is_empty() {
+            st.switching
+                .retain(|_, (_, since)| now.duration_since(*since) <= PARK_TIMEOUT);
+        }
         while let Some(Reverse((due, key))) = st.timers.peek().copied() {
             if due > now {
                 break;
@@ -951,6 +1157,8 @@ pub(crate) async fn shard_main(
             replica: RoutingReplica::new(),
             retained: RetainedStore::new(shared.cfg.retained),
             pending: AHashMap::new(),
+            parked: AHashMap::new(),
+            switching: AHashMap::new(),
             stats: Stats::default(),
             held: Vec::new(),
             match_buf: Vec::new(),
