@@ -6,41 +6,9 @@ mod common;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
+use common::v311::{client, recv_publishes, wait_for};
 use common::{TestBroker, WAIT};
-use rumqttc::{Client, Connection, Event, MqttOptions, Outgoing, Packet, Publish, QoS};
-
-fn client(id: &str, port: u16, clean: bool) -> (Client, Connection) {
-    let mut o = MqttOptions::new(id, "127.0.0.1", port);
-    o.set_keep_alive(Duration::from_secs(5));
-    o.set_clean_session(clean);
-    Client::new(o, 1000)
-}
-
-fn recv_publishes(conn: &mut Connection, n: usize, within: Duration) -> Vec<Publish> {
-    let deadline = Instant::now() + within;
-    let mut got = Vec::new();
-    while got.len() < n && Instant::now() < deadline {
-        match conn.recv_timeout(Duration::from_millis(100)) {
-            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => got.push(p),
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => panic!("connection error: {e:?}"),
-            Err(_) => {}
-        }
-    }
-    got
-}
-
-fn wait_for(conn: &mut Connection, what: fn(&Packet) -> bool) -> Packet {
-    let deadline = Instant::now() + WAIT;
-    while Instant::now() < deadline {
-        match conn.recv_timeout(Duration::from_millis(100)) {
-            Ok(Ok(Event::Incoming(p))) if what(&p) => return p,
-            Ok(Err(e)) => panic!("connection error: {e:?}"),
-            _ => {}
-        }
-    }
-    panic!("timed out waiting for packet");
-}
+use rumqttc::{Client, Connection, Event, Outgoing, Packet, Publish, QoS};
 
 fn connack(conn: &mut Connection) -> bool {
     match wait_for(conn, |p| matches!(p, Packet::ConnAck(_))) {

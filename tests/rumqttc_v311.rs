@@ -3,43 +3,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::v311::{client, recv_publishes, wait_for};
 use common::{TestBroker, WAIT};
-use rumqttc::{Client, Connection, Event, MqttOptions, Packet, QoS};
-
-fn client(id: &str, port: u16, clean: bool) -> (Client, Connection) {
-    let mut o = MqttOptions::new(id, "127.0.0.1", port);
-    o.set_keep_alive(Duration::from_secs(5));
-    o.set_clean_session(clean);
-    Client::new(o, 100)
-}
-
-/// Drive the connection until `n` publishes arrived or the deadline passed.
-fn recv_publishes(conn: &mut Connection, n: usize, within: Duration) -> Vec<rumqttc::Publish> {
-    let deadline = Instant::now() + within;
-    let mut got = Vec::new();
-    while got.len() < n && Instant::now() < deadline {
-        match conn.recv_timeout(Duration::from_millis(100)) {
-            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => got.push(p),
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => panic!("connection error: {e:?}"),
-            Err(_) => {}
-        }
-    }
-    got
-}
-
-/// Drive until the SUBACK (or CONNACK etc.) we wait for.
-fn wait_for(conn: &mut Connection, what: fn(&Packet) -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while Instant::now() < deadline {
-        if let Ok(Ok(Event::Incoming(p))) = conn.recv_timeout(Duration::from_millis(100)) {
-            if what(&p) {
-                return;
-            }
-        }
-    }
-    panic!("timed out waiting for packet");
-}
+use rumqttc::{Client, Connection, Event, Packet, QoS};
 
 fn suback(p: &Packet) -> bool {
     matches!(p, Packet::SubAck(_))

@@ -1,6 +1,8 @@
 //! Shared helpers for integration tests: an in-process broker on ephemeral loopback ports.
 #![allow(dead_code)]
 
+pub mod v311;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
