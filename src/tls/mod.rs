@@ -22,6 +22,7 @@ mod material;
 mod options;
 mod reload;
 mod server;
+mod stream;
 
 pub use error::{LegacyIssue, TlsError};
 pub use failure::{
@@ -36,3 +37,4 @@ pub use reload::{ShardTlsConfig, TlsReloader};
 pub use server::{
     build_server_config, build_server_config_with_warnings, supported_cipher_names, BuiltConfig,
 };
+pub use stream::{accept, AcceptError, ServerTlsStream};
