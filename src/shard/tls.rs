@@ -1,4 +1,5 @@
-//! The TLS handshake on a shard: rustls via futures-rustls over the accepted glommio socket.
+//! The TLS handshake on a shard: `crate::tls::accept` (rustls' unbuffered API, our own
+//! buffers, none held while idle) over the accepted glommio socket.
 //!
 //! Owns: running one server handshake with its timeout, counting it (started, full, resumed,
 //! failed by reason) in the shard's counters, one rate-limited log line per refused client,
@@ -10,15 +11,15 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use futures_lite::future;
-use futures_rustls::server::TlsStream;
-use futures_rustls::TlsAcceptor;
 use glommio::net::TcpStream;
 use rustls::HandshakeKind;
 use tracing::{info, warn};
 
 use super::runtime::Shard;
 use super::TlsListener;
-use crate::tls::{client_identity, ClientIdentity, HandshakeFailure, LogRateLimiter};
+use crate::tls::{
+    accept, AcceptError, ClientIdentity, HandshakeFailure, LogRateLimiter, ServerTlsStream,
+};
 
 thread_local! {
     // Each shard is one thread, so this is per shard: 20 refusal lines at once, then one a
@@ -45,12 +46,12 @@ pub(crate) async fn handshake(
     t: &TlsListener,
     stream: TcpStream,
     peer: Option<SocketAddr>,
-) -> Option<(Box<TlsStream<TcpStream>>, Option<ClientIdentity>)> {
+) -> Option<(Box<ServerTlsStream<TcpStream>>, Option<ClientIdentity>)> {
     let stats = &t.stats[shard.id];
     // The shard's semaphore already bounds concurrency; this only counts.
     let slot = stats.try_begin(usize::MAX)?;
-    let acceptor = TlsAcceptor::from(t.reloader.current());
-    let res = future::or(async { Some(acceptor.accept(stream).await) }, async {
+    let config = t.reloader.current();
+    let res = future::or(async { Some(accept(config, stream).await) }, async {
         glommio::timer::sleep(t.handshake_timeout).await;
         None
     })
@@ -67,29 +68,22 @@ pub(crate) async fn handshake(
             );
             None
         }
-        Some(Err(e)) => {
-            let rustls_err = e
-                .get_ref()
-                .and_then(|inner| inner.downcast_ref::<rustls::Error>());
-            match rustls_err {
-                Some(err) => {
-                    slot.failed(HandshakeFailure::classify(err));
-                    log_refusal(peer, &HandshakeFailure::describe(err));
-                }
-                None => {
-                    // The client went away mid-handshake (reset, EOF): not worth a warning.
-                    slot.failed(HandshakeFailure::Other);
-                    info!(peer = ?peer, "TLS handshake aborted: {e}");
-                }
-            }
+        Some(Err(AcceptError::Tls(err))) => {
+            slot.failed(HandshakeFailure::classify(&err));
+            log_refusal(peer, &HandshakeFailure::describe(&err));
             None
         }
-        Some(Ok(tls)) => {
-            let (_, conn) = tls.get_ref();
-            let resumed = conn.handshake_kind() == Some(HandshakeKind::Resumed);
-            let identity = conn.peer_certificates().and_then(client_identity);
+        Some(Err(AcceptError::Io(e))) => {
+            // The client went away mid-handshake (reset, EOF): not worth a warning.
+            slot.failed(HandshakeFailure::Other);
+            info!(peer = ?peer, "TLS handshake aborted: {e}");
+            None
+        }
+        Some(Ok(mut tls)) => {
+            let resumed = tls.handshake_kind() == Some(HandshakeKind::Resumed);
+            let identity = tls.take_client_identity();
             slot.succeeded(resumed);
-            // Boxed: the TLS state is large, and moving it by value would cost that much
+            // Boxed: the rustls state is ~1 KB, and moving it by value would cost that much
             // again in every future that holds it.
             Some((Box::new(tls), identity))
         }

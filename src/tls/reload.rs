@@ -15,7 +15,7 @@ use super::server::build_server_config_with_warnings;
 /// Holds the current `Arc<ServerConfig>` of one listener for all shards.
 ///
 /// Shards call [`current`](Self::current) at each accept (a lock-free `ArcSwap` load) and
-/// build `futures_rustls::TlsAcceptor::from(cfg)`; a reload thread calls
+/// pass it to [`accept`](super::accept); a reload thread calls
 /// [`reload`](Self::reload) on SIGHUP. A reload builds a fresh config with a fresh session
 /// ticketer: resumption tickets issued before it stop working, on purpose, because a resumed
 /// session skips client-certificate verification and would let a client revoked by the new
