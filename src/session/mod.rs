@@ -315,7 +315,8 @@ struct Conn {
     in_aliases: Vec<Option<TopicName>>,
     /// [MQTT-3.14.2-2]: expiry 0 at CONNECT may not become non-zero at DISCONNECT.
     connect_expiry_zero: bool,
-    will: Option<LastWill>,
+    /// Boxed: most devices have no will, and an inline one would double the session's size.
+    will: Option<Box<LastWill>>,
 }
 
 enum AliasUse {
@@ -441,7 +442,7 @@ impl Session {
                 // The old session ends now: a will still waiting on its delay goes out
                 // ("delay passed or session ended, whichever first" [MQTT-3.1.3-9]).
                 if let Some(pw) = prev.and_then(|p| p.pending_will) {
-                    events.push_back(SessionEvent::Will(will_message(&client_id, pw.will, now)));
+                    events.push_back(SessionEvent::Will(will_message(&client_id, *pw.will, now)));
                 }
                 (SessionState::new(client_id.clone()), false)
             }
@@ -488,7 +489,7 @@ impl Session {
             next_out_alias: 1,
             in_aliases: Vec::new(),
             connect_expiry_zero: requested_expiry == 0,
-            will: connect.will.as_ref().map(detached_will),
+            will: connect.will.as_ref().map(|w| Box::new(detached_will(w))),
         };
 
         let mut ack = ConnAckProperties::default();
@@ -1282,7 +1283,7 @@ impl Session {
 
     fn fire_pending_will(&mut self, now: Instant) {
         if let Some(pw) = self.state.pending_will.take() {
-            let msg = will_message(&self.state.client_id, pw.will, now);
+            let msg = will_message(&self.state.client_id, *pw.will, now);
             self.events.push_back(SessionEvent::Will(msg));
         }
     }

@@ -62,7 +62,7 @@ pub(crate) struct Inflight {
 /// A will whose delay is running after the connection closed [MQTT-3.1.3-9].
 #[derive(Debug, Clone)]
 pub(crate) struct PendingWill {
-    pub will: LastWill,
+    pub will: Box<LastWill>,
     pub due: Instant,
 }
 
