@@ -481,6 +481,17 @@ fn run_connect(x: &ConnectArgs, port: u16, running: &Running) -> Result<RunResul
     ))
 }
 
+fn shell_quote(a: &str) -> String {
+    let plain = !a.is_empty()
+        && a.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,@%+".contains(c));
+    if plain {
+        a.to_string()
+    } else {
+        format!("'{}'", a.replace('\'', "'\\''"))
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.retain(|x| !x.is_nan());
     if v.is_empty() {
@@ -509,7 +520,8 @@ fn fmt(v: f64) -> String {
 
 fn markdown(a: &CompareArgs, brokers: &[Broker], rows: &[Row]) -> String {
     let mut o = String::new();
-    let args: Vec<String> = std::env::args().collect();
+    // Quoted so the command can be pasted back into a shell.
+    let args: Vec<String> = std::env::args().map(|a| shell_quote(&a)).collect();
     let _ = writeln!(o, "# Broker comparison\n");
     let _ = writeln!(o, "Command: `{}`\n", args.join(" "));
     let uname = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
@@ -575,7 +587,8 @@ fn markdown(a: &CompareArgs, brokers: &[Broker], rows: &[Row]) -> String {
                     format!("{ratio:.2}×")
                 } else {
                     // Small ratios (latency far below the baseline) keep two significant digits.
-                    format!("{ratio:.2e}×")
+                    let decimals = (1.0 - ratio.abs().log10().floor()).clamp(2.0, 9.0) as usize;
+                    format!("{ratio:.decimals$}×")
                 }
             );
         }
@@ -632,5 +645,16 @@ mod tests {
         assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(vec![4.0, 1.0, f64::NAN, 2.0, 3.0]), 2.5);
         assert!(median(vec![f64::NAN]).is_nan());
+    }
+
+    #[test]
+    fn commands_in_the_report_paste_back_into_a_shell() {
+        assert_eq!(shell_quote("--runs"), "--runs");
+        assert_eq!(
+            shell_quote("midge=/bin/midge -c {conf}"),
+            "'midge=/bin/midge -c {conf}'"
+        );
+        assert_eq!(shell_quote("it's"), "'it'\\''s'");
+        assert_eq!(shell_quote(""), "''");
     }
 }
