@@ -363,7 +363,7 @@ pub fn run(a: &CompareArgs) -> Result<(), String> {
                 "connect time (TCP + TLS + CONNACK) by percentile, all runs merged",
             ),
         };
-        report::plot_percentiles(&d.join(file), title, &series)?;
+        report::plot_percentiles_log(&d.join(file), title, &series)?;
     }
     print!("{md}");
     if failed_runs > 0 {
