@@ -19,6 +19,8 @@ use clap::{Args, Subcommand};
 use crate::common::parse_duration;
 use crate::connect::{self, ConnectArgs};
 use crate::pubsub::{self, PubsubArgs};
+use crate::report;
+use crate::stats::Lat;
 
 #[derive(Args, Debug, Clone)]
 pub struct CompareArgs {
@@ -88,6 +90,44 @@ impl Drop for Running {
         let _ = self.child.wait();
     }
 }
+
+/// Figures of a pubsub run, in display order (a failed run gets NaN for each).
+const PUBSUB_FIGURES: &[&str] = &[
+    "sent msg/s",
+    "received msg/s",
+    "p50 µs",
+    "p90 µs",
+    "p99 µs",
+    "p99.9 µs",
+    "max µs",
+    "lost",
+    "duplicates",
+    "connection errors",
+    "broker CPU-s per M msgs",
+    "loadgen CPU-s per M msgs",
+    "loadgen busy %",
+    "broker peak RSS MiB",
+    "broker waited for CPU %",
+    "loadgen waited for CPU %",
+];
+
+/// Figures of a connect run, in display order.
+const CONNECT_FIGURES: &[&str] = &[
+    "handshakes/s",
+    "succeeded",
+    "failed",
+    "resumed",
+    "total p50 µs",
+    "total p90 µs",
+    "total p99 µs",
+    "tls p99 µs",
+    "connack p99 µs",
+    "broker CPU-ms per handshake",
+    "broker RSS bytes per conn",
+    "loadgen busy %",
+    "broker waited for CPU %",
+    "loadgen waited for CPU %",
+];
 
 /// One run's figures: (metric, value), in display order.
 struct Row {
@@ -217,6 +257,9 @@ pub fn run(a: &CompareArgs) -> Result<(), String> {
         );
     }
     let mut rows = Vec::new();
+    let mut failed_runs = 0u32;
+    // End-to-end (pubsub) or connect-total (connect) latency of every run, merged per broker.
+    let mut hists: Vec<(String, Lat)> = Vec::new();
     for round in 0..a.runs {
         // Alternate the order each round so slow drift does not favour one broker.
         let mut order: Vec<&Broker> = brokers.iter().collect();
@@ -227,7 +270,7 @@ pub fn run(a: &CompareArgs) -> Result<(), String> {
             let port = free_port()?;
             let conf = write_conf(&dir, port, a, cafile.as_deref())?;
             let log = dir.join(format!("{}-{round}.log", b.name));
-            let running = start(b, port, &conf, a.broker_cpu, &log)?;
+            let mut running = start(b, port, &conf, a.broker_cpu, &log)?;
             eprintln!(
                 "compare: round {} / {}: {} (pid {}) on CPU {}",
                 round + 1,
@@ -236,91 +279,44 @@ pub fn run(a: &CompareArgs) -> Result<(), String> {
                 running.pid,
                 a.broker_cpu
             );
-            let row = match &a.scenario {
-                Scenario::Pubsub(p) => {
-                    let mut p = p.clone();
-                    p.common.port = Some(port);
-                    p.common.quiet = true;
-                    p.common.json = None;
-                    p.common.hgrm = None;
-                    p.common.plot = None;
-                    p.load.broker_pid = Some(running.pid);
-                    let plan = p.load.plan()?;
-                    let c = p
-                        .common
-                        .validate((plan.publishers + plan.subscribers) as usize)?;
-                    let r = pubsub::run(&c, &plan).map_err(|e| format!("{}: {e}", b.name))?;
-                    Row {
-                        broker: b.name.clone(),
-                        round,
-                        figures: vec![
-                            ("sent msg/s", r.send_rate),
-                            ("received msg/s", r.recv_rate),
-                            ("p50 µs", r.latency.p50_us),
-                            ("p99 µs", r.latency.p99_us),
-                            ("p99.9 µs", r.latency.p999_us),
-                            ("max µs", r.latency.max_us),
-                            ("lost", r.lost as f64),
-                            ("duplicates", r.duplicates as f64),
-                            (
-                                "broker CPU-s per M msgs",
-                                r.broker_cpu_s_per_million.unwrap_or(f64::NAN),
-                            ),
-                            ("loadgen CPU-s per M msgs", r.loadgen_cpu_us_per_msg),
-                            (
-                                "broker peak RSS MiB",
-                                peak_rss(running.pid).map_or(f64::NAN, |b| b as f64 / 1048576.0),
-                            ),
-                            (
-                                "broker waited for CPU %",
-                                r.broker_runqueue_wait.map_or(f64::NAN, |w| w * 100.0),
-                            ),
-                            (
-                                "loadgen waited for CPU %",
-                                r.loadgen_runqueue_wait.iter().copied().fold(0.0, f64::max) * 100.0,
-                            ),
-                        ],
-                        loadgen_bound: r.loadgen_cpu_busy.iter().any(|b| *b >= 0.9),
-                        warnings: r.warnings,
-                    }
+            let result = match &a.scenario {
+                Scenario::Pubsub(p) => run_pubsub(p, port, &running),
+                Scenario::Connect(x) => run_connect(x, port, &running),
+            };
+            // A broker that died during the run is the headline, not a footnote.
+            let exited = running.child.try_wait().ok().flatten();
+            let (figures, loadgen_bound, mut warnings, hist) = match result {
+                Ok(r) => r,
+                Err(e) => {
+                    failed_runs += 1;
+                    let names = match &a.scenario {
+                        Scenario::Pubsub(_) => PUBSUB_FIGURES,
+                        Scenario::Connect(_) => CONNECT_FIGURES,
+                    };
+                    let figs = names.iter().map(|n| (*n, f64::NAN)).collect();
+                    (figs, false, vec![format!("RUN FAILED: {e}")], None)
                 }
-                Scenario::Connect(x) => {
-                    let mut x = x.clone();
-                    x.common.port = Some(port);
-                    x.common.quiet = true;
-                    x.common.json = None;
-                    x.common.hgrm = None;
-                    x.common.plot = None;
-                    x.broker_pid = Some(running.pid);
-                    let c = x.common.validate(x.connections as usize)?;
-                    let r = connect::run(&c, &x).map_err(|e| format!("{}: {e}", b.name))?;
-                    Row {
-                        broker: b.name.clone(),
-                        round,
-                        figures: vec![
-                            ("handshakes/s", r.handshakes_per_s),
-                            ("succeeded", r.succeeded as f64),
-                            ("failed", r.failed as f64),
-                            ("total p50 µs", r.total.p50_us),
-                            ("total p99 µs", r.total.p99_us),
-                            ("tls p99 µs", r.tls_handshake.p99_us),
-                            (
-                                "broker CPU-ms per handshake",
-                                r.broker_cpu_ms_per_handshake.unwrap_or(f64::NAN),
-                            ),
-                            (
-                                "broker RSS bytes per conn",
-                                r.broker_rss_per_conn.unwrap_or(f64::NAN),
-                            ),
-                            (
-                                "broker waited for CPU %",
-                                r.broker_runqueue_wait.map_or(f64::NAN, |w| w * 100.0),
-                            ),
-                        ],
-                        loadgen_bound: r.loadgen_cpu_busy.iter().any(|b| *b >= 0.9),
-                        warnings: r.warnings,
-                    }
+            };
+            if let Some(st) = exited {
+                failed_runs += 1;
+                let tail = std::fs::read_to_string(&log).unwrap_or_default();
+                warnings.push(format!(
+                    "BROKER EXITED during the run ({st}); last log lines: {}",
+                    tail.lines().rev().take(5).collect::<Vec<_>>().join(" | ")
+                ));
+            }
+            if let Some(h) = hist {
+                match hists.iter_mut().find(|(n, _)| *n == b.name) {
+                    Some((_, m)) => m.merge(&h),
+                    None => hists.push((b.name.clone(), h)),
                 }
+            }
+            let row = Row {
+                broker: b.name.clone(),
+                round,
+                figures,
+                loadgen_bound,
+                warnings,
             };
             drop(running);
             eprintln!(
@@ -354,8 +350,146 @@ pub fn run(a: &CompareArgs) -> Result<(), String> {
             .collect();
         crate::report::write_json(j, &v)?;
     }
+    if let Some(d) = plot_dir(a) {
+        std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+        let series: Vec<(&str, &Lat)> = hists.iter().map(|(n, h)| (n.as_str(), h)).collect();
+        let (file, title) = match &a.scenario {
+            Scenario::Pubsub(_) => (
+                "latency_percentiles.svg",
+                "end-to-end latency by percentile, all runs merged",
+            ),
+            Scenario::Connect(_) => (
+                "connect_percentiles.svg",
+                "connect time (TCP + TLS + CONNACK) by percentile, all runs merged",
+            ),
+        };
+        report::plot_percentiles_log(&d.join(file), title, &series)?;
+    }
     print!("{md}");
+    if failed_runs > 0 {
+        return Err(format!(
+            "{failed_runs} run(s) failed or lost their broker (see the report's warnings)"
+        ));
+    }
     Ok(())
+}
+
+/// The scenario's `--plot` directory: compare writes one chart there with every broker's
+/// latency curve (all runs merged), instead of one chart set per run.
+fn plot_dir(a: &CompareArgs) -> Option<&Path> {
+    match &a.scenario {
+        Scenario::Pubsub(p) => p.common.plot.as_deref(),
+        Scenario::Connect(c) => c.common.plot.as_deref(),
+    }
+}
+
+type RunResult = (Vec<(&'static str, f64)>, bool, Vec<String>, Option<Lat>);
+
+fn max_pct(v: &[f64]) -> f64 {
+    v.iter().copied().fold(0.0, f64::max) * 100.0
+}
+
+fn run_pubsub(p: &PubsubArgs, port: u16, running: &Running) -> Result<RunResult, String> {
+    let mut p = p.clone();
+    p.common.port = Some(port);
+    p.common.quiet = true;
+    p.common.json = None;
+    p.common.hgrm = None;
+    p.common.plot = None;
+    p.load.broker_pid = Some(running.pid);
+    let plan = p.load.plan()?;
+    let c = p
+        .common
+        .validate((plan.publishers + plan.subscribers) as usize)?;
+    let r = pubsub::run(&c, &plan)?;
+    let errors: u64 = r.errors.values().sum();
+    let vals = [
+        r.send_rate,
+        r.recv_rate,
+        r.latency.p50_us,
+        r.latency.p90_us,
+        r.latency.p99_us,
+        r.latency.p999_us,
+        r.latency.max_us,
+        r.lost as f64,
+        r.duplicates as f64,
+        errors as f64,
+        r.broker_cpu_s_per_million.unwrap_or(f64::NAN),
+        // µs per message = s per million messages.
+        r.loadgen_cpu_us_per_msg,
+        max_pct(&r.loadgen_cpu_busy),
+        peak_rss(running.pid).map_or(f64::NAN, |b| b as f64 / 1048576.0),
+        r.broker_runqueue_wait.map_or(f64::NAN, |w| w * 100.0),
+        max_pct(&r.loadgen_runqueue_wait),
+    ];
+    let mut warnings = r.warnings;
+    let mut errs: Vec<_> = r.errors.iter().collect();
+    errs.sort();
+    for (e, n) in errs {
+        warnings.push(format!("connection error ×{n}: {e}"));
+    }
+    Ok((
+        PUBSUB_FIGURES.iter().copied().zip(vals).collect(),
+        r.loadgen_cpu_busy.iter().any(|b| *b >= 0.9),
+        warnings,
+        Some(r.lat_hist),
+    ))
+}
+
+fn run_connect(x: &ConnectArgs, port: u16, running: &Running) -> Result<RunResult, String> {
+    let mut x = x.clone();
+    x.common.port = Some(port);
+    x.common.quiet = true;
+    x.common.json = None;
+    x.common.hgrm = None;
+    x.common.plot = None;
+    x.broker_pid = Some(running.pid);
+    let c = x.common.validate(x.connections as usize)?;
+    let r = connect::run(&c, &x)?;
+    let vals = [
+        r.handshakes_per_s,
+        r.succeeded as f64,
+        r.failed as f64,
+        r.resumed as f64,
+        r.total.p50_us,
+        r.total.p90_us,
+        r.total.p99_us,
+        r.tls_handshake.p99_us,
+        r.connack.p99_us,
+        r.broker_cpu_ms_per_handshake.unwrap_or(f64::NAN),
+        r.broker_rss_per_conn.unwrap_or(f64::NAN),
+        max_pct(&r.loadgen_cpu_busy),
+        r.broker_runqueue_wait.map_or(f64::NAN, |w| w * 100.0),
+        max_pct(&r.loadgen_runqueue_wait),
+    ];
+    let mut warnings = r.warnings;
+    let mut fails: Vec<_> = r.failures.iter().collect();
+    fails.sort();
+    for (e, n) in fails {
+        warnings.push(format!("connection failed ×{n}: {e}"));
+    }
+    let total = r
+        .hists
+        .into_iter()
+        .find(|(n, _)| *n == "connect_total")
+        .map(|(_, h)| h);
+    Ok((
+        CONNECT_FIGURES.iter().copied().zip(vals).collect(),
+        r.loadgen_cpu_busy.iter().any(|b| *b >= 0.9),
+        warnings,
+        total,
+    ))
+}
+
+fn shell_quote(a: &str) -> String {
+    let plain = !a.is_empty()
+        && a.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,@%+".contains(c));
+    if plain {
+        a.to_string()
+    } else {
+        format!("'{}'", a.replace('\'', "'\\''"))
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -386,7 +520,8 @@ fn fmt(v: f64) -> String {
 
 fn markdown(a: &CompareArgs, brokers: &[Broker], rows: &[Row]) -> String {
     let mut o = String::new();
-    let args: Vec<String> = std::env::args().collect();
+    // Quoted so the command can be pasted back into a shell.
+    let args: Vec<String> = std::env::args().map(|a| shell_quote(&a)).collect();
     let _ = writeln!(o, "# Broker comparison\n");
     let _ = writeln!(o, "Command: `{}`\n", args.join(" "));
     let uname = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
@@ -446,8 +581,14 @@ fn markdown(a: &CompareArgs, brokers: &[Broker], rows: &[Row]) -> String {
                 " {} |",
                 if ratio.is_nan() {
                     "–".into()
-                } else {
+                } else if ratio.abs() >= 10.0 {
+                    format!("{ratio:.1}×")
+                } else if ratio.abs() >= 0.1 || ratio == 0.0 {
                     format!("{ratio:.2}×")
+                } else {
+                    // Small ratios (latency far below the baseline) keep two significant digits.
+                    let decimals = (1.0 - ratio.abs().log10().floor()).clamp(2.0, 9.0) as usize;
+                    format!("{ratio:.decimals$}×")
                 }
             );
         }
@@ -504,5 +645,16 @@ mod tests {
         assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(vec![4.0, 1.0, f64::NAN, 2.0, 3.0]), 2.5);
         assert!(median(vec![f64::NAN]).is_nan());
+    }
+
+    #[test]
+    fn commands_in_the_report_paste_back_into_a_shell() {
+        assert_eq!(shell_quote("--runs"), "--runs");
+        assert_eq!(
+            shell_quote("midge=/bin/midge -c {conf}"),
+            "'midge=/bin/midge -c {conf}'"
+        );
+        assert_eq!(shell_quote("it's"), "'it'\\''s'");
+        assert_eq!(shell_quote(""), "''");
     }
 }

@@ -242,6 +242,76 @@ pub fn plot_percentiles(path: &Path, title: &str, series: &[(&str, &Lat)]) -> Re
     root.present().map_err(|x| e(&x))
 }
 
+/// As [`plot_percentiles`] with a logarithmic latency axis: for comparing brokers whose
+/// latencies differ by orders of magnitude (a linear axis flattens the faster curve to zero).
+pub fn plot_percentiles_log(
+    path: &Path,
+    title: &str,
+    series: &[(&str, &Lat)],
+) -> Result<(), String> {
+    let e = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+    let curves: Vec<(&str, Vec<(f64, f64)>)> = series
+        .iter()
+        .map(|(n, h)| {
+            let pts = h
+                .percentile_curve()
+                .into_iter()
+                .map(|(p, v)| {
+                    let q = (p / 100.0).min(0.999_999);
+                    ((1.0 / (1.0 - q)).log10(), v.max(0.001))
+                })
+                .collect();
+            (*n, pts)
+        })
+        .filter(|(_, p): &(&str, Vec<_>)| !p.is_empty())
+        .collect();
+    let xmax = curves
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|x| x.0))
+        .fold(2.0f64, f64::max);
+    let ys = || curves.iter().flat_map(|(_, p)| p.iter().map(|x| x.1));
+    let ymax = ys().fold(1.0f64, f64::max) * 1.5;
+    let ymin = ys().fold(ymax, f64::min) / 1.5;
+    let root = SVGBackend::new(path, (900, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(&x))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 18))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0f64..xmax.ceil(), (ymin..ymax).log_scale())
+        .map_err(|x| e(&x))?;
+    chart
+        .configure_mesh()
+        .x_desc("percentile")
+        .y_desc("latency (µs, log scale)")
+        .x_labels(xmax.ceil() as usize + 1)
+        .x_label_formatter(&|x| {
+            let p = 100.0 * (1.0 - 10f64.powf(-x));
+            format!("{}%", trim(p))
+        })
+        .y_label_formatter(&|y| trim(*y))
+        .draw()
+        .map_err(|x| e(&x))?;
+    let colors = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
+    for (i, (name, pts)) in curves.into_iter().enumerate() {
+        let c = colors[i % colors.len()];
+        chart
+            .draw_series(LineSeries::new(pts, c.stroke_width(2)))
+            .map_err(|x| e(&x))?
+            .label(name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|x| e(&x))?;
+    root.present().map_err(|x| e(&x))
+}
+
 fn trim(p: f64) -> String {
     let s = format!("{p:.4}");
     let s = s.trim_end_matches('0').trim_end_matches('.');
@@ -412,5 +482,30 @@ mod tests {
         let q = d.path().join("t.svg");
         plot_time(&q, "t", "msg/s", &[("a", vec![(1.0, 5.0), (2.0, 7.0)])]).unwrap();
         assert!(std::fs::read_to_string(&q).unwrap().contains("<polyline"));
+    }
+
+    #[test]
+    fn log_chart_shows_both_curves_three_decades_apart() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut fast, mut slow) = (Lat::new(), Lat::new());
+        for i in 1..1_000u64 {
+            fast.record(10_000 + i); // ~10 µs
+            slow.record(10_000_000 + i * 1000); // ~10 ms
+        }
+        let p = d.path().join("l.svg");
+        plot_percentiles_log(&p, "t", &[("fast", &fast), ("slow", &slow)]).unwrap();
+        let svg = std::fs::read_to_string(&p).unwrap();
+        assert!(svg.contains("log scale"));
+        // A log axis spans the decades from ~10 µs to ~10 ms; both series are in the legend.
+        for label in [
+            ">\n10\n<",
+            ">\n100\n<",
+            ">\n1000\n<",
+            ">\n10000\n<",
+            "fast",
+            "slow",
+        ] {
+            assert!(svg.contains(label), "missing {label:?}");
+        }
     }
 }
