@@ -30,6 +30,12 @@ LOADGEN_CPU=${LOADGEN_CPU:-1}
 IDLE_CONNS=${IDLE_CONNS:-10000}
 MIDGE=$here/target/release/midge
 LOADGEN=$here/target/release/midge-loadgen
+# A fresh machine: install the broker to compare against (Debian's mosquitto) if missing.
+if [ -z "${MOSQUITTO:-}" ] && ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+  if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  echo "installing mosquitto…" >&2
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto >/dev/null
+fi
 MOSQUITTO=${MOSQUITTO:-$(command -v mosquitto || echo /usr/sbin/mosquitto)}
 
 die() { echo "compare-standard: $*" >&2; exit 2; }
