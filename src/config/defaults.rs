@@ -71,8 +71,8 @@ pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// to keep a core busy while capping half-open TLS state during a reconnect storm.
 pub const MAX_HANDSHAKES_IN_PROGRESS: usize = 256;
 
-/// Upper bound for `shards`.
-pub const MAX_SHARDS: usize = 1024;
+/// Upper bound for `shards`: shard sets are bits of a `u64` in the routing replica.
+pub const MAX_SHARDS: usize = crate::routing::MAX_SHARDS;
 
 /// Default shard count: the CPUs this process may run on (1 if unknown).
 pub fn shards() -> usize {

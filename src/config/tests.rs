@@ -196,7 +196,7 @@ fn cli_shards_zero_is_an_error() {
     .to_string();
     assert_eq!(
         e,
-        "command line: option '--shards': expected a number 1-1024, got '0'"
+        "command line: option '--shards': expected a number 1-64, got '0'"
     );
 }
 
@@ -486,7 +486,7 @@ fn numeric_limits_are_read_and_validated() {
             1,
             |c| c.shards as u64,
             "0",
-            "expected a number 1-1024, got '0'",
+            "expected a number 1-64, got '0'",
         ),
     ];
     for (key, good, want, get, bad, msg) in cases {
