@@ -1110,14 +1110,32 @@ fn check_config_output_reloads_to_the_same_config() {
 
 // ---- reload --------------------------------------------------------------------------------
 
-/// Start a `sleep` renamed to `midge`, so /proc/PID/comm says midge.
+/// Start a `sleep` renamed to `midge`, so /proc/PID/comm says midge, and wait until it does.
 fn fake_broker(f: &Fixture, name: &str) -> std::process::Child {
     let exe = f.path(name);
     std::fs::copy("/bin/sleep", &exe).expect("copy sleep");
-    std::process::Command::new(&exe)
-        .arg("30")
-        .spawn()
-        .expect("spawn")
+    // Another test thread forking while the copy's write handle was open makes exec fail with
+    // "text file busy" (ETXTBSY) for a moment: retry, as Linux build tools do.
+    let mut tries = 0;
+    let child = loop {
+        match std::process::Command::new(&exe).arg("30").spawn() {
+            Ok(c) => break c,
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("spawn {}: {e}", exe.display()),
+        }
+    };
+    // exec replaces comm asynchronously: wait for the new name rather than guessing a delay.
+    let comm = format!("/proc/{}/comm", child.id());
+    for _ in 0..500 {
+        if std::fs::read_to_string(&comm).is_ok_and(|c| c.trim() == name) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child
 }
 
 #[test]
@@ -1126,8 +1144,6 @@ fn reload_sends_sighup_to_the_pid_in_the_pid_file() {
     let f = Fixture::new();
     let mut child = fake_broker(&f, "midge");
     let pid_file = f.write("midge.pid", &format!("{}\n", child.id()));
-    // Let exec finish so comm is the new name.
-    std::thread::sleep(Duration::from_millis(100));
     let pid = run_reload(&ReloadArgs {
         pid_file: Some(pid_file.clone()),
         ..ReloadArgs::default()
@@ -1153,7 +1169,6 @@ fn reload_refuses_a_process_that_is_not_midge() {
     use std::os::unix::process::ExitStatusExt;
     let f = Fixture::new();
     let mut child = fake_broker(&f, "notmidge");
-    std::thread::sleep(Duration::from_millis(100));
     let args = ReloadArgs {
         pid: Some(child.id()),
         ..ReloadArgs::default()
