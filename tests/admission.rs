@@ -2,7 +2,7 @@
 //! client identifiers, keepalive pings.
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::raw::{self, Raw, Read1, V311, V5};
 use common::{assert_serves, TestBroker, WAIT};
@@ -46,9 +46,17 @@ fn max_connections_is_enforced_per_listener() {
     // A slot frees when a client leaves.
     a.send(&raw::disconnect());
     a.until_closed(WAIT);
-    std::thread::sleep(Duration::from_millis(100));
-    let mut again = Raw::open(b.addr);
-    again.handshake(&raw::connect(V311, "mc-d", 30, true));
+    // The slot is released when the broker's connection task ends, just after the close
+    // we saw: retry until a new client is served (bounded).
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut again = Raw::open(b.addr);
+        again.send_lenient(&raw::connect(V311, "mc-d", 30, true));
+        match again.read(Duration::from_millis(500)) {
+            raw::Read1::Packet(p) if p.kind() == 2 && p.body.get(1) == Some(&0) => break,
+            _ => assert!(Instant::now() < deadline, "the freed slot was not reused"),
+        }
+    }
 }
 
 #[test]

@@ -287,13 +287,14 @@ fn v5_will_delay_cancelled_by_reconnect_and_sent_otherwise() {
     let b = TestBroker::start(2);
     let mut watch = sub_client(b.shard_addrs[0], "will-watch", "wd/#", 1, true);
 
+    // A 2 s delay leaves a loaded machine ample time to reconnect; the drain outlasts it.
     let mut c = Raw::open(b.shard_addrs[0]);
-    c.handshake(&connect_with_delayed_will("wd-back", 1, 60, "wd/back"));
+    c.handshake(&connect_with_delayed_will("wd-back", 2, 60, "wd/back"));
     drop(c); // lost
     std::thread::sleep(Duration::from_millis(300));
     let mut c = Raw::open(b.shard_addrs[1]);
-    assert!(c.handshake(&connect_with_delayed_will("wd-back", 1, 60, "wd/back")));
-    let got = drain_publishes(&mut watch, Duration::from_millis(1500));
+    assert!(c.handshake(&connect_with_delayed_will("wd-back", 2, 60, "wd/back")));
+    let got = drain_publishes(&mut watch, Duration::from_millis(3000));
     assert!(
         got.is_empty(),
         "will sent although the client came back: {got:?}"
@@ -328,9 +329,19 @@ fn retained_will_is_kept() {
         None,
     ));
     drop(c);
-    std::thread::sleep(Duration::from_millis(200));
-    let mut s = sub_client(b.shard_addrs[1], "rw-sub", "rw/#", 1, true);
-    let m = s.expect("retained will", WAIT);
+    // The will is published once the broker sees the connection gone: a subscriber arriving
+    // before that gets it live (RETAIN 0), so ask again until the stored copy answers.
+    let deadline = Instant::now() + WAIT;
+    let m = loop {
+        let mut s = sub_client(b.shard_addrs[1], "rw-sub", "rw/#", 1, true);
+        if let Read1::Packet(m) = s.read(Duration::from_millis(500)) {
+            if m.kind() == 3 && m.first & 0x01 == 1 {
+                break m;
+            }
+        }
+        assert!(Instant::now() < deadline, "no retained will");
+        s.send(&[0xE0, 0x00]);
+    };
     let (t, _, payload) = parse_publish(&m, V311);
     assert_eq!(
         (t.as_str(), payload.as_slice()),
