@@ -115,9 +115,15 @@ fn slow_subscriber_is_bounded_and_others_get_everything() {
     );
     let rss_after = vm_rss_kib();
 
-    // Let the shards publish a fresh stats snapshot.
-    std::thread::sleep(Duration::from_millis(200));
-    let stats = b.stats();
+    // The shards copy their counters on their control tick (50 ms): wait for a snapshot that
+    // has seen every publish (bounded).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut stats = b.stats();
+    while stats.iter().map(|s| s.publishes_in).sum::<u64>() < N as u64 && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+        stats = b.stats();
+    }
     let queue_full: u64 = stats.iter().map(|s| s.dropped_queue_full).sum();
     let qos0_slow: u64 = stats.iter().map(|s| s.dropped_qos0_slow).sum();
     let publishes: u64 = stats.iter().map(|s| s.publishes_in).sum();
