@@ -146,11 +146,7 @@ impl Broker {
     /// Each shard's counters, indexed by shard; a snapshot at most one control tick (50 ms)
     /// old.
     pub fn stats(&self) -> Vec<Stats> {
-        self.shared
-            .stats
-            .iter()
-            .map(|s| s.lock().map(|s| *s).unwrap_or_default())
-            .collect()
+        self.shared.stats_snapshot()
     }
 
     pub fn shutdown(&self) {

@@ -58,6 +58,14 @@ impl Shared {
             stats: (0..shards).map(|_| Default::default()).collect(),
         }
     }
+
+    /// Each shard's latest counter snapshot, indexed by shard.
+    pub fn stats_snapshot(&self) -> Vec<Stats> {
+        self.stats
+            .iter()
+            .map(|s| s.lock().map(|s| *s).unwrap_or_default())
+            .collect()
+    }
 }
 
 /// Messages between shards. All `Send`: payloads are refcounted `Bytes`.
@@ -149,6 +157,20 @@ pub(crate) struct ConnLink {
     pub last_words: RefCell<Vec<Packet>>,
     /// The session was taken away (takeover) or the shard is stopping.
     pub detached: Cell<bool>,
+}
+
+impl ConnLink {
+    /// The session leaves this connection (takeover, or it ended): keep its last packets
+    /// (e.g. DISCONNECT) for the connection to write, then close it.
+    fn detach(&self, session: &mut Session) {
+        let mut words = self.last_words.borrow_mut();
+        while let Some(p) = session.poll_transmit() {
+            words.push(p);
+        }
+        self.detached.set(true);
+        self.closing.set(true);
+        self.notify.notify();
+    }
 }
 
 pub(crate) struct Slot {
@@ -432,13 +454,7 @@ impl Shard {
         }
         st.events = events;
         if let Some(link) = slot.link.take() {
-            let mut words = link.last_words.borrow_mut();
-            while let Some(p) = slot.session.poll_transmit() {
-                words.push(p);
-            }
-            link.detached.set(true);
-            link.closing.set(true);
-            link.notify.notify();
+            link.detach(&mut slot.session);
         }
         let state = slot.session.into_state()?;
         // The subscriptions stay here, parked, until every shard routes to the new host.
@@ -488,18 +504,23 @@ impl Shard {
         }
     }
 
+    /// Remove `key`'s subscriptions to `filters` from this shard's table, broadcasting the
+    /// route deltas that causes.
+    fn drop_routes(&self, st: &mut State, key: ConnKey, filters: &[TopicFilter]) {
+        for filter in filters {
+            if let Some(d) = st.local.unsubscribe(filter, &key).delta {
+                self.broadcast_delta(st, d);
+            }
+        }
+    }
+
     /// Every shard routes to the new host of `old`: drop its parked subscriptions here and
     /// send what was kept to the new connection.
     fn finish_parked(&self, st: &mut State, old: ConnKey) {
         let Some(p) = st.parked.remove(&old) else {
             return;
         };
-        for filter in &p.filters {
-            let out = st.local.unsubscribe(filter, &old);
-            if let Some(d) = out.delta {
-                self.broadcast_delta(st, d);
-            }
-        }
+        self.drop_routes(st, old, &p.filters);
         if !p.msgs.is_empty() {
             let msg = ShardMsg::Unparked {
                 conn: p.new_conn,
@@ -516,12 +537,7 @@ impl Shard {
         if parked_at == self.id {
             if let Some(p) = st.parked.remove(&old) {
                 let now = Instant::now();
-                for filter in &p.filters {
-                    let out = st.local.unsubscribe(filter, &old);
-                    if let Some(d) = out.delta {
-                        self.broadcast_delta(st, d);
-                    }
-                }
+                self.drop_routes(st, old, &p.filters);
                 if let Some(slot) = st.sessions.get_mut(&p.new_conn) {
                     for (m, opts, ids) in p.msgs {
                         slot.session.deliver(&m, opts, &ids, now);
@@ -607,10 +623,7 @@ impl Shard {
                 }
             }
             SessionEvent::Unsubscribe { filter } => {
-                let out = st.local.unsubscribe(&filter, &key);
-                if let Some(d) = out.delta {
-                    self.broadcast_delta(st, d);
-                }
+                self.drop_routes(st, key, std::slice::from_ref(&filter));
             }
             SessionEvent::Close { reason } => {
                 match reason {
@@ -631,15 +644,8 @@ impl Shard {
                     st.offline.remove(&key);
                     let client_id = slot.session.client_id().clone();
                     if let Some(link) = slot.link {
-                        // Keep the last packets (e.g. DISCONNECT) for the connection to write.
-                        let mut s = slot.session;
-                        let mut words = link.last_words.borrow_mut();
-                        while let Some(p) = s.poll_transmit() {
-                            words.push(p);
-                        }
-                        link.detached.set(true);
-                        link.closing.set(true);
-                        link.notify.notify();
+                        let mut session = slot.session;
+                        link.detach(&mut session);
                     }
                     let home = home_shard(&client_id, self.shared.shards);
                     self.send_control(

@@ -21,11 +21,7 @@ use crate::tls::HandshakeFailure;
 pub(crate) fn publish(shard: &Shard, started: Instant) {
     let now = Instant::now();
     let shared = &shard.shared;
-    let snaps: Vec<Stats> = shared
-        .stats
-        .iter()
-        .map(|s| s.lock().map(|s| *s).unwrap_or_default())
-        .collect();
+    let snaps: Vec<Stats> = shared.stats_snapshot();
     let sum = |f: fn(&Stats) -> u64| snaps.iter().map(f).sum::<u64>();
     let connected: usize = shared
         .connections
