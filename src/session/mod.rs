@@ -411,6 +411,10 @@ pub struct Session {
     ended: bool,
     /// Spec citation of a violation being closed on, for the DISCONNECT reason string.
     detail: Option<&'static str>,
+    /// The queue may grow past `max_queued_*` (up to [`Session::queue_hard_limit`]): set by the
+    /// shard core while this subscriber is live and making progress, so an acknowledged
+    /// message is never dropped for it; the core pauses the publishers feeding it instead.
+    overflow: bool,
 }
 
 impl Session {
@@ -536,6 +540,7 @@ impl Session {
             events,
             ended: false,
             detail: None,
+            overflow: false,
         };
         session.transmit.push_back(Packet::ConnAck(ConnAck {
             session_present,
@@ -832,17 +837,88 @@ impl Session {
     }
 
     fn enqueue(&mut self, out: Outgoing) -> DeliveryOutcome {
-        let c = &self.config;
-        let full_count =
-            c.max_queued_messages != 0 && self.state.queue.len() >= c.max_queued_messages;
-        let full_bytes = c.max_queued_bytes != 0
-            && self.state.queued_bytes + out.msg.queued_size() > c.max_queued_bytes;
+        let size = out.msg.queued_size();
+        let (count_limit, bytes_limit) = if self.overflow && self.conn.is_some() {
+            self.queue_hard_limit()
+        } else {
+            (
+                self.config.max_queued_messages,
+                self.config.max_queued_bytes,
+            )
+        };
+        let full_count = count_limit != 0 && self.state.queue.len() >= count_limit;
+        let full_bytes = bytes_limit != 0 && self.state.queued_bytes + size > bytes_limit;
         if full_count || full_bytes {
             // mosquitto's policy: keep what is queued, drop the newcomer.
             return DeliveryOutcome::Dropped(DropReason::QueueFull);
         }
         self.state.push_queued(out);
         DeliveryOutcome::Queued
+    }
+
+    /// Let the queue grow past `max_queued_*` while connected (see the `overflow` field).
+    pub fn set_queue_overflow(&mut self, allow: bool) {
+        self.overflow = allow;
+    }
+
+    /// The last-resort bound of an overflowing queue, `(messages, bytes)` (0 = none): four
+    /// times the configured limits plus 4096 messages. Reaching it means the publishers were
+    /// not paused in time; what arrives then is dropped and counted as queue-full.
+    pub fn queue_hard_limit(&self) -> (usize, usize) {
+        Session::hard_limit_for(&self.config)
+    }
+
+    /// [`Session::queue_hard_limit`] for a configuration.
+    pub fn hard_limit_for(c: &SessionConfig) -> (usize, usize) {
+        let count = if c.max_queued_messages == 0 {
+            0
+        } else {
+            c.max_queued_messages.saturating_mul(4).saturating_add(4096)
+        };
+        let bytes = c.max_queued_bytes.saturating_mul(4);
+        (count, bytes)
+    }
+
+    /// The queue is at or past `max_queued_messages` / `max_queued_bytes`.
+    pub fn queue_congested(&self) -> bool {
+        let c = &self.config;
+        (c.max_queued_messages != 0 && self.state.queue.len() >= c.max_queued_messages)
+            || (c.max_queued_bytes != 0 && self.state.queued_bytes >= c.max_queued_bytes)
+    }
+
+    /// The queue drained to half its limits or less: publishers paused on its account may
+    /// resume (the gap between the two marks keeps them from flapping).
+    pub fn queue_relieved(&self) -> bool {
+        let c = &self.config;
+        (c.max_queued_messages == 0 || self.state.queue.len() <= c.max_queued_messages / 2)
+            && (c.max_queued_bytes == 0 || self.state.queued_bytes <= c.max_queued_bytes / 2)
+    }
+
+    /// Answers a SUBSCRIBE without subscribing: every filter gets `reason` (v3: 0x80). The
+    /// shard core uses it when it cannot take new subscriptions (a peer shard's backlog is
+    /// too long), so nothing is granted that routing cannot carry out.
+    pub fn refuse_subscribe(&mut self, s: &Subscribe, reason: ReasonCode) {
+        self.transmit.push_back(Packet::SubAck(SubAck {
+            packet_id: s.packet_id,
+            reason_codes: vec![reason; s.filters.len()],
+            properties: AckProperties::default(),
+        }));
+    }
+
+    /// An offline session rebuilt from shipped state whose new connection went away before
+    /// it could start (the state must not be lost: it is kept here, offline, until it expires
+    /// or its client returns).
+    pub fn offline(config: &SessionConfig, state: SessionState) -> Session {
+        Session {
+            config: *config,
+            state,
+            conn: None,
+            transmit: VecDeque::new(),
+            events: VecDeque::new(),
+            ended: false,
+            detail: None,
+            overflow: false,
+        }
     }
 
     /// Allocates a packet id and sends a QoS 1/2 message into the window.
