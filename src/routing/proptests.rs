@@ -330,7 +330,9 @@ proptest! {
             for d in shards_in(mask) {
                 let mut groups = smallvec::SmallVec::new();
                 prop_assert!(sm.work_for(d, &chosen, &mut groups));
-                locals[d.index()].deliveries_into(t, sm.plain & d.bit() != 0, &groups, counter, &mut out);
+                let mut orphaned = smallvec::SmallVec::new();
+                locals[d.index()].deliveries_into(t, sm.plain & d.bit() != 0, &groups, counter, &mut out, &mut orphaned);
+                prop_assert!(orphaned.is_empty());
             }
             let mut got_plain: Vec<(u64, u32)> = Vec::new();
             let mut got_groups: BTreeMap<String, usize> = BTreeMap::new();
