@@ -10,4 +10,5 @@ pub mod metrics;
 pub mod routing;
 pub mod session;
 pub mod shard;
+pub mod shardcore;
 pub mod tls;

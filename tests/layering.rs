@@ -56,12 +56,40 @@ fn sans_io_layers_do_not_import_glommio_or_rustls() {
 }
 
 #[test]
+fn the_shard_core_has_no_io_no_rc_and_no_clock() {
+    // The simulator runs it in one thread with simulated time: anything that reads the clock,
+    // wakes a task or touches a socket would make runs unrepeatable or untestable.
+    let bad = offenders(
+        &["src/shardcore", "src/metrics"],
+        &[
+            "glommio",
+            "rustls",
+            "std::net",
+            "socket2",
+            "std::rc",
+            "Rc<",
+            "Waker",
+            "Instant::now",
+            "SystemTime",
+            "thread_local",
+        ],
+    );
+    assert!(
+        bad.is_empty(),
+        "the shard core must stay sans-IO:\n{}",
+        bad.join("\n")
+    );
+}
+
+#[test]
 fn only_the_shard_module_imports_glommio() {
     let bad = offenders(
         &[
             "src/codec",
             "src/session",
             "src/routing",
+            "src/shardcore",
+            "src/metrics",
             "src/config",
             "src/tls",
             "src/broker.rs",
