@@ -1,15 +1,16 @@
 //! The sharded runtime: the only module that imports glommio.
 //!
 //! Owns: starting one pinned glommio executor per shard, their SO_REUSEPORT listeners, the
-//! cross-shard mailbox mesh, connection tasks, signal-driven shutdown and reload. Must not
-//! touch: protocol rules (codec/session), matching (routing), TLS policy (tls). Shards share
-//! nothing mutable: per-shard state lives in `Rc<RefCell<_>>` on its own thread, and shards
-//! talk only through the mailboxes.
+//! cross-shard mailbox mesh, connection tasks, signal-driven shutdown and reload: the I/O
+//! around each shard's sans-IO core (`crate::shardcore`). Must not touch: broker logic
+//! (routing, sessions, takeover, flow control: the core), protocol rules (codec/session), TLS
+//! policy (tls). Shards share nothing mutable: each shard's state lives in `Rc<RefCell<_>>`
+//! on its own thread, and shards talk only through the mailboxes.
 
 mod conn;
-pub mod mailbox;
+mod driver;
 pub mod notify;
-pub mod registry;
+pub use crate::shardcore::registry;
 mod sys;
 mod tls;
 
@@ -72,6 +73,9 @@ pub struct RuntimeConfig {
     pub message_size_limit: usize,
     /// Period of `$SYS/broker/...` updates; `None` disables them.
     pub sys_interval: Option<Duration>,
+    /// A live subscriber with a full queue that makes no progress for this long is cut
+    /// loose (its overflow is dropped); until then its publishers are paused.
+    pub stall_timeout: Duration,
 }
 
 impl Default for RuntimeConfig {
@@ -93,6 +97,7 @@ impl Default for RuntimeConfig {
             retained: crate::routing::RetainedLimits::default(),
             message_size_limit: usize::MAX,
             sys_interval: Some(Duration::from_secs(10)),
+            stall_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -139,12 +144,12 @@ pub struct Broker {
     pub shard_addrs: Vec<SocketAddr>,
     pub control: Arc<Control>,
     threads: Vec<JoinHandle<()>>,
-    shared: Arc<runtime::Shared>,
+    shared: Arc<driver::Shared>,
 }
 
 impl Broker {
-    /// Each shard's counters, indexed by shard; a snapshot at most one control tick (50 ms)
-    /// old.
+    /// Each shard's counters, indexed by shard (read as they are: shards write them on the
+    /// message path, single-writer).
     pub fn stats(&self) -> Vec<Stats> {
         self.shared.stats_snapshot()
     }
@@ -211,9 +216,12 @@ pub fn start(cfg: RuntimeConfig) -> Result<Broker, StartError> {
     }
     let cpus = shard_cpus();
     let control = Arc::new(Control::default());
-    let mesh = glommio::channels::channel_mesh::MeshBuilder::full(shards, cfg.mailbox_capacity);
+    let mesh = glommio::channels::channel_mesh::MeshBuilder::<crate::shardcore::PeerMsg, _>::full(
+        shards,
+        cfg.mailbox_capacity,
+    );
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(usize, Option<SocketAddr>), StartError>>();
-    let shared = Arc::new(runtime::Shared::new(cfg.clone(), resolved.clone(), shards));
+    let shared = Arc::new(driver::Shared::new(cfg.clone(), resolved.clone(), shards));
 
     let mut threads = Vec::with_capacity(shards);
     for id in 0..shards {
@@ -228,7 +236,7 @@ pub fn start(cfg: RuntimeConfig) -> Result<Broker, StartError> {
             .io_memory(256 << 10);
         let handle = builder
             .spawn(move || async move {
-                runtime::shard_main(id, cpu, shared, mesh, control, ready).await;
+                driver::shard_main(id, cpu, shared, mesh, control, ready).await;
             })
             .map_err(|e| StartError::Executor {
                 shard: id,
@@ -266,8 +274,7 @@ pub fn start(cfg: RuntimeConfig) -> Result<Broker, StartError> {
     })
 }
 
-mod runtime;
-pub use runtime::Stats;
+pub use driver::Stats;
 
 /// Run until SIGINT/SIGTERM (graceful: clients get 0x8B, exit 0); on SIGHUP call `on_reload`
 /// (on the signal thread, never on a shard).

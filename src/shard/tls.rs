@@ -15,7 +15,7 @@ use glommio::net::TcpStream;
 use rustls::HandshakeKind;
 use tracing::{info, warn};
 
-use super::runtime::Shard;
+use super::driver::Shard;
 use super::TlsListener;
 use crate::tls::{
     accept, AcceptError, ClientIdentity, HandshakeFailure, LogRateLimiter, ServerTlsStream,
