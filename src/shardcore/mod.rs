@@ -56,10 +56,12 @@ pub mod msg;
 pub mod registry;
 mod settle;
 mod takeover;
+#[cfg(test)]
+mod tests;
 mod timers;
 
-use std::collections::VecDeque;
 use core::net::SocketAddr;
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

@@ -1255,9 +1255,9 @@ impl World {
                     continue;
                 }
                 // Per filter: in effect if one SUBSCRIBE to it was acknowledged before the
-                // message was sent; at the lowest QoS any SUBSCRIBE to it sent before the
-                // message was acknowledged asked for (a re-subscribe replaces the QoS, and it
-                // may have been processed before the message was routed).
+                // message was sent; at the lowest QoS any SUBSCRIBE to it asked for (a
+                // re-subscribe replaces the QoS, and a forward may reach the subscriber's shard
+                // after the publisher's acknowledgement, so even a later one may apply).
                 let mut granted: Option<QoS> = None;
                 let mut filters: Vec<&str> = self
                     .subs
@@ -1281,9 +1281,7 @@ impl World {
                         if r.acked_step.is_some_and(|a| a < pr.sent_step) {
                             in_effect = true;
                         }
-                        if r.sent_step < pr.acked_step {
-                            q = q.min(r.qos);
-                        }
+                        q = q.min(r.qos);
                     }
                     if in_effect {
                         granted = granted.max(Some(q));
