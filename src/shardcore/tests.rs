@@ -237,7 +237,7 @@ fn back_to_back_reconnects_keep_the_session() {
     }
     n.settle();
     // Two connects on the other shard; their Registers reach the home shard in order.
-    let first = n.connect(other, id, false);
+    let _first = n.connect(other, id, false);
     let second = n.connect(other, id, false);
     n.collect();
     assert!(n.step(other, home), "Register first");
