@@ -331,7 +331,9 @@ proptest! {
                 let mut groups = smallvec::SmallVec::new();
                 prop_assert!(sm.work_for(d, &chosen, &mut groups));
                 let mut orphaned = smallvec::SmallVec::new();
-                locals[d.index()].deliveries_into(t, sm.plain & d.bit() != 0, &groups, counter, &mut out, &mut orphaned);
+                let before = out.len();
+                let n_plain = locals[d.index()].deliveries_into(t, sm.plain & d.bit() != 0, &groups, counter, &mut out, &mut orphaned);
+                prop_assert_eq!(out.len() - before - n_plain, groups.len(), "one pick per group, after the plain matches");
                 prop_assert!(orphaned.is_empty());
             }
             let mut got_plain: Vec<(u64, u32)> = Vec::new();

@@ -174,9 +174,10 @@ impl ShardCore {
     }
 
     /// Deliver to this shard's subscribers as routing planned: every matching plain
-    /// subscription if `plain`, one member of each group in `groups`. Each session gets one
-    /// copy, at the highest QoS its matching subscriptions granted, with all their
-    /// subscription identifiers [MQTT-3.3.4-2/3].
+    /// subscription if `plain`, one member of each group in `groups`. Plain matches give each
+    /// session one copy, at the highest QoS its matching subscriptions granted, with all their
+    /// subscription identifiers [MQTT-3.3.4-2/3]; each group pick is a delivery of its own
+    /// (a shared subscription is its own stream, as in mosquitto).
     pub(super) fn deliver_local(
         &mut self,
         from: ShardId,
@@ -190,7 +191,7 @@ impl ShardCore {
         let mut orphaned = std::mem::take(&mut self.scratch.orphaned);
         buf.clear();
         orphaned.clear();
-        self.local.deliveries_into(
+        let n_plain = self.local.deliveries_into(
             &msg.topic,
             plain,
             groups,
@@ -201,16 +202,16 @@ impl ShardCore {
         for g in orphaned.drain(..) {
             self.reroute_group(msg, g, publisher);
         }
-        if buf.len() > 1 {
-            buf.sort_unstable_by_key(|(k, _)| *k);
+        if n_plain > 1 {
+            buf[..n_plain].sort_unstable_by_key(|(k, _)| *k);
         }
         let mut i = 0;
-        while i < buf.len() {
+        while i < n_plain {
             let key = buf[i].0;
             let mut opts = buf[i].1.options;
             let mut ids: SmallVec<[u32; 2]> = SmallVec::new();
             let mut j = i;
-            while j < buf.len() && buf[j].0 == key {
+            while j < n_plain && buf[j].0 == key {
                 let s = &buf[j].1;
                 if s.options.qos > opts.qos {
                     opts.qos = s.options.qos;
@@ -224,7 +225,12 @@ impl ShardCore {
                 j += 1;
             }
             i = j;
-            self.deliver_to(key, from, msg, opts, ids, publisher, now);
+            self.deliver_to(key, from, msg, opts, ids, false, publisher, now);
+        }
+        for k in n_plain..buf.len() {
+            let (key, s) = buf[k];
+            let ids: SmallVec<[u32; 2]> = s.subscription_id.into_iter().collect();
+            self.deliver_to(key, from, msg, s.options, ids, true, publisher, now);
         }
         buf.clear();
         self.scratch.matches = buf;
@@ -232,6 +238,7 @@ impl ShardCore {
     }
 
     /// Offer one message to the session of `key` (or to what stands for it while it moves).
+    /// `via_group`: this shard was chosen to serve a share group (no other shard got it).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn deliver_to(
         &mut self,
@@ -240,12 +247,18 @@ impl ShardCore {
         msg: &Message,
         opts: crate::codec::SubscriptionOptions,
         ids: SmallVec<[u32; 2]>,
+        via_group: bool,
         publisher: ConnKey,
         now: Instant,
     ) {
         if let Some(sw) = self.switching.get_mut(&key) {
-            if sw.acked & (1u64 << from) == 0 {
-                return; // the old host keeps this one for the session (see takeover.rs)
+            // Plain matches from a shard that has not switched yet reach the old host too,
+            // which parks those matching what the session brought along.
+            if !via_group
+                && sw.acked & (1u64 << from) == 0
+                && sw.filters.iter().any(|f| f.matches(&msg.topic))
+            {
+                return;
             }
             if !sw.park_done {
                 sw.buffer.push((msg.clone(), opts, ids));
@@ -253,7 +266,7 @@ impl ShardCore {
             }
         }
         let Some(e) = self.sessions.get_mut(&key) else {
-            self.park_message(key, from, msg, opts, ids);
+            self.park_message(key, from, msg, opts, ids, via_group);
             return;
         };
         if msg.qos.min(opts.qos) == QoS::AtMostOnce

@@ -49,8 +49,11 @@ pub(crate) struct Parked {
 /// A session that moved here while the shards switch their routes to it.
 pub(crate) struct Switching {
     /// Shards whose later messages come here directly (bit per shard); messages from the
-    /// others still come through the old host, parked.
+    /// others still come through the old host, parked — those that match the subscriptions
+    /// the session brought (`filters`: the old host parks under those only). A subscription
+    /// made here meanwhile is served here from every shard.
     pub acked: u64,
+    pub filters: Vec<TopicFilter>,
     /// The old host sent what it parked; until then direct messages wait in `buffer`.
     pub park_done: bool,
     pub buffer: Vec<ParkedMsg>,
@@ -325,6 +328,17 @@ impl ShardCore {
 
     /// New host: the session moved here from `old`; switch every shard to us.
     fn start_cutover(&mut self, old: ConnKey, new: ConnKey, now: Instant) {
+        let filters: Vec<TopicFilter> = self
+            .sessions
+            .get(&new)
+            .map(|e| {
+                e.session
+                    .state()
+                    .subscriptions()
+                    .map(|(f, _)| f.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
         if conn_shard(old) == self.id {
             // Moved within this shard: nothing else routes differently; deliver what was kept
             // for it, in order, before anything newer.
@@ -338,6 +352,7 @@ impl ShardCore {
             new,
             Switching {
                 acked: 1u64 << self.id,
+                filters,
                 park_done: false,
                 buffer: Vec::new(),
                 since: now,
@@ -405,13 +420,16 @@ impl ShardCore {
         msg: &Message,
         opts: SubscriptionOptions,
         ids: SmallVec<[u32; 2]>,
+        via_group: bool,
     ) {
         let (cap, _) = Session::hard_limit_for(&self.cfg.session);
         let Some(p) = self.parked.get_mut(&key) else {
             return;
         };
-        if p.cut & (1u64 << from) != 0 {
-            return; // that shard already sends to the new host itself
+        if !via_group && p.cut & (1u64 << from) != 0 {
+            // That shard already sends plain matches to the new host itself. (A group pick
+            // went to this shard only: it is kept whatever the sender switched.)
+            return;
         }
         if cap != 0 && p.msgs.len() >= cap {
             self.counters.count_drop(DropCause::QueueFull);
@@ -465,7 +483,7 @@ impl ShardCore {
     ) {
         // Bypass the switching filter: these are exactly the messages it held back.
         let sw = self.switching.remove(&key);
-        self.deliver_to(key, from, msg, opts, ids, 0, now);
+        self.deliver_to(key, from, msg, opts, ids, false, 0, now);
         if let Some(sw) = sw {
             self.switching.insert(key, sw);
         }
