@@ -227,8 +227,7 @@ impl ShardCore {
             i = j;
             self.deliver_to(key, from, msg, opts, ids, false, publisher, now);
         }
-        for k in n_plain..buf.len() {
-            let (key, s) = buf[k];
+        for &(key, s) in &buf[n_plain..] {
             let ids: SmallVec<[u32; 2]> = s.subscription_id.into_iter().collect();
             self.deliver_to(key, from, msg, s.options, ids, true, publisher, now);
         }
