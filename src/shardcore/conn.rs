@@ -201,7 +201,12 @@ impl ShardCore {
         if live.close {
             return;
         }
+        // Subscription changes of a session whose routes are switching wait for the switch
+        // (see takeover.rs), and so does anything behind them.
+        let switching = matches!(packet, Packet::Subscribe(_) | Packet::Unsubscribe(_))
+            && self.switching.contains_key(&key);
         let defer = live.phase == Phase::Registering
+            || switching
             || (!bypasses_pause(&packet) && (live.paused() || !live.deferred.is_empty()));
         if defer {
             live.deferred.push_back(packet);
@@ -580,6 +585,11 @@ impl ShardCore {
                 break;
             };
             if live.paused() && !bypasses_pause(p) {
+                return;
+            }
+            if matches!(p, Packet::Subscribe(_) | Packet::Unsubscribe(_))
+                && self.switching.contains_key(&key)
+            {
                 return;
             }
             let p = live.deferred.pop_front().unwrap_or(Packet::PingReq);

@@ -252,11 +252,8 @@ impl ShardCore {
     ) {
         if let Some(sw) = self.switching.get_mut(&key) {
             // Plain matches from a shard that has not switched yet reach the old host too,
-            // which parks those matching what the session brought along.
-            if !via_group
-                && sw.acked & (1u64 << from) == 0
-                && sw.filters.iter().any(|f| f.matches(&msg.topic))
-            {
+            // which parks them for the session.
+            if !via_group && sw.acked & (1u64 << from) == 0 {
                 return;
             }
             if !sw.park_done {

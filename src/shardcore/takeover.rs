@@ -49,11 +49,11 @@ pub(crate) struct Parked {
 /// A session that moved here while the shards switch their routes to it.
 pub(crate) struct Switching {
     /// Shards whose later messages come here directly (bit per shard); messages from the
-    /// others still come through the old host, parked — those that match the subscriptions
-    /// the session brought (`filters`: the old host parks under those only). A subscription
-    /// made here meanwhile is served here from every shard.
+    /// others still come through the old host, parked. (The session's SUBSCRIBE and
+    /// UNSUBSCRIBE wait until the switch is over, so its subscriptions here are exactly the
+    /// ones the old host parks under: a filter added meanwhile would be served by neither
+    /// host, or out of order.)
     pub acked: u64,
-    pub filters: Vec<TopicFilter>,
     /// The old host sent what it parked; until then direct messages wait in `buffer`.
     pub park_done: bool,
     pub buffer: Vec<ParkedMsg>,
@@ -328,17 +328,6 @@ impl ShardCore {
 
     /// New host: the session moved here from `old`; switch every shard to us.
     fn start_cutover(&mut self, old: ConnKey, new: ConnKey, now: Instant) {
-        let filters: Vec<TopicFilter> = self
-            .sessions
-            .get(&new)
-            .map(|e| {
-                e.session
-                    .state()
-                    .subscriptions()
-                    .map(|(f, _)| f.clone())
-                    .collect()
-            })
-            .unwrap_or_default();
         if conn_shard(old) == self.id {
             // Moved within this shard: nothing else routes differently; deliver what was kept
             // for it, in order, before anything newer.
@@ -352,7 +341,6 @@ impl ShardCore {
             new,
             Switching {
                 acked: 1u64 << self.id,
-                filters,
                 park_done: false,
                 buffer: Vec::new(),
                 since: now,
@@ -509,6 +497,9 @@ impl ShardCore {
         }
         if let Some((conn, clean)) = sw.deferred {
             self.on_takeover(new, conn, clean, now);
+        } else {
+            // Its subscription changes waited for the switch: they run now.
+            self.resumable.push(new);
         }
     }
 
