@@ -34,10 +34,6 @@ const IDLE_READ_CHUNK: usize = 128;
 /// A connection with no traffic for this long releases its buffers.
 const IDLE_TRIM_AFTER: Duration = Duration::from_secs(1);
 
-/// A peer that accepts none of our bytes for this long is dropped: a subscriber that stopped
-/// reading must not pin its queue (and its socket buffers) forever.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
-
 enum Wake {
     Read(std::io::Result<usize>),
     Notified,
@@ -45,31 +41,61 @@ enum Wake {
     Stop,
 }
 
+/// Shortest timer a connection task ever waits on. A deadline already in the past still
+/// costs one real timer of this length, so the task always goes back to the reactor: a
+/// deadline that fails to move forward degrades into a slow poll instead of a loop that never
+/// yields and freezes the whole shard (glommio does not preempt tasks).
+const MIN_TIMER: Duration = Duration::from_millis(1);
+
 async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(t) => {
-            let now = Instant::now();
-            if t > now {
-                glommio::timer::sleep(t - now).await;
-            }
+            let left = t.saturating_duration_since(Instant::now());
+            glommio::timer::sleep(left.max(MIN_TIMER)).await;
         }
         None => future::pending::<()>().await,
     }
 }
 
-async fn write_all<S: AsyncWrite + Unpin>(io: &mut S, buf: &[u8]) -> std::io::Result<()> {
-    let w = async {
-        io.write_all(buf).await?;
-        io.flush().await
-    };
-    future::or(w, async {
-        glommio::timer::sleep(WRITE_TIMEOUT).await;
+/// `fut`, or `TimedOut` if it does not finish within `limit`.
+async fn within<T>(
+    limit: Duration,
+    fut: impl std::future::Future<Output = std::io::Result<T>>,
+) -> std::io::Result<T> {
+    future::or(fut, async {
+        glommio::timer::sleep(limit).await;
         Err(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
             "peer stopped reading",
         ))
     })
     .await
+}
+
+/// Write all of `buf`. The timeout is on lack of progress: each write that the peer accepts
+/// some bytes of restarts it, so a slow but steady reader gets a batch of any size, while one
+/// that accepts nothing for `limit` is dropped. No timer is armed when the socket takes the
+/// bytes at once (the common case).
+async fn write_all<S: AsyncWrite + Unpin>(
+    io: &mut S,
+    buf: &[u8],
+    limit: Duration,
+) -> std::io::Result<()> {
+    let mut off = 0;
+    while off < buf.len() {
+        let n = match future::poll_once(io.write(&buf[off..])).await {
+            Some(r) => r?,
+            None => within(limit, io.write(&buf[off..])).await?,
+        };
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        off += n;
+    }
+    match future::poll_once(io.flush()).await {
+        Some(r) => r,
+        None => within(limit, io.flush()).await,
+    }
 }
 
 /// Read more bytes into `buf`; `Ok(0)` is end of stream.
@@ -190,13 +216,14 @@ async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
     peer: Option<SocketAddr>,
 ) -> Option<Admitted> {
     let mut wbuf = BytesMut::new();
+    let wt = shard.shared.cfg.write_timeout;
     shard.connecting.set(shard.connecting.get() + 1);
     let connect = read_connect(shard, io, rbuf).await;
     shard.connecting.set(shard.connecting.get() - 1);
     let connect = match connect {
         Ok(c) => c,
         Err(refused) => {
-            refuse(io, &mut wbuf, refused).await;
+            refuse(io, &mut wbuf, refused, wt).await;
             return None;
         }
     };
@@ -223,7 +250,7 @@ async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
                     ReasonCode::NOT_AUTHORIZED,
                     "anonymous clients are not allowed on this listener",
                 );
-                refuse(io, &mut wbuf, r).await;
+                refuse(io, &mut wbuf, r, wt).await;
                 return None;
             }
             name.map(str::to_owned)
@@ -235,7 +262,7 @@ async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
                 ReasonCode::BAD_USER_NAME_OR_PASSWORD,
                 "no usable certificate identity",
             );
-            refuse(io, &mut wbuf, r).await;
+            refuse(io, &mut wbuf, r, wt).await;
             return None;
         }
     };
@@ -244,6 +271,7 @@ async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
             io,
             &mut wbuf,
             Refused::ConnAck(version, reason, "CONNECT outside limits"),
+            wt,
         )
         .await;
         return None;
@@ -258,7 +286,7 @@ async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
                 ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
                 "empty client id without clean session",
             );
-            refuse(io, &mut wbuf, r).await;
+            refuse(io, &mut wbuf, r, wt).await;
             return None;
         }
         ByteString::from(format!("auto-{key:016x}"))
@@ -339,6 +367,9 @@ async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
     let mut trimmed = true;
     let mut setup_done = false;
     loop {
+        // A connection with a long stream of work (a big backlog to write to a fast reader)
+        // must not keep its shard's other tasks waiting.
+        glommio::yield_if_needed().await;
         if let Some(seq) = settle.take() {
             shard.wait_settled(seq).await;
         }
@@ -358,7 +389,7 @@ async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
         if !wbuf.is_empty() {
-            let res = write_all(io, &wbuf).await;
+            let res = write_all(io, &wbuf, shard.shared.cfg.write_timeout).await;
             wbuf.clear();
             if let Err(e) = res {
                 debug!(shard = shard.id, "write failed: {e}");
@@ -468,12 +499,21 @@ async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
                 let mut st = shard.st.borrow_mut();
                 if let Some(slot) = st.sessions.get_mut(&key) {
                     slot.session.handle_timeout(now);
-                    if !trimmed && now >= last_active + IDLE_TRIM_AFTER && rbuf.is_empty() {
-                        rbuf = BytesMut::new();
-                        wbuf = BytesMut::new();
+                }
+                if !trimmed && now >= last_active + IDLE_TRIM_AFTER {
+                    // Also with part of a packet buffered (a slow link, or a peer that went
+                    // silent mid-packet): keep just those bytes. The trim deadline must not
+                    // outlive its firing, or it stays in the past.
+                    rbuf = if rbuf.is_empty() {
+                        BytesMut::new()
+                    } else {
+                        BytesMut::from(&rbuf[..])
+                    };
+                    wbuf = BytesMut::new();
+                    if let Some(slot) = st.sessions.get_mut(&key) {
                         slot.session.shrink_idle();
-                        trimmed = true;
                     }
+                    trimmed = true;
                 }
                 shard.pump(&mut st, key, now);
             }
@@ -528,7 +568,12 @@ fn lost(shard: &Shard, key: u64, link: &ConnLink) {
     shard.pump(&mut st, key, now);
 }
 
-async fn refuse<S: AsyncWrite + Unpin>(io: &mut S, wbuf: &mut BytesMut, refused: Refused) {
+async fn refuse<S: AsyncWrite + Unpin>(
+    io: &mut S,
+    wbuf: &mut BytesMut,
+    refused: Refused,
+    write_timeout: Duration,
+) {
     match refused {
         Refused::Close(why) => debug!("connection refused: {why}"),
         Refused::ConnAck(version, reason, why) => {
@@ -539,7 +584,7 @@ async fn refuse<S: AsyncWrite + Unpin>(io: &mut S, wbuf: &mut BytesMut, refused:
                 properties: ConnAckProperties::default(),
             });
             codec::encode(&ack, version, wbuf);
-            let _ = write_all(io, wbuf).await;
+            let _ = write_all(io, wbuf, write_timeout).await;
         }
     }
 }

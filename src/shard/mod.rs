@@ -72,6 +72,10 @@ pub struct RuntimeConfig {
     pub message_size_limit: usize,
     /// Period of `$SYS/broker/...` updates; `None` disables them.
     pub sys_interval: Option<Duration>,
+    /// A connection whose peer accepts none of our bytes for this long is dropped (a
+    /// subscriber that stopped reading must not pin its queue and socket buffers forever).
+    /// Lack of progress only: a slow reader that keeps taking bytes is never cut off.
+    pub write_timeout: Duration,
 }
 
 impl Default for RuntimeConfig {
@@ -93,6 +97,7 @@ impl Default for RuntimeConfig {
             retained: crate::routing::RetainedLimits::default(),
             message_size_limit: usize::MAX,
             sys_interval: Some(Duration::from_secs(10)),
+            write_timeout: Duration::from_secs(30),
         }
     }
 }
