@@ -166,14 +166,22 @@ impl Broker {
     }
 }
 
-/// Refuse a port another process already serves. glommio binds with SO_REUSEPORT, so a
-/// second broker would otherwise silently share the port; a plain bind without that option
-/// fails if anyone holds it. Port 0 is resolved here to one concrete port for all shards.
+/// Refuse a port another process already serves. The shards bind with SO_REUSEPORT, so a
+/// second broker would otherwise silently share the port; a probe bind without that option
+/// fails if any socket *listens* there. It has SO_REUSEADDR, so connections of an earlier run
+/// lingering in TIME_WAIT or FIN_WAIT do not count (a restart must not wait for them). Port 0
+/// is resolved here to one concrete port for all shards.
 fn probe_listener(addr: SocketAddr) -> Result<SocketAddr, StartError> {
-    match StdListener::bind(addr) {
-        Ok(l) => l
-            .local_addr()
-            .map_err(|source| StartError::Bind { addr, source }),
+    use socket2::{Domain, Protocol, Socket, Type};
+    let bind = || -> io::Result<SocketAddr> {
+        let sk = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        sk.set_reuse_address(true)?;
+        sk.bind(&addr.into())?;
+        let l: StdListener = sk.into();
+        l.local_addr()
+    };
+    match bind() {
+        Ok(a) => Ok(a),
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(StartError::AddrInUse { addr }),
         Err(source) => Err(StartError::Bind { addr, source }),
     }

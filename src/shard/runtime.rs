@@ -1038,6 +1038,7 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, idx: Option<usize>
         let Some(res) = accepted else { break };
         let stream = match res {
             Ok(s) => s,
+            Err(_) if shard.stopping.get() => break, // the listener was shut down
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
                 warn!(shard = shard.id, "accept failed: {e}");
@@ -1118,7 +1119,10 @@ where
 /// Bind a shard's listener. Like glommio's own `bind` (SO_REUSEPORT, so every shard has its
 /// own accept queue on the same port), plus SO_REUSEADDR so a restart is not refused while old
 /// connections sit in TIME_WAIT, and a deeper backlog for reconnect storms.
-fn bind_reuseport(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+/// Also returns a second descriptor of the socket, to stop listening at shutdown.
+fn bind_reuseport(
+    addr: std::net::SocketAddr,
+) -> std::io::Result<(TcpListener, std::os::fd::OwnedFd)> {
     use socket2::{Domain, Protocol, Socket, Type};
     use std::os::fd::{FromRawFd, IntoRawFd};
     let sk = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
@@ -1126,8 +1130,12 @@ fn bind_reuseport(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     sk.set_reuse_port(true)?;
     sk.bind(&addr.into())?;
     sk.listen(4096)?;
+    let second = sk.try_clone()?.into();
     // SAFETY: the fd is a bound, listening TCP socket we own; glommio takes ownership.
-    Ok(unsafe { TcpListener::from_raw_fd(sk.into_raw_fd()) })
+    Ok((
+        unsafe { TcpListener::from_raw_fd(sk.into_raw_fd()) },
+        second,
+    ))
 }
 
 type Ready = mpsc::Sender<Result<(usize, Option<std::net::SocketAddr>), StartError>>;
@@ -1199,9 +1207,13 @@ pub(crate) async fn shard_main(
     glommio::spawn_local(self_dispatch(shard.clone())).detach();
 
     let mut bound = Vec::new();
+    let mut unlisten = Vec::new();
     for (i, l) in shared.listeners.iter().enumerate() {
         match bind_reuseport(l.addr) {
-            Ok(listener) => bound.push((listener, Some(i))),
+            Ok((listener, fd)) => {
+                bound.push((listener, Some(i)));
+                unlisten.push(fd);
+            }
             Err(e) => {
                 let _ = ready.send(Err(StartError::Bind {
                     addr: l.addr,
@@ -1214,9 +1226,10 @@ pub(crate) async fn shard_main(
     let mut shard_addr = None;
     if shared.cfg.shard_listeners {
         match bind_reuseport(std::net::SocketAddr::from(([127, 0, 0, 1], 0))) {
-            Ok(listener) => {
+            Ok((listener, fd)) => {
                 shard_addr = listener.local_addr().ok();
                 bound.push((listener, None));
+                unlisten.push(fd);
             }
             Err(e) => {
                 let _ = ready.send(Err(StartError::Executor {
@@ -1265,6 +1278,15 @@ pub(crate) async fn shard_main(
         }
     }
     shard.stopping.set(true);
+    // Stop listening now, synchronously. Dropping a listener only closes its descriptor: the
+    // accept still pending in io_uring keeps the socket listening until the ring is torn
+    // down, after the process exited, and a broker restarted at once then shares the port
+    // (SO_REUSEPORT) with that dead socket, which swallows some of its connections.
+    for fd in unlisten {
+        use std::os::fd::AsRawFd;
+        // SAFETY: shutdown(2) on a socket descriptor we own (closed when `fd` drops).
+        unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
+    }
     shard.stop_notify.notify();
     shard.close_all();
     let deadline = Instant::now() + Duration::from_secs(3);
