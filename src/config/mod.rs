@@ -17,9 +17,15 @@
 //!   the TLS keys and Midge's `tls_*` keys) apply to it. Without ADDRESS the listener binds
 //!   `0.0.0.0`. A host name is resolved once at startup and its first address is bound.
 //!   Repeating an identical `listener` line reopens that section, as in mosquitto.
-//! * Legacy default listener: `port` and `bind_address` (and any per-listener key written
-//!   before the first `listener` line) configure mosquitto's *default listener*, which then
-//!   exists in addition to the `listener` sections. `port` alone binds all IPv4 interfaces.
+//! * Legacy default listener: `port` and `bind_address` configure mosquitto's *default
+//!   listener*, which then exists in addition to the `listener` sections; `port` alone binds
+//!   all IPv4 interfaces. A per-listener key written before the first `listener` line applies
+//!   to that default listener, and creates it exactly when mosquitto 2.0 would: when its value
+//!   differs from the listener default (`max_connections` other than -1, `max_qos` other than
+//!   2, `require_certificate`/`use_identity_as_username`/`use_subject_as_username` true, or
+//!   any of `cafile`, `capath`, `certfile`, `keyfile`, `ciphers`, `ciphers_tls13`,
+//!   `crlfile`, `dhparamfile`). Others (`max_topic_alias`, `tls_version`, `protocol mqtt`,
+//!   Midge's `tls_*` keys) do not create it; Midge warns that they have no effect there.
 //! * `include_dir DIR` (main file only) reads `DIR/*.conf` in mosquitto's order (case-sensitive
 //!   alphabetical, upper case before lower case of the same letter).
 //! * `allow_anonymous` and `per_listener_settings`, as mosquitto 2.0:
