@@ -721,6 +721,9 @@ impl Builder {
                 }
                 self.limits.max_packet_size = n;
             }
+            "max_subscriptions_per_client" => {
+                self.limits.max_subscriptions_per_client = num(value, 0, u32::MAX as u64)? as u32;
+            }
             "max_keepalive" => {
                 self.limits.max_keepalive = num(value, 0, 65535)? as u16;
             }

@@ -224,6 +224,9 @@ pub struct Limits {
     pub persistent_client_expiration: Option<Duration>,
     /// `queue_qos0_messages`: also queue QoS 0 messages for disconnected persistent clients.
     pub queue_qos0_messages: bool,
+    /// `max_subscriptions_per_client` (Midge): subscriptions one client session may hold;
+    /// a SUBSCRIBE for a new filter beyond it is refused (v5 0x97, 3.1.1 0x80). 0 = no limit.
+    pub max_subscriptions_per_client: u32,
 }
 
 impl Limits {
@@ -387,6 +390,7 @@ impl Default for Limits {
             retain_available: defaults::RETAIN_AVAILABLE,
             persistent_client_expiration: None,
             queue_qos0_messages: defaults::QUEUE_QOS0_MESSAGES,
+            max_subscriptions_per_client: defaults::MAX_SUBSCRIPTIONS_PER_CLIENT,
         }
     }
 }

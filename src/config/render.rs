@@ -63,6 +63,11 @@ pub fn render_effective(config: &Config) -> String {
     let _ = writeln!(s, "message_size_limit {}", l.message_size_limit);
     let _ = writeln!(s, "max_packet_size {}", l.max_packet_size);
     let _ = writeln!(s, "max_keepalive {}", l.max_keepalive);
+    let _ = writeln!(
+        s,
+        "max_subscriptions_per_client {}",
+        l.max_subscriptions_per_client
+    );
     let _ = writeln!(s, "retain_available {}", l.retain_available);
     match l.persistent_client_expiration {
         Some(d) => {

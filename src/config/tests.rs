@@ -121,6 +121,7 @@ fn no_arguments_means_loopback_anonymous_listener_and_mosquitto_limits() {
     assert_eq!(c.limits.max_queued_bytes, 0);
     assert_eq!(c.limits.message_size_limit, 0);
     assert_eq!(c.limits.max_keepalive, 65535);
+    assert_eq!(c.limits.max_subscriptions_per_client, 10_000);
     assert!(c.limits.retain_available);
     assert_eq!(c.limits.persistent_client_expiration, None);
     assert!(!c.limits.queue_qos0_messages);
@@ -468,6 +469,14 @@ fn numeric_limits_are_read_and_validated() {
             |c| c.limits.max_keepalive as u64,
             "65536",
             "expected a number 0-65535, got '65536'",
+        ),
+        (
+            "max_subscriptions_per_client",
+            "50",
+            50,
+            |c| c.limits.max_subscriptions_per_client as u64,
+            "-1",
+            "expected a number",
         ),
         (
             "sys_interval",

@@ -373,20 +373,32 @@ async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
         if let Some(seq) = settle.take() {
             shard.wait_settled(seq).await;
         }
-        // 1. Everything the session wants sent, in one write.
+        // 1. Everything the session wants sent, in one write (retained messages for its
+        // SUBSCRIBEs only as far as its transmit bound allows: the rest after this write).
         let mut deadline = None;
+        let mut more_retained = false;
         {
             let mut st = shard.st.borrow_mut();
             if link.detached.get() {
                 for p in link.last_words.borrow_mut().drain(..) {
                     codec::encode(&p, version, &mut wbuf);
                 }
-            } else if let Some(slot) = st.sessions.get_mut(&key) {
-                while let Some(p) = slot.session.poll_transmit() {
-                    codec::encode(&p, version, &mut wbuf);
+            } else if st.sessions.contains_key(&key) {
+                shard.feed_retained(&mut st, key, Instant::now());
+                if let Some(slot) = st.sessions.get_mut(&key) {
+                    while let Some(p) = slot.session.poll_transmit() {
+                        codec::encode(&p, version, &mut wbuf);
+                    }
+                    deadline = slot.session.poll_timeout();
+                    more_retained = slot.session.retained_pending();
                 }
-                deadline = slot.session.poll_timeout();
             }
+        }
+        if more_retained && !wbuf.is_empty() {
+            // The client drained what was due: come back for more right after this write
+            // (reads and timers are still served first). Only after progress, so a backlog
+            // that waits for the window (QoS 1/2) waits for the client's acknowledgements.
+            link.notify.notify();
         }
         if !wbuf.is_empty() {
             let res = write_all(io, &wbuf, shard.shared.cfg.write_timeout).await;

@@ -255,9 +255,8 @@ pub(crate) struct Shard {
 }
 
 /// Most packets a session may have waiting to be written before QoS 0 deliveries to it are
-/// dropped: a subscriber that does not read must not grow memory (QoS 1/2 are bounded by the
-/// session's inflight window and queue).
-const MAX_PENDING_TRANSMIT: usize = 1000;
+/// dropped (the session's bound, which its retained backlog honours too).
+const MAX_PENDING_TRANSMIT: usize = crate::session::MAX_PENDING_TRANSMIT;
 
 impl Shard {
     pub fn next_conn_key(&self) -> ConnKey {
@@ -585,46 +584,31 @@ impl Shard {
                 filter,
                 options,
                 subscription_id,
-                existed,
-                resumed,
+                ..
             } => {
                 let sub = LocalSubscription {
                     options,
                     subscription_id,
                 };
+                // Retained messages: the session asks for them as its client drains (see
+                // `feed_retained`). Too-deep filters were refused in the SUBACK already.
                 match st.local.subscribe(&filter, key, sub) {
                     Ok(out) => {
                         if let Some(d) = out.delta {
                             self.broadcast_delta(st, d);
                         }
                     }
-                    Err(e) => {
-                        warn!(shard = self.id, %filter, "subscription not added: {e}");
-                        return;
-                    }
-                }
-                let send_retained = !resumed
-                    && match options.retain_handling {
-                        crate::codec::RetainHandling::OnSubscribe => true,
-                        crate::codec::RetainHandling::OnNewSubscribe => !existed,
-                        crate::codec::RetainHandling::Never => false,
-                    };
-                if send_retained {
-                    let mut buf = mem::take(&mut st.retained_buf);
-                    st.retained.match_filter(&filter, now, &mut buf);
-                    let ids: SmallVec<[u32; 1]> = subscription_id.into_iter().collect();
-                    if let Some(slot) = st.sessions.get_mut(&key) {
-                        for m in buf.drain(..) {
-                            slot.session.deliver_retained(&m, options, &ids, now);
-                        }
-                    }
-                    buf.clear();
-                    st.retained_buf = buf;
+                    Err(e) => warn!(
+                        shard = self.id,
+                        "subscription to {} not added: {e}",
+                        crate::logging::escape(filter.as_str())
+                    ),
                 }
             }
             SessionEvent::Unsubscribe { filter } => {
                 self.drop_routes(st, key, std::slice::from_ref(&filter));
             }
+            SessionEvent::Notice(n) => self.log_notice(st, key, n),
             SessionEvent::Close { reason } => {
                 match reason {
                     CloseReason::ClientDisconnect(_) | CloseReason::ConnectionLost => {
@@ -657,6 +641,59 @@ impl Shard {
                     );
                 }
             }
+        }
+    }
+
+    /// Hand the session of `key` the retained messages its SUBSCRIBEs asked for, as far as
+    /// its transmit bound and window allow: one filter's matches at a time, the next when
+    /// those have gone out. The connection task calls this before each write.
+    pub fn feed_retained(&self, st: &mut State, key: ConnKey, now: Instant) {
+        let mut buf = mem::take(&mut st.retained_buf);
+        while let Some(slot) = st.sessions.get_mut(&key) {
+            slot.session.fill_retained(now);
+            let Some((filter, options, id)) = slot.session.next_retained_request() else {
+                break;
+            };
+            st.retained.match_filter(&filter, now, &mut buf);
+            let ids: SmallVec<[u32; 1]> = id.into_iter().collect();
+            if let Some(slot) = st.sessions.get_mut(&key) {
+                for m in buf.drain(..) {
+                    slot.session.deliver_retained(&m, options, &ids, now);
+                }
+            }
+            buf.clear();
+        }
+        st.retained_buf = buf;
+    }
+
+    fn log_notice(&self, st: &State, key: ConnKey, n: crate::session::Notice) {
+        use crate::logging::escape;
+        use crate::session::Notice;
+        let client = st.sessions.get(&key).map(|s| s.session.client_id().clone());
+        let client = client.as_deref().unwrap_or("");
+        match n {
+            Notice::SubscribeRefused {
+                too_deep,
+                over_limit,
+                first,
+            } => warn!(
+                shard = self.id,
+                "SUBSCRIBE from {}: {} filter(s) refused ({} deeper than {} levels: 0x8F; {} \
+                 beyond max_subscriptions_per_client {}: 0x97); first: {}",
+                escape(client),
+                too_deep + over_limit,
+                too_deep,
+                routing::MAX_FILTER_LEVELS,
+                over_limit,
+                self.shared.cfg.session.max_subscriptions,
+                escape(first.as_str()),
+            ),
+            Notice::BrokerOnlyTopic { topic } => debug!(
+                shard = self.id,
+                "Denied PUBLISH from {} to broker-only topic '{}'",
+                escape(client),
+                escape(topic.as_str())
+            ),
         }
     }
 
