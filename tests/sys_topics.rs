@@ -94,16 +94,16 @@ fn sys_writes_are_refused(addr: std::net::SocketAddr) {
     v5.send(&p);
     let ack = v5.expect("PUBACK", WAIT);
     assert_eq!(
-        (ack.kind(), &ack.body[..3]),
-        (4, &[0, 1, 0x87][..]),
-        "{ack:?}"
+        (ack.kind(), &ack.body[..2], ack.body.get(2)),
+        (4, &[0, 1][..], Some(&0x87)),
+        "PUBACK 0x87 (not authorized): {ack:?}"
     );
     v5.send(&raw::publish(V5, "$SYS/broker/forged/b", b"x", 2, 2));
     let rec = v5.expect("PUBREC", WAIT);
     assert_eq!(
-        (rec.kind(), &rec.body[..3]),
-        (5, &[0, 2, 0x87][..]),
-        "{rec:?}"
+        (rec.kind(), &rec.body[..2], rec.body.get(2)),
+        (5, &[0, 2][..], Some(&0x87)),
+        "PUBREC 0x87 (not authorized): {rec:?}"
     );
     v5.send(&raw::publish(V5, "ctl/v5", b"done", 1, 3));
     assert_eq!(v5.expect("PUBACK", WAIT).body[..2], [0, 3]);
