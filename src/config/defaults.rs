@@ -26,6 +26,8 @@
 //! | `autosave_interval`           | `1800` s                         | no effect without persistence |
 //! | `sys_interval`                | `10` s (`0` disables `$SYS`)     | |
 //! | `log_dest`                    | `stderr`                         | |
+//! | `log_timestamp`               | `true`                           | mosquitto: `TIMESTAMP: message` |
+//! | `log_timestamp_format`        | none: seconds since the epoch    | strftime(3), local time, as mosquitto |
 //! | `log_type`                    | `error warning notice information` (INFO) | `-v`: all (TRACE) |
 //! | `tls_version`                 | `tlsv1.2` (1.2 and 1.3 allowed)  | TLS listeners |
 //! | `require_certificate`         | `false`                          | TLS listeners |

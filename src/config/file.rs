@@ -23,8 +23,6 @@ pub static HARMLESS_KEYS: &[(&str, &str)] = &[
         "connection_messages",
         "Midge logs connects and disconnects at its own levels",
     ),
-    ("log_timestamp", "Midge log lines always carry a timestamp"),
-    ("log_timestamp_format", "Midge chooses its timestamp format"),
     ("log_facility", "only used by log_dest syslog"),
     ("websockets_log_level", "Midge has no WebSockets listener"),
     (
@@ -199,6 +197,8 @@ pub(crate) struct Builder {
     queue_origin: Option<Origin>,
     log_dest: At<LogDest>,
     log_level: Option<LevelFilter>,
+    log_timestamp: bool,
+    log_timestamp_format: Option<String>,
     pub(crate) verbose: bool,
     sys_interval: Option<Duration>,
     autosave_interval: Duration,
@@ -270,6 +270,8 @@ impl Builder {
             queue_origin: None,
             log_dest: None,
             log_level: None,
+            log_timestamp: true,
+            log_timestamp_format: None,
             verbose: false,
             sys_interval: Some(defaults::SYS_INTERVAL),
             autosave_interval: defaults::AUTOSAVE_INTERVAL,
@@ -789,6 +791,17 @@ impl Builder {
                 self.pid_file = Some(path_value(key, value, origin)?);
             }
             // --- logging ---------------------------------------------------------------------
+            "log_timestamp" => self.log_timestamp = boolean(value)?,
+            "log_timestamp_format" => {
+                // The whole rest of the line: strftime formats contain spaces.
+                if value.is_empty() {
+                    return Err(ConfigError::key(origin, key, "missing strftime format"));
+                }
+                if value.contains('\0') {
+                    return Err(ConfigError::key(origin, key, "NUL in the format"));
+                }
+                self.log_timestamp_format = Some(value.to_string());
+            }
             "log_dest" => {
                 let mut parts = value.split_whitespace();
                 let dest = match parts.next() {
@@ -1113,6 +1126,8 @@ impl Builder {
             log: LogSettings {
                 dest: self.log_dest.map(|d| d.0).unwrap_or(LogDest::Stderr),
                 level,
+                timestamp: self.log_timestamp,
+                timestamp_format: self.log_timestamp_format,
             },
             sys_interval: self.sys_interval,
             autosave_interval: self.autosave_interval,

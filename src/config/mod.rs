@@ -257,6 +257,12 @@ pub struct LogSettings {
     /// Most verbose level enabled: `log_type error` → ERROR, `warning` → WARN, `notice` and
     /// `information` → INFO, `debug` → DEBUG, `all` (or `-v`) → TRACE, `none` → OFF.
     pub level: LevelFilter,
+    /// `log_timestamp` (default true): each line starts with a timestamp and `: `, as
+    /// mosquitto writes it.
+    pub timestamp: bool,
+    /// `log_timestamp_format`: a strftime(3) format for that timestamp, in local time;
+    /// `None` (mosquitto's default) = seconds since the Unix epoch.
+    pub timestamp_format: Option<String>,
 }
 
 /// `log_dest`: Midge writes to one console stream (let journald or the supervisor store it).
@@ -400,6 +406,8 @@ impl Default for LogSettings {
         LogSettings {
             dest: LogDest::Stderr,
             level: defaults::LOG_LEVEL,
+            timestamp: true,
+            timestamp_format: None,
         }
     }
 }

@@ -51,6 +51,10 @@ pub fn render_effective(config: &Config) -> String {
         LogDest::None => "none",
     };
     let _ = writeln!(s, "log_dest {dest}");
+    let _ = writeln!(s, "log_timestamp {}", config.log.timestamp);
+    if let Some(f) = &config.log.timestamp_format {
+        let _ = writeln!(s, "log_timestamp_format {f}");
+    }
     for t in log_types(config.log.level) {
         let _ = writeln!(s, "log_type {t}");
     }

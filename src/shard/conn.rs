@@ -21,6 +21,7 @@ use crate::codec::{
     self, ConnAck, ConnAckProperties, Connect, DecodeError, Limits, Packet, ProtocolVersion,
     ReasonCode,
 };
+use crate::logging::escape;
 use crate::session::Session;
 use crate::tls::{resolve_username, ClientIdentity, UsernameOutcome, UsernameRule};
 
@@ -256,7 +257,8 @@ async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
             name.map(str::to_owned)
         }
         Err(e) => {
-            warn!(peer = ?peer, "connection refused: {e}");
+            // The error quotes the certificate's subject: peer-chosen text.
+            warn!(peer = ?peer, "connection refused: {}", escape(&e.to_string()));
             let r = Refused::ConnAck(
                 version,
                 ReasonCode::BAD_USER_NAME_OR_PASSWORD,
@@ -304,11 +306,11 @@ async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
     info!(
         "New client connected from {} as {} (p{}, c{}, k{}, u'{}') on shard {}",
         peer.map(|p| p.to_string()).unwrap_or_default(),
-        client_id,
+        escape(&client_id),
         version.level(),
         u8::from(connect.clean_start),
         connect.keep_alive,
-        username.as_deref().unwrap_or(""),
+        escape(username.as_deref().unwrap_or("")),
         shard.id
     );
     let moved_from = previous.as_ref().map(|t| t.from);

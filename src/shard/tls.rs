@@ -32,6 +32,8 @@ fn log_refusal(peer: Option<SocketAddr>, line: &str) {
     let allowed = REFUSAL_LOG.with(|l| l.borrow_mut().allow(Instant::now()));
     if let Some(suppressed) = allowed {
         let peer = peer.map(|p| p.to_string()).unwrap_or_else(|| "?".into());
+        // The detail may quote the client certificate (its subject, a name it claims).
+        let line = crate::logging::escape(line);
         if suppressed > 0 {
             warn!("client {peer}: {line} (and {suppressed} more refusals not logged)");
         } else {
