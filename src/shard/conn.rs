@@ -297,9 +297,35 @@ async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
         ByteString::from(&*connect.client_id)
     };
 
+    // A peer that is not draining its control messages: refuse new work rather than queue
+    // more behind it (the bound of the control backlog, see `mailbox`).
+    if let Some((peer, backlog)) = shard.control_backlogged() {
+        warn!(
+            shard = shard.id,
+            "CONNECT from {} refused (0x88): shard {peer} has {backlog} control messages \
+             queued, above control_backlog_limit {}",
+            escape(&client_id),
+            shard.shared.cfg.control_backlog_limit
+        );
+        let r = Refused::ConnAck(version, ReasonCode::SERVER_UNAVAILABLE, "peer backlog");
+        refuse(io, &mut wbuf, r, wt).await;
+        return None;
+    }
     // The home shard orders this connect against any other with the same id.
-    let Some(previous) = shard.register(client_id.clone(), key).await else {
-        return None; // shutting down, or taken over by a newer connection already
+    let previous = match shard.register(client_id.clone(), key).await {
+        Ok(p) => p,
+        Err(None) => return None, // shutting down, or taken over by a newer connection
+        Err(Some(home)) => {
+            warn!(
+                shard = shard.id,
+                "CONNECT from {} refused (0x88): its home shard {home} did not answer within {:?}",
+                escape(&client_id),
+                shard.shared.cfg.peer_timeout
+            );
+            let r = Refused::ConnAck(version, ReasonCode::SERVER_UNAVAILABLE, "home shard");
+            refuse(io, &mut wbuf, r, wt).await;
+            return None;
+        }
     };
     let now = Instant::now();
     // mosquitto's connect line, so operators (and tests) see the identity used.
@@ -373,7 +399,19 @@ async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
         // must not keep its shard's other tasks waiting.
         glommio::yield_if_needed().await;
         if let Some(seq) = settle.take() {
-            shard.wait_settled(seq).await;
+            let missing = shard.wait_settled(seq).await;
+            if !missing.is_empty() {
+                // What this connection did is not known to every shard: its SUBACK (or
+                // CONNACK) cannot be sent, so the connection ends without it.
+                warn!(
+                    shard = shard.id,
+                    "shard(s) {missing:?} did not confirm a route change within {:?}: \
+                     connection closed without its acknowledgement",
+                    shard.shared.cfg.peer_timeout
+                );
+                lost(&shard, key, &link);
+                break;
+            }
         }
         // 1. Everything the session wants sent, in one write (retained messages for its
         // SUBSCRIBEs only as far as its transmit bound allows: the rest after this write).

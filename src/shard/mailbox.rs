@@ -16,6 +16,14 @@
 //!
 //! Per ordered pair, everything goes through one FIFO (direct send only when nothing is
 //! waiting in the overflow list), so per-publisher order holds across shards.
+//!
+//! The control backlog's bound (`RuntimeConfig::control_backlog_limit`): control messages
+//! are still never dropped, but while any peer's overflow list is above the limit, the
+//! sending shard refuses new connections (CONNACK 0x88 / 3.1.1 return code 3) — connects and
+//! the subscriptions they bring are what make it grow. Waits on a peer's answer are bounded
+//! by `peer_timeout` (registration: CONNACK 0x88 / 3; route confirmation before a SUBACK or
+//! resumed CONNACK: the connection is closed), so a stalled peer cannot hold a client forever
+//! and a client cannot queue more than one packet's worth of subscriptions behind it.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -162,6 +170,11 @@ impl<T, M: Mailbox<T>> Outbox<T, M> {
             }
         }
         true
+    }
+
+    /// Messages waiting in peer `to`'s overflow list (beyond its mailbox).
+    pub fn backlog(&self, to: ShardId) -> usize {
+        self.overflow[to].borrow().len()
     }
 
     pub fn flusher(&self, to: ShardId) -> Rc<Notify> {

@@ -186,6 +186,10 @@ pub(crate) struct Pending {
     pub notify: Notify,
     /// A newer connection with the same id took over before this one started its session.
     pub kicked: Cell<bool>,
+    /// The connection gave up waiting (`peer_timeout`); the home shard's answer is still to
+    /// come.
+    pub abandoned: Cell<bool>,
+    pub client_id: ByteString,
 }
 
 #[derive(Default, Debug, Clone, Copy)]
@@ -316,10 +320,33 @@ impl Shard {
     /// until then, so a client that saw it can rely on what it did being visible on every
     /// core: a publish that follows a SUBACK, from any client on any shard, is delivered;
     /// a subscribe that follows a retained PUBACK gets the message (mosquitto's guarantees).
-    pub async fn wait_settled(&self, seq: u64) {
+    ///
+    /// Bounded by `peer_timeout`: returns the shards that have not confirmed by then (empty
+    /// when settled, or when the shard is stopping).
+    pub async fn wait_settled(&self, seq: u64) -> Vec<ShardId> {
+        let give_up = Instant::now() + self.shared.cfg.peer_timeout;
         while !self.settled(seq) && !self.stopping.get() {
-            self.settle_waiters.wait().await;
+            let left = give_up.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let applied = self.applied_by_peer.borrow();
+                return (0..self.shared.shards)
+                    .filter(|&p| p != self.id && applied[p] < seq)
+                    .collect();
+            }
+            future::or(self.settle_waiters.wait(), glommio::timer::sleep(left)).await;
         }
+        Vec::new()
+    }
+
+    /// A peer whose control backlog (messages beyond its mailbox) is above
+    /// `control_backlog_limit`, with that backlog: while there is one, this shard refuses new
+    /// connections (the operations that make the backlog grow), see `mailbox`.
+    pub fn control_backlogged(&self) -> Option<(ShardId, usize)> {
+        let limit = self.shared.cfg.control_backlog_limit;
+        (0..self.shared.shards)
+            .filter(|&p| p != self.id)
+            .map(|p| (p, self.outbox.backlog(p)))
+            .find(|&(_, n)| n > limit)
     }
 
     fn ack_broadcast(&self, from: ShardId, seq: u64) {
@@ -406,6 +433,21 @@ impl Shard {
                 // takeover arriving in between finds the state here (see `take_session`).
                 let pending = self.st.borrow().pending.get(&conn).cloned();
                 match pending {
+                    Some(p) if p.abandoned.get() => {
+                        // The connection gave up waiting. No previous session: forget the
+                        // registration. A session handed over: keep it here, where the
+                        // registry now points, so the client's next connect takes it over
+                        // (`take_session` finds it in `pending`).
+                        match state {
+                            None => {
+                                self.st.borrow_mut().pending.remove(&conn);
+                                let home = home_shard(&p.client_id, self.shared.shards);
+                                let client_id = p.client_id.clone();
+                                self.send_control(home, ShardMsg::Unregister { client_id, conn });
+                            }
+                            Some(t) => *p.result.borrow_mut() = Some(Some(t)),
+                        }
+                    }
                     Some(p) => {
                         *p.result.borrow_mut() = Some(state);
                         p.notify.notify();
@@ -433,10 +475,14 @@ impl Shard {
         let mut st = self.st.borrow_mut();
         let Some(mut slot) = st.sessions.remove(&key) else {
             // Not started yet: its hand-over may be waiting for the connection task.
-            let p = st.pending.get(&key)?;
+            let p = st.pending.get(&key)?.clone();
             p.kicked.set(true);
             p.notify.notify();
             let state = p.result.borrow_mut().take().flatten();
+            if p.abandoned.get() {
+                // Its connection gave up waiting: nobody else will remove it.
+                st.pending.remove(&key);
+            }
             return state;
         };
         st.offline.remove(&key);
@@ -894,9 +940,18 @@ impl Shard {
         }
     }
 
-    /// Register a connecting client with its home shard and wait for the previous session.
-    pub async fn register(&self, client_id: ByteString, key: ConnKey) -> Option<Option<Transfer>> {
-        let pending = Rc::new(Pending::default());
+    /// Register a connecting client with its home shard and wait for the previous session,
+    /// at most `peer_timeout`. `Err(None)`: shutting down or taken over already (nothing to
+    /// say); `Err(Some(home))`: the home shard did not answer in time.
+    pub async fn register(
+        &self,
+        client_id: ByteString,
+        key: ConnKey,
+    ) -> Result<Option<Transfer>, Option<ShardId>> {
+        let pending = Rc::new(Pending {
+            client_id: client_id.clone(),
+            ..Pending::default()
+        });
         self.st.borrow_mut().pending.insert(key, pending.clone());
         let home = home_shard(&client_id, self.shared.shards);
         self.send_control(
@@ -906,6 +961,7 @@ impl Shard {
                 conn: key,
             },
         );
+        let give_up = Instant::now() + self.shared.cfg.peer_timeout;
         loop {
             if pending.kicked.get() {
                 // Taken over before it started: the newer connection has the session.
@@ -914,26 +970,38 @@ impl Shard {
                     shard = self.id,
                     "connection taken over before its session started"
                 );
-                return None;
+                return Err(None);
             }
             let ready = pending.result.borrow_mut().take();
             if let Some(r) = ready {
                 // The caller installs the session before its next await, so nothing can
                 // come between this and the session being in `sessions`.
                 self.st.borrow_mut().pending.remove(&key);
-                return Some(r);
+                return Ok(r);
+            }
+            let left = give_up.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                // The entry stays, abandoned: the home shard's late answer is handled then
+                // (see `ShardMsg::Handover`), so a session handed over late is not lost.
+                pending.abandoned.set(true);
+                return Err(Some(home));
             }
             let stop = async {
                 self.stop_notify_wait().await;
-                None
+                Some(false)
             };
             let got = async {
                 pending.notify.notified().await;
-                Some(())
+                Some(true)
             };
-            if future::or(got, stop).await.is_none() && self.stopping.get() {
+            let timer = async {
+                glommio::timer::sleep(left).await;
+                None
+            };
+            let woke = future::or(future::or(got, stop), timer).await;
+            if woke == Some(false) && self.stopping.get() {
                 self.st.borrow_mut().pending.remove(&key);
-                return None;
+                return Err(None);
             }
         }
     }
@@ -1296,6 +1364,9 @@ pub(crate) async fn shard_main(
     let mut next_sys = shared.cfg.sys_interval.map(|d| started + d);
     loop {
         glommio::timer::sleep(tick).await;
+        if let Some(h) = &shared.cfg.stall_hook {
+            h.stall_here(id, &control);
+        }
         let now = Instant::now();
         shard.tick_offline(now);
         {
