@@ -5,6 +5,7 @@
 pub mod broker;
 pub mod codec;
 pub mod config;
+pub mod logging;
 pub mod message;
 pub mod metrics;
 pub mod routing;

@@ -159,3 +159,43 @@ fn slow_subscriber_is_bounded_and_others_get_everything() {
     drop(publ);
     let _ = driver;
 }
+
+/// A subscriber that reads slowly but steadily is never cut off, however long one batch
+/// takes to write: the write timeout counts time without progress, not the whole batch (here
+/// a SUBSCRIBE to 1,000 retained 8 KiB messages, written at the reader's pace for several
+/// times the timeout).
+#[test]
+fn a_slow_but_steady_reader_gets_a_batch_longer_than_the_write_timeout() {
+    use socket2::{Domain, Socket, Type};
+    const N: usize = 1000;
+    let b = TestBroker::start_with(1, |c| c.write_timeout = Duration::from_millis(300));
+    let mut p = raw::client(b.addr, V311, "steady-pub");
+    let payload = vec![0x5au8; 8192];
+    for i in 0..N {
+        let mut pkt = raw::publish(V311, &format!("steady/{i:04}"), &payload, 1, 1 + i as u16);
+        pkt[0] |= 0x01; // retain
+        p.send(&pkt);
+        assert_eq!(p.expect("PUBACK", WAIT).kind(), 4);
+    }
+
+    let sk = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    sk.set_recv_buffer_size(4096).unwrap();
+    sk.connect(&b.addr.into()).unwrap();
+    let mut s = Raw::from_stream(sk.into());
+    s.handshake(&raw::connect(V311, "steady-sub", 60, true));
+    s.send(&raw::subscribe(V311, 1, &[("steady/#", 0)]));
+    assert_eq!(s.expect("SUBACK", WAIT).kind(), 9);
+    let started = Instant::now();
+    let mut got = 0;
+    while got < N {
+        // The slow reader's pace (part of the scenario, not synchronisation): ~4 MB/s.
+        std::thread::sleep(Duration::from_millis(2));
+        match s.read(WAIT) {
+            raw::Read1::Packet(pk) if pk.kind() == 3 => got += 1,
+            other => panic!("after {got} of {N} retained messages: {other:?}"),
+        }
+    }
+    eprintln!("{N} retained messages read in {:?}", started.elapsed());
+    s.send(&[0xC0, 0x00]);
+    assert_eq!(s.expect("PINGRESP", WAIT).kind(), 13, "still connected");
+}

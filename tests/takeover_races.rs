@@ -136,6 +136,19 @@ fn a_clean_start_gets_nothing_of_the_old_session() {
         let present = fresh.handshake(&raw::connect(V311, &id, 30, true));
         assert!(!present, "a clean start must not resume the session");
         fresh.send(&raw::subscribe(V311, 1, &[(&new_topic, 1)]));
+        loop {
+            let p = fresh.expect("SUBACK", WAIT);
+            if p.kind() == 3 {
+                let (t, _, _) = parse_publish(&p);
+                assert_eq!(
+                    t, new_topic,
+                    "round {round}: the old session's message leaked"
+                );
+            }
+            if p.kind() == 9 {
+                break;
+            }
+        }
         publish_acked(&mut publ, &old_topic, 20, 10);
         publish_acked(&mut publ, &new_topic, 0, 5);
         // Everything it receives must belong to its own subscription [MQTT-3.1.2-4].

@@ -258,7 +258,11 @@ proptest! {
             }
         }
         prop_assert_eq!(store.len(), model.len());
-        prop_assert_eq!(store.bytes(), model.values().sum::<usize>());
+        prop_assert_eq!(
+            store.bytes(),
+            model.values().sum::<usize>()
+                + store.node_count() * crate::routing::RETAINED_NODE_BYTES
+        );
         let now = Instant::now();
         let mut out = Vec::new();
         for f in &filters {

@@ -179,7 +179,12 @@ async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
     // Bytes encoded but not yet accepted by the socket; empty (no allocation) most of the time.
     let mut wbuf = BytesMut::new();
     let mut write_stalled = false;
+    // More is due once the current batch is written (retained messages paced by progress).
+    let mut more = false;
     loop {
+        // A connection with a long stream of work (a big backlog to a fast reader) must not
+        // keep its shard's other tasks waiting.
+        glommio::yield_if_needed().await;
         // 1. Take what the core releases, unless the previous batch is still being written
         //    (the core keeps the rest; its bound on unsent QoS 0 relies on that).
         let (close, paused) = {
@@ -193,6 +198,7 @@ async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
                 if !out.is_empty() {
                     wbuf = out.split();
                 }
+                more = core.take_more_after_write(key);
             }
             (core.wants_close(key), core.input_paused(key))
         };
@@ -233,6 +239,9 @@ async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 if close {
                     return Poll::Ready(Wake::Done);
+                }
+                if std::mem::take(&mut more) {
+                    return Poll::Ready(Wake::Notified);
                 }
             }
             if !paused {
@@ -372,7 +381,12 @@ async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
             name.map(str::to_owned)
         }
         Err(e) => {
-            warn!(peer = ?peer, "connection refused: {e}");
+            // The error quotes the certificate's subject: peer-chosen text.
+            warn!(
+                peer = ?peer,
+                "connection refused: {}",
+                crate::logging::escape(&e.to_string())
+            );
             let r = Refused::ConnAck(
                 version,
                 ReasonCode::BAD_USER_NAME_OR_PASSWORD,

@@ -46,6 +46,9 @@ use crate::shardcore::{ConnKey, CoreConfig, PeerMsg, ShardCore, ShardId};
 /// io_uring timeout and a cancel).
 const TIMER_SLACK: Duration = Duration::from_millis(100);
 
+/// Shortest wait of the shard timer (see `timer_task`).
+const MIN_TIMER: Duration = Duration::from_millis(1);
+
 /// How often the control task looks at the shutdown flag (set from a signal thread).
 const CONTROL_PERIOD: Duration = Duration::from_millis(200);
 
@@ -85,6 +88,10 @@ impl Shared {
             retained: c.retained,
             message_size_limit: c.message_size_limit,
             stall_timeout: c.stall_timeout,
+            write_timeout: c.write_timeout,
+            register_timeout: c.peer_timeout,
+            settle_timeout: c.peer_timeout,
+            peer_control_high_water: c.control_backlog_limit,
             ..CoreConfig::default()
         }
     }
@@ -308,9 +315,13 @@ async fn timer_task(shard: Rc<Shard>) {
         match next {
             Some(t) => {
                 let now = Instant::now();
-                if t > now {
+                {
+                    // Even a deadline already due costs a real timer of MIN_TIMER: a deadline
+                    // that failed to move forward degrades into a slow poll, never into a task
+                    // that does not yield (glommio does not preempt).
+                    let left = t.saturating_duration_since(now).max(MIN_TIMER);
                     let sleep = async {
-                        glommio::timer::sleep(t - now).await;
+                        glommio::timer::sleep(left).await;
                         true
                     };
                     let woken = async {
@@ -365,6 +376,7 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, idx: Option<usize>
         let Some(res) = accepted else { break };
         let stream = match res {
             Ok(s) => s,
+            Err(_) if shard.stopping.get() => break, // the listener was shut down
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
                 warn!(shard = shard.id, "accept failed: {e}");
@@ -453,7 +465,12 @@ where
 /// Bind a shard's listener. Like glommio's own `bind` (SO_REUSEPORT, so every shard has its
 /// own accept queue on the same port), plus SO_REUSEADDR so a restart is not refused while old
 /// connections sit in TIME_WAIT, and a deeper backlog for reconnect storms.
-fn bind_reuseport(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+/// Also returns a second descriptor of the socket, to stop listening at shutdown: the accept
+/// pending in io_uring keeps a dropped listener listening until the ring is torn down, and a
+/// broker restarted at once would share the port with the dead one.
+fn bind_reuseport(
+    addr: std::net::SocketAddr,
+) -> std::io::Result<(TcpListener, std::os::fd::OwnedFd)> {
     use socket2::{Domain, Protocol, Socket, Type};
     use std::os::fd::{FromRawFd, IntoRawFd};
     let sk = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
@@ -461,8 +478,12 @@ fn bind_reuseport(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     sk.set_reuse_port(true)?;
     sk.bind(&addr.into())?;
     sk.listen(4096)?;
+    let second = sk.try_clone()?.into();
     // SAFETY: the fd is a bound, listening TCP socket we own; glommio takes ownership.
-    Ok(unsafe { TcpListener::from_raw_fd(sk.into_raw_fd()) })
+    Ok((
+        unsafe { TcpListener::from_raw_fd(sk.into_raw_fd()) },
+        second,
+    ))
 }
 
 type Ready = mpsc::Sender<Result<(usize, Option<std::net::SocketAddr>), StartError>>;
@@ -512,9 +533,13 @@ pub(crate) async fn shard_main(
     glommio::spawn_local(timer_task(shard.clone())).detach();
 
     let mut bound = Vec::new();
+    let mut listen_fds = Vec::new();
     for (i, l) in shared.listeners.iter().enumerate() {
         match bind_reuseport(l.addr) {
-            Ok(listener) => bound.push((listener, Some(i))),
+            Ok((listener, fd)) => {
+                bound.push((listener, Some(i)));
+                listen_fds.push(fd);
+            }
             Err(e) => {
                 let _ = ready.send(Err(StartError::Bind {
                     addr: l.addr,
@@ -527,9 +552,10 @@ pub(crate) async fn shard_main(
     let mut shard_addr = None;
     if shared.cfg.shard_listeners {
         match bind_reuseport(std::net::SocketAddr::from(([127, 0, 0, 1], 0))) {
-            Ok(listener) => {
+            Ok((listener, fd)) => {
                 shard_addr = listener.local_addr().ok();
                 bound.push((listener, None));
+                listen_fds.push(fd);
             }
             Err(e) => {
                 let _ = ready.send(Err(StartError::Executor {
@@ -558,6 +584,9 @@ pub(crate) async fn shard_main(
     let mut next_sys = shared.cfg.sys_interval.map(|d| started + d);
     loop {
         glommio::timer::sleep(CONTROL_PERIOD).await;
+        if let Some(h) = &shared.cfg.stall_hook {
+            h.stall_here(id, &control);
+        }
         if control.shutdown_requested() {
             break;
         }
@@ -568,6 +597,12 @@ pub(crate) async fn shard_main(
         }
     }
     shard.stopping.set(true);
+    // Stop listening now, synchronously (see `bind_reuseport`).
+    for fd in &listen_fds {
+        use std::os::fd::AsRawFd;
+        // SAFETY: shutdown(2) on a socket descriptor we own; it only changes its state.
+        unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
+    }
     shard.stop_notify.notify();
     shard.core.borrow_mut().shutdown(Instant::now());
     shard.after_input();

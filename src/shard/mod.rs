@@ -76,6 +76,56 @@ pub struct RuntimeConfig {
     /// A live subscriber with a full queue that makes no progress for this long is cut
     /// loose (its overflow is dropped); until then its publishers are paused.
     pub stall_timeout: Duration,
+    /// A connection whose peer accepts none of our bytes for this long is dropped (a
+    /// subscriber that stopped reading must not pin its queue and socket buffers forever).
+    /// Lack of progress only: a slow reader that keeps taking bytes is never cut off.
+    pub write_timeout: Duration,
+    /// Longest wait for another shard's answer: a client id's home shard registering a
+    /// connect (then CONNACK 0x88 / 3.1.1 return code 3), or every shard confirming the
+    /// routes a SUBSCRIBE (or a resumed session) added before its SUBACK/CONNACK (then the
+    /// connection is closed). Each is logged.
+    pub peer_timeout: Duration,
+    /// Control messages (route deltas, registrations, hand-overs) one peer may have queued
+    /// beyond its mailbox before this shard refuses new connections (CONNACK 0x88 / 3).
+    pub control_backlog_limit: usize,
+    /// Test hook (not configurable from a file): lets a test stall a shard's thread, as a
+    /// wedged core would, to exercise the bounded waits above.
+    pub stall_hook: Option<Arc<StallHook>>,
+}
+
+/// Test hook: while `stall[i]` is set, shard `i`'s thread stops running (it blocks in its
+/// control loop, so it neither reads its mailboxes nor serves its clients), and sets
+/// `stalled[i]` so the test knows it has stopped. Shutdown still ends the stall.
+#[derive(Debug)]
+pub struct StallHook {
+    pub stall: Vec<AtomicBool>,
+    pub stalled: Vec<AtomicBool>,
+}
+
+impl StallHook {
+    pub fn new(shards: usize) -> Self {
+        StallHook {
+            stall: (0..shards).map(|_| AtomicBool::new(false)).collect(),
+            stalled: (0..shards).map(|_| AtomicBool::new(false)).collect(),
+        }
+    }
+
+    /// Called by shard `id` on each control tick: blocks its thread while asked to.
+    pub(crate) fn stall_here(&self, id: usize, control: &Control) {
+        if !self
+            .stall
+            .get(id)
+            .is_some_and(|s| s.load(Ordering::Acquire))
+        {
+            return;
+        }
+        self.stalled[id].store(true, Ordering::Release);
+        while self.stall[id].load(Ordering::Acquire) && !control.shutdown_requested() {
+            // Blocking on purpose: this is the stall.
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.stalled[id].store(false, Ordering::Release);
+    }
 }
 
 impl Default for RuntimeConfig {
@@ -98,6 +148,10 @@ impl Default for RuntimeConfig {
             message_size_limit: usize::MAX,
             sys_interval: Some(Duration::from_secs(10)),
             stall_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(30),
+            peer_timeout: Duration::from_secs(5),
+            control_backlog_limit: 65_536,
+            stall_hook: None,
         }
     }
 }
@@ -166,14 +220,22 @@ impl Broker {
     }
 }
 
-/// Refuse a port another process already serves. glommio binds with SO_REUSEPORT, so a
-/// second broker would otherwise silently share the port; a plain bind without that option
-/// fails if anyone holds it. Port 0 is resolved here to one concrete port for all shards.
+/// Refuse a port another process already serves. The shards bind with SO_REUSEPORT, so a
+/// second broker would otherwise silently share the port; a probe bind without that option
+/// fails if any socket *listens* there. It has SO_REUSEADDR, so connections of an earlier run
+/// lingering in TIME_WAIT or FIN_WAIT do not count (a restart must not wait for them). Port 0
+/// is resolved here to one concrete port for all shards.
 fn probe_listener(addr: SocketAddr) -> Result<SocketAddr, StartError> {
-    match StdListener::bind(addr) {
-        Ok(l) => l
-            .local_addr()
-            .map_err(|source| StartError::Bind { addr, source }),
+    use socket2::{Domain, Protocol, Socket, Type};
+    let bind = || -> io::Result<SocketAddr> {
+        let sk = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        sk.set_reuse_address(true)?;
+        sk.bind(&addr.into())?;
+        let l: StdListener = sk.into();
+        l.local_addr()
+    };
+    match bind() {
+        Ok(a) => Ok(a),
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(StartError::AddrInUse { addr }),
         Err(source) => Err(StartError::Bind { addr, source }),
     }

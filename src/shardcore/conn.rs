@@ -26,9 +26,8 @@ use crate::codec::{
     ConnAck, ConnAckProperties, Disconnect, Packet, ProtocolVersion, ReasonCode,
     SubscriptionOptions, TopicFilter,
 };
-use crate::message::Message;
 use crate::routing::LocalSubscription;
-use crate::session::{CloseReason, Session, SessionEvent};
+use crate::session::{CloseReason, Notice, Session, SessionEvent};
 
 /// A session hosted on this shard.
 pub(crate) struct Entry {
@@ -52,16 +51,6 @@ pub(crate) enum Phase {
     Detached,
 }
 
-/// Retained messages still owed to a connection for its new subscriptions, sent as it drains
-/// (never all at once: one SUBSCRIBE may match millions).
-#[derive(Default)]
-pub(crate) struct RetainedFeed {
-    subs: VecDeque<(TopicFilter, SubscriptionOptions, SmallVec<[u32; 1]>)>,
-    current: VecDeque<Message>,
-    options: SubscriptionOptions,
-    ids: SmallVec<[u32; 1]>,
-}
-
 /// One admitted connection.
 pub(crate) struct Live {
     pub version: ProtocolVersion,
@@ -83,7 +72,10 @@ pub(crate) struct Live {
     /// Packets to send when no session is attached (refusal CONNACK, takeover DISCONNECT).
     pub last_words: VecDeque<Packet>,
     pub write_stalled_since: Option<Instant>,
-    pub retained: Option<Box<RetainedFeed>>,
+    /// The last transmit batch fed retained messages (see `next_transmit`).
+    fed_retained: bool,
+    /// More retained messages are due once this batch is written.
+    pub more_after_write: bool,
 }
 
 impl Live {
@@ -100,7 +92,8 @@ impl Live {
             pause_refs: 0,
             last_words: VecDeque::new(),
             write_stalled_since: None,
-            retained: None,
+            fed_retained: false,
+            more_after_write: false,
         }
     }
 
@@ -161,7 +154,15 @@ impl ShardCore {
             let reason = if self.stopping {
                 ReasonCode::SERVER_SHUTTING_DOWN
             } else {
-                ReasonCode::SERVER_BUSY
+                warn!(
+                    shard = self.id,
+                    "CONNECT from {} refused (0x88): a peer shard has more than \
+                     control_backlog_limit ({}) control messages queued",
+                    crate::logging::escape(&req.client_id),
+                    self.cfg.peer_control_high_water
+                );
+                self.counters.peer_timeouts.inc();
+                ReasonCode::SERVER_UNAVAILABLE
             };
             live.phase = Phase::Detached;
             live.close = true;
@@ -238,7 +239,7 @@ impl ShardCore {
             {
                 warn!(
                     shard = self.id,
-                    client = %super::esc(e.session.client_id()),
+                    client = %crate::logging::escape(e.session.client_id()),
                     "SUBSCRIBE refused: a peer shard is not keeping up"
                 );
                 e.session.refuse_subscribe(&s, ReasonCode::QUOTA_EXCEEDED);
@@ -310,6 +311,7 @@ impl ShardCore {
                 SessionEvent::Unsubscribe { filter } => {
                     self.drop_routes(key, std::slice::from_ref(&filter))
                 }
+                SessionEvent::Notice(n) => self.log_notice(session.client_id(), n),
                 SessionEvent::Subscribe { .. }
                 | SessionEvent::Close { .. }
                 | SessionEvent::Ended => {}
@@ -325,9 +327,16 @@ impl ShardCore {
                 filter,
                 options,
                 subscription_id,
-                existed,
-                resumed,
-            } => self.on_subscribe(key, filter, options, subscription_id, existed, resumed),
+                ..
+            } => self.on_subscribe(key, filter, options, subscription_id),
+            SessionEvent::Notice(n) => {
+                let id = self
+                    .sessions
+                    .get(&key)
+                    .map(|e| e.session.client_id().clone())
+                    .unwrap_or_default();
+                self.log_notice(&id, n);
+            }
             SessionEvent::Unsubscribe { filter } => {
                 self.drop_routes(key, std::slice::from_ref(&filter));
             }
@@ -342,9 +351,9 @@ impl ShardCore {
         filter: TopicFilter,
         options: SubscriptionOptions,
         subscription_id: Option<u32>,
-        existed: bool,
-        resumed: bool,
     ) {
+        // Retained messages: the session asks for them as its client drains (see
+        // `next_transmit`). Too-deep filters were refused in the SUBACK already.
         let sub = LocalSubscription {
             options,
             subscription_id,
@@ -356,27 +365,44 @@ impl ShardCore {
                 }
                 self.counters.subscriptions.set(self.local.len() as u64);
             }
-            Err(e) => {
-                // The session refuses such filters in its SUBACK; this is a backstop.
-                warn!(shard = self.id, "subscription not added: {e}");
-                return;
-            }
+            Err(e) => warn!(
+                shard = self.id,
+                "subscription to {} not added: {e}",
+                crate::logging::escape(filter.as_str())
+            ),
         }
-        let send_retained = !resumed
-            && match options.retain_handling {
-                crate::codec::RetainHandling::OnSubscribe => true,
-                crate::codec::RetainHandling::OnNewSubscribe => !existed,
-                crate::codec::RetainHandling::Never => false,
-            };
-        if send_retained && !self.retained.is_empty() {
-            if let Some(live) = self.conns.get_mut(&key) {
-                let ids: SmallVec<[u32; 1]> = subscription_id.into_iter().collect();
-                live.retained
-                    .get_or_insert_with(Default::default)
-                    .subs
-                    .push_back((filter, options, ids));
+    }
+
+    /// Log what the session wants an operator to hear about (peer text escaped).
+    fn log_notice(&self, client: &str, n: Notice) {
+        use crate::logging::escape;
+        match n {
+            Notice::SubscribeRefused {
+                too_deep,
+                over_limit,
+                first,
+            } => warn!(
+                shard = self.id,
+                "SUBSCRIBE from {}: {} filter(s) refused ({} deeper than {} levels: 0x8F; {} \
+                 beyond max_subscriptions_per_client {}: 0x97); first: {}",
+                escape(client),
+                too_deep + over_limit,
+                too_deep,
+                crate::routing::MAX_FILTER_LEVELS,
+                over_limit,
+                self.cfg.session.max_subscriptions,
+                escape(first.as_str()),
+            ),
+            Notice::BrokerOnlyTopic { topic } => {
+                self.counters
+                    .count_drop(crate::metrics::DropCause::SysTopic);
+                debug!(
+                    shard = self.id,
+                    "Denied PUBLISH from {} to broker-only topic '{}'",
+                    escape(client),
+                    escape(topic.as_str())
+                )
             }
-            self.mark_dirty(key);
         }
     }
 
@@ -401,7 +427,6 @@ impl ShardCore {
         }
         if let Some(live) = self.conns.get_mut(&key) {
             live.close = true;
-            live.retained = None;
         }
         self.mark_dirty(key);
     }
@@ -441,7 +466,6 @@ impl ShardCore {
             }
             live.phase = Phase::Detached;
             live.close = true;
-            live.retained = None;
             live.deferred.clear();
             self.mark_dirty(key);
         }
@@ -599,7 +623,11 @@ impl ShardCore {
         self.mark_dirty(key);
     }
 
-    /// The next packet connection `key` may send now.
+    /// The next packet connection `key` may send now. A batch (the driver polls until
+    /// `None`) carries what the session has queued plus at most one round of retained
+    /// messages for its new subscriptions; if more are due, `more_after_write` tells the
+    /// driver to come back once this batch is written (progress paces them, so a backlog
+    /// waiting on the inflight window waits for the client's acknowledgements instead).
     pub(super) fn next_transmit(&mut self, key: ConnKey, now: Instant) -> Option<Packet> {
         let live = self.conns.get_mut(&key)?;
         if !live.gate_open() {
@@ -612,47 +640,29 @@ impl ShardCore {
         if let Some(p) = e.session.poll_transmit() {
             return Some(p);
         }
-        // The session has nothing queued: feed it retained messages it is still owed.
-        if live.retained.is_some() {
-            self.feed_retained(key, now);
-            return self.sessions.get_mut(&key)?.session.poll_transmit();
+        if std::mem::take(&mut live.fed_retained) {
+            live.more_after_write = e.session.retained_pending();
+            return None;
         }
-        None
-    }
-
-    /// Offer connection `key` retained messages for its new subscriptions until its output
-    /// or queue is full; the rest wait until it drains (see [`RetainedFeed`]).
-    fn feed_retained(&mut self, key: ConnKey, now: Instant) {
-        let now_buf = &mut self.scratch.retained_buf;
-        let Some(live) = self.conns.get_mut(&key) else {
-            return;
-        };
-        let Some(feed) = live.retained.as_mut() else {
-            return;
-        };
-        let Some(e) = self.sessions.get_mut(&key) else {
-            live.retained = None;
-            return;
-        };
-        let limit = self.cfg.max_pending_transmit;
+        if !e.session.retained_pending() {
+            return None;
+        }
+        let buf = &mut self.scratch.retained_buf;
         loop {
-            if e.session.pending_transmit() >= limit || e.session.queue_congested() {
-                return;
-            }
-            if let Some(m) = feed.current.pop_front() {
-                e.session.deliver_retained(&m, feed.options, &feed.ids, now);
-                continue;
-            }
-            let Some((filter, options, ids)) = feed.subs.pop_front() else {
-                live.retained = None;
-                return;
+            e.session.fill_retained(now);
+            let Some((filter, options, id)) = e.session.next_retained_request() else {
+                break;
             };
-            now_buf.clear();
-            self.retained.match_filter(&filter, now, now_buf);
-            feed.current.extend(now_buf.drain(..));
-            feed.options = options;
-            feed.ids = ids;
+            buf.clear();
+            self.retained.match_filter(&filter, now, buf);
+            let ids: SmallVec<[u32; 1]> = id.into_iter().collect();
+            for m in buf.drain(..) {
+                e.session.deliver_retained(&m, options, &ids, now);
+            }
         }
+        let p = e.session.poll_transmit();
+        live.fed_retained = p.is_some();
+        p
     }
 }
 

@@ -46,12 +46,6 @@ impl ShardCore {
             self.counters.count_drop(DropCause::OverSizeLimit);
             return;
         }
-        if publisher != 0 && msg.topic.as_str().starts_with("$SYS/") {
-            // Only the broker writes $SYS: a client's publish there is acknowledged and
-            // dropped, as mosquitto does.
-            self.counters.count_drop(DropCause::SysTopic);
-            return;
-        }
         if msg.retain {
             self.set_retained(&msg);
         }

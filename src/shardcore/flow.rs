@@ -82,7 +82,7 @@ impl ShardCore {
                 if let Some(e) = self.sessions.get(&key) {
                     info!(
                         shard = self.id,
-                        client = %super::esc(e.session.client_id()),
+                        client = %crate::logging::escape(e.session.client_id()),
                         "client drained its queue: no longer stalled"
                     );
                 }
@@ -111,7 +111,7 @@ impl ShardCore {
         let blockers: Vec<ConnKey> = std::mem::take(&mut flow.blockers).into_iter().collect();
         e.session.set_queue_overflow(false);
         let queued = e.session.state().queued_len();
-        let client = super::esc(e.session.client_id());
+        let client = crate::logging::escape(e.session.client_id()).to_string();
         self.counters.stalls.inc();
         self.counters.stalled_now.inc();
         // Once per stall, not per dropped message.

@@ -365,6 +365,14 @@ impl ShardCore {
             .is_none_or(|l| l.input_paused(&self.cfg))
     }
 
+    /// After a batch of `poll_transmit`: more (retained messages) is due once it is written.
+    /// Reading it clears it.
+    pub fn take_more_after_write(&mut self, key: ConnKey) -> bool {
+        self.conns
+            .get_mut(&key)
+            .is_some_and(|l| std::mem::take(&mut l.more_after_write))
+    }
+
     /// Connection `key` is to be closed once `poll_transmit` returns `None`.
     pub fn wants_close(&self, key: ConnKey) -> bool {
         self.conns
@@ -521,10 +529,4 @@ impl ShardCore {
             .retained_bytes
             .set(self.retained.bytes() as u64);
     }
-}
-
-/// Peer-supplied text (client ids, usernames, topics) as it may appear in a log line: control
-/// characters escaped, so a client cannot forge lines.
-pub(crate) fn esc(s: &str) -> String {
-    s.escape_debug().to_string()
 }

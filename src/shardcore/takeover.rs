@@ -259,11 +259,11 @@ impl ShardCore {
             info!(
                 "New client connected from {} as {} (p{}, c{}, k{}, u'{}') on shard {}",
                 req.peer.map(|p| p.to_string()).unwrap_or_default(),
-                super::esc(&req.client_id),
+                crate::logging::escape(&req.client_id),
                 req.connect.protocol.level(),
                 u8::from(clean),
                 req.connect.keep_alive,
-                super::esc(req.username.as_deref().unwrap_or("")),
+                crate::logging::escape(req.username.as_deref().unwrap_or("")),
                 self.id
             );
         }
@@ -512,7 +512,7 @@ impl ShardCore {
             return;
         }
         r.abandoned = true;
-        let client = super::esc(&r.req.client_id);
+        let client = crate::logging::escape(&r.req.client_id).to_string();
         warn!(
             shard = self.id,
             "client {client}: its home shard did not answer within {}s: refused with \

@@ -24,8 +24,11 @@
 //!    sent and whose session survives to the end: QoS 1 at least once, QoS 2 exactly once.
 //! 2. No message reaches a session that had no matching subscription in that session (a clean
 //!    start gets nothing old; nothing goes to a connection that never subscribed).
-//! 3. Per publishing connection, first transmissions to a session keep the publish order; the
-//!    only duplicates are DUP re-deliveries.
+//! 3. Per publishing connection, first transmissions to a session keep the publish order
+//!    (except for share-group members: groups promise no order); the only duplicates are DUP
+//!    re-deliveries.
+//! 5. Share groups whose members are all persistent and stay: each acknowledged message
+//!    reaches one member (QoS 2: exactly one).
 //! 4. Every wait ends: after the run quiesces, no registration, move, gate, pause or peer
 //!    message is pending on any core, and every client connection got its CONNACK.
 
@@ -40,7 +43,7 @@ use bytes::Bytes;
 use bytestring::ByteString;
 use midge::codec::{
     Connect, ConnectProperties, Disconnect, Packet, ProtocolVersion, PubResp, Publish, QoS,
-    ReasonCode, Subscribe, SubscriptionOptions, TopicFilter, TopicName,
+    ReasonCode, Subscribe, SubscriptionOptions, TopicFilter, TopicName, Unsubscribe,
 };
 use midge::metrics::{DropCause, ShardCounters};
 use midge::session::SessionConfig;
@@ -168,6 +171,8 @@ struct SubRec {
     qos: QoS,
     sent_step: u64,
     acked_step: Option<u64>,
+    /// An UNSUBSCRIBE of this filter was sent in the same session (expectations end).
+    unsubscribed: bool,
 }
 
 /// One PUBLISH as it left the broker for a client (the wire order is the send order).
@@ -185,6 +190,10 @@ struct Wire {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Action {
     Connect,
+    /// A persistent client starts clean once (v5: a fresh persistent session; 3.1.1: a
+    /// session that ends with the connection).
+    CleanConnect,
+    Unsubscribe,
     Subscribe,
     Publish,
     Disconnect,
@@ -221,6 +230,13 @@ struct Client {
     received: HashMap<(u32, MsgId), u32>,
     /// Got a SUBACK (a stuck client stops reading after it).
     subscribed: bool,
+    /// Subscribes to this one share group only (one group per member, so the checks can
+    /// tell which group a delivery belongs to).
+    group_member: Option<&'static str>,
+    /// The session of its last connect ends with the connection (expiry 0).
+    last_expiry_zero: bool,
+    /// A persistent client that started clean at least once.
+    ever_clean: bool,
 }
 
 struct SimConn {
@@ -271,6 +287,7 @@ fn regime_allows_both(r: Regime) -> bool {
 }
 
 const FILTERS: &[&str] = &["t/0", "t/1", "t/2", "t/+", "t/#", "#"];
+const GROUP_FILTERS: &[&str] = &["$share/g/t/+", "$share/g/t/+", "$share/g/#", "$share/h/t/0"];
 
 impl World {
     pub fn new(seed: u64, regime: Regime) -> World {
@@ -317,6 +334,8 @@ impl World {
                 _ => rng.chance(50),
             };
             let stuck = p.regime == Regime::Stall && i == 1;
+            let group_member = (subscriber && !publisher && !stuck && i != 1 && rng.chance(30))
+                .then(|| *rng.pick(GROUP_FILTERS));
             let slow_reader = rng.chance(50);
             // Slow readers belong to Flow: under Stall, only the stuck one makes no progress
             // (a slow one may legitimately be cut loose after `stall_timeout`).
@@ -331,10 +350,12 @@ impl World {
                     Regime::Takeover => match rng.below(100) {
                         0..=49 if publisher => Action::Publish,
                         0..=9 => Action::Subscribe,
-                        50..=59 => Action::Subscribe,
-                        60..=69 => Action::Disconnect,
-                        70..=79 => Action::Vanish,
-                        80..=89 => Action::Storm,
+                        50..=57 => Action::Subscribe,
+                        58..=59 => Action::Unsubscribe,
+                        60..=68 => Action::Disconnect,
+                        69..=77 => Action::Vanish,
+                        78..=87 => Action::Storm,
+                        88..=90 if persistent => Action::CleanConnect,
                         _ => Action::Connect,
                     },
                     _ if publisher => match rng.below(100) {
@@ -372,6 +393,9 @@ impl World {
                 script,
                 received: HashMap::new(),
                 subscribed: false,
+                group_member,
+                last_expiry_zero: false,
+                ever_clean: false,
             });
         }
         World {
@@ -744,8 +768,10 @@ impl World {
             .and_then(|k| self.conns.get(&k))
             .is_some_and(|c| !c.got_connack && !c.refused && !c.broker_closed && !c.client_gone);
         match a {
-            Action::Connect | Action::Storm => !pending,
-            Action::Subscribe | Action::Disconnect | Action::Vanish => live.is_some() || !pending,
+            Action::Connect | Action::Storm | Action::CleanConnect => !pending,
+            Action::Subscribe | Action::Unsubscribe | Action::Disconnect | Action::Vanish => {
+                live.is_some() || !pending
+            }
             Action::Publish => {
                 live.is_some() && cl.out.len() < cl.window || !pending && live.is_none()
             }
@@ -763,11 +789,21 @@ impl World {
                     self.connect(i, false);
                 }
             }
+            Action::CleanConnect => {
+                if let Some(k) = live {
+                    self.vanish_conn(k);
+                }
+                self.connect_with(i, false, true);
+            }
+            Action::Unsubscribe => match live {
+                Some(k) => self.unsubscribe(i, k),
+                None => self.connect(i, false),
+            },
             Action::Storm => {
                 // A flapping link: several CONNECTs with the same id, each sent before the
                 // previous one's CONNACK (only for persistent sessions: a clean storm has no
                 // defined winner).
-                if self.clients[i].persistent {
+                if self.clients[i].persistent && !self.clients[i].last_expiry_zero {
                     if let Some(k) = live {
                         self.vanish_conn(k);
                     }
@@ -823,15 +859,27 @@ impl World {
     }
 
     fn connect(&mut self, i: usize, storm: bool) {
+        self.connect_with(i, storm, false);
+    }
+
+    fn connect_with(&mut self, i: usize, storm: bool, clean: bool) {
         let shard = self.rng.below(self.cores.len() as u64) as usize;
         let key = self.cores[shard].next_conn_key();
         let cl = &mut self.clients[i];
+        let clean_start = clean || !cl.persistent;
         // The epoch (session identity) changes with a clean start, and after a session that
-        // ended with its connection (expiry 0); never within a storm.
-        // (Storms are only for persistent clients.)
-        if !cl.persistent || cl.next_serial == 0 {
+        // ended with its connection (expiry 0); never within a storm (storms only resume a
+        // persistent session).
+        if clean_start || cl.last_expiry_zero || cl.next_serial == 0 {
             cl.epoch += 1;
         }
+        if clean && cl.persistent {
+            cl.ever_clean = true;
+        }
+        // 3.1.1 has no expiry: a clean session ends with its connection. A v5 persistent
+        // client keeps its session (expiry "never") even when it starts clean.
+        cl.last_expiry_zero = !cl.persistent || (clean_start && !cl.v5);
+        let _ = storm;
         // A client has one connection at a time: opening a new one closes the old socket
         // (on a flapping link the broker may not have noticed yet; what the client had sent
         // on it is still read by the driver).
@@ -859,7 +907,7 @@ impl World {
         }
         let connect = Connect {
             protocol: version,
-            clean_start: !cl.persistent,
+            clean_start,
             keep_alive: 0,
             client_id: ByteString::from(cl.name.clone()),
             will: None,
@@ -915,7 +963,11 @@ impl World {
     }
 
     fn subscribe(&mut self, i: usize, k: ConnKey) {
-        let f = *self.rng.pick(FILTERS);
+        let f = if let Some(g) = self.clients[i].group_member {
+            g
+        } else {
+            *self.rng.pick(FILTERS)
+        };
         let filter = match self.p.topics {
             1 if f.starts_with("t/") && f != "t/+" && f != "t/#" => "t/0",
             _ => f,
@@ -937,6 +989,7 @@ impl World {
             qos,
             sent_step: self.step,
             acked_step: None,
+            unsubscribed: false,
         });
         cl.pending_subs.insert(pid, idx);
         let name = cl.name.clone();
@@ -956,6 +1009,38 @@ impl World {
             properties: Default::default(),
         };
         self.send(k, Packet::Subscribe(s));
+    }
+
+    fn unsubscribe(&mut self, i: usize, k: ConnKey) {
+        let epoch = self.clients[i].epoch;
+        let mine: Vec<String> = self
+            .subs
+            .iter()
+            .filter(|s| s.client == i && s.epoch == epoch && !s.unsubscribed)
+            .map(|s| s.filter.clone())
+            .collect();
+        if mine.is_empty() {
+            return;
+        }
+        let f = self.rng.pick(&mine).clone();
+        for s in self.subs.iter_mut() {
+            if s.client == i && s.epoch == epoch && s.filter == f {
+                s.unsubscribed = true;
+            }
+        }
+        let cl = &mut self.clients[i];
+        let pid = cl.next_pid;
+        cl.next_pid = cl.next_pid.wrapping_add(1).max(1);
+        let name = cl.name.clone();
+        self.log(format!("{name} UNSUBSCRIBE {f} on {k:#x}"));
+        self.send(
+            k,
+            Packet::Unsubscribe(Unsubscribe {
+                packet_id: pid,
+                filters: vec![TopicFilter::new(f).unwrap()],
+                user_properties: Vec::new(),
+            }),
+        );
     }
 
     fn publish(&mut self, i: usize, k: ConnKey) {
@@ -1223,7 +1308,10 @@ impl World {
                     )));
                 }
                 let key = (w.client, w.epoch, w.id.client, w.id.conn);
-                if let Some((prev, step)) = last_seq.get(&key) {
+                // Share groups promise no order: successive messages may be served by other
+                // shards (and, while a member moves, reach it by two paths).
+                let group = self.clients[w.client].group_member.is_some();
+                if let (false, Some((prev, step))) = (group, last_seq.get(&key)) {
                     if *prev > w.id.seq {
                         let (prev, step) = (*prev, *step);
                         let w = w.clone();
@@ -1250,7 +1338,8 @@ impl World {
                 if stuck.contains(&ci) {
                     continue;
                 }
-                let survives = cl.persistent || self.connected(ci).is_some();
+                let survives =
+                    (cl.persistent && !cl.last_expiry_zero) || self.connected(ci).is_some();
                 if !survives {
                     continue;
                 }
@@ -1263,6 +1352,7 @@ impl World {
                     .subs
                     .iter()
                     .filter(|s| s.client == ci && s.epoch == cl.epoch)
+                    .filter(|s| !s.filter.starts_with("$share/"))
                     .map(|s| s.filter.as_str())
                     .collect();
                 filters.sort();
@@ -1277,6 +1367,10 @@ impl World {
                         .filter(|s| s.client == ci && s.epoch == cl.epoch && s.filter == f);
                     let mut in_effect = false;
                     let mut q = QoS::ExactlyOnce;
+                    let recs: Vec<&SubRec> = recs.collect();
+                    if recs.iter().any(|r| r.unsubscribed) {
+                        continue; // its expectations ended with the UNSUBSCRIBE
+                    }
                     for r in recs {
                         if r.acked_step.is_some_and(|a| a < pr.sent_step) {
                             in_effect = true;
@@ -1300,6 +1394,62 @@ impl World {
                     ));
                 } else if eff == QoS::ExactlyOnce && got > 1 {
                     missing.push(format!("{id:?} reached {} {got} times at QoS 2", cl.name));
+                }
+            }
+        }
+        // Share groups: an acknowledged message matching a group reaches one member (QoS 2:
+        // exactly one), when the group's membership is stable enough to promise it — every
+        // client that ever joined is persistent, never started clean, never left.
+        let mut groups: Vec<&str> = self
+            .subs
+            .iter()
+            .filter(|s| s.filter.starts_with("$share/"))
+            .map(|s| s.filter.as_str())
+            .collect();
+        groups.sort();
+        groups.dedup();
+        for g in groups {
+            let gf = TopicFilter::new(g.to_string()).unwrap();
+            let recs: Vec<&SubRec> = self.subs.iter().filter(|s| s.filter == g).collect();
+            let members: BTreeSet<usize> = recs.iter().map(|r| r.client).collect();
+            let stable = members.iter().all(|&m| {
+                let c = &self.clients[m];
+                c.persistent && !c.ever_clean && !c.last_expiry_zero && !c.stuck && c.epoch == 1
+            }) && recs.iter().all(|r| !r.unsubscribed);
+            if !stable {
+                continue;
+            }
+            let min_grant = recs.iter().map(|r| r.qos).min().unwrap_or(QoS::AtMostOnce);
+            let mut ids: Vec<&MsgId> = self.pubs.keys().collect();
+            ids.sort();
+            for id in ids {
+                let pr = &self.pubs[id];
+                if !pr.acked || pr.qos.min(min_grant) == QoS::AtMostOnce {
+                    continue;
+                }
+                if !gf.matches(&TopicName::new(pr.topic.clone()).unwrap()) {
+                    continue;
+                }
+                if !recs
+                    .iter()
+                    .any(|r| r.acked_step.is_some_and(|a| a < pr.sent_step))
+                {
+                    continue;
+                }
+                let got: u32 = members
+                    .iter()
+                    .map(|&m| {
+                        self.clients[m]
+                            .received
+                            .get(&(1, *id))
+                            .copied()
+                            .unwrap_or(0)
+                    })
+                    .sum();
+                if got == 0 {
+                    missing.push(format!("{id:?} never reached a member of {g}"));
+                } else if got > 1 && pr.qos.min(min_grant) == QoS::ExactlyOnce {
+                    missing.push(format!("{id:?} reached {g} {got} times at QoS 2"));
                 }
             }
         }
