@@ -44,7 +44,7 @@ pub fn pubsub_table(r: &PubsubReport) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "pubsub {:?}: {} publishers → {} subscribers, QoS {}, {} B payload, MQTT {}{}, {}",
+        "pubsub {:?}: {} publishers → {} subscribers, QoS {}, {} B payload, MQTT {}{}, {}, {}",
         p.mode,
         p.publishers,
         p.subscribers,
@@ -63,7 +63,8 @@ pub fn pubsub_table(r: &PubsubReport) -> String {
             "closed loop (bounded by TCP only)".to_string()
         } else {
             format!("closed loop (in-flight ≤ {})", p.inflight)
-        }
+        },
+        r.write_mode.label()
     );
     let _ = writeln!(
         o,
@@ -413,6 +414,27 @@ pub fn pubsub_files(
                 ("p99", x(|i| i.latency.p99_us)),
                 ("max", x(|i| i.latency.max_us)),
             ],
+        )?;
+    }
+    Ok(())
+}
+
+/// Files for a fleet run: telemetry and connect latency distributions and chart.
+pub fn fleet_files(
+    r: &crate::fleet::FleetReport,
+    hgrm: Option<&Path>,
+    plot: Option<&Path>,
+) -> Result<(), String> {
+    if let Some(d) = hgrm {
+        write_hgrm(d, "fleet_telemetry_latency", &r.lat_hist)?;
+        write_hgrm(d, "fleet_connect_total", &r.connect_hist)?;
+    }
+    if let Some(d) = plot {
+        std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+        plot_percentiles_log(
+            &d.join("fleet_latency_percentiles.svg"),
+            "fleet: telemetry end-to-end and connect latency by percentile",
+            &[("telemetry", &r.lat_hist), ("connect", &r.connect_hist)],
         )?;
     }
     Ok(())
