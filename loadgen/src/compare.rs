@@ -131,6 +131,7 @@ const PUBSUB_FIGURES: &[&str] = &[
     "duplicates",
     "connection errors",
     "broker CPU-s per M msgs",
+    "broker CPU-s per M msgs in window",
     "loadgen CPU-s per M msgs",
     "loadgen busy %",
     "broker peak RSS MiB",
@@ -474,6 +475,7 @@ fn run_pubsub(p: &PubsubArgs, port: u16, running: &Running) -> Result<RunResult,
         r.duplicates as f64,
         errors as f64,
         r.broker_cpu_s_per_million.unwrap_or(f64::NAN),
+        r.broker_cpu_window_s_per_million.unwrap_or(f64::NAN),
         // µs per message = s per million messages.
         r.loadgen_cpu_us_per_msg,
         max_pct(&r.loadgen_cpu_busy),
@@ -757,7 +759,8 @@ fn markdown(a: &CompareArgs, brokers: &[Broker], rows: &[Row]) -> String {
         o,
         "\nNotes: latency is end-to-end from each message's intended send time (open loop) or its \
          enqueue time (closed loop). \"CPU-s per M msgs\" divides CPU time over the whole run by \
-         messages delivered to subscribers. A run marked loadgen-bound had a loadgen core ≥ 90% \
+         messages delivered to subscribers (fleet: over the measured window, by messages sent \
+         in it). A run marked loadgen-bound had a loadgen core ≥ 90% \
          busy: its throughput is a floor for the broker, but the broker's CPU per message is still valid. \
          \"waited for CPU\" is the share of the run a process was runnable but not running \
          (/proc/…/schedstat): above ~10% other processes shared its CPU and throughput/latency \

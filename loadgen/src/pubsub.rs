@@ -392,6 +392,11 @@ pub struct PubsubReport {
     pub broker_cpu_seconds: Option<f64>,
     /// Broker CPU-seconds per million delivered messages.
     pub broker_cpu_s_per_million: Option<f64>,
+    /// Broker CPU over the measured window only (after warm-up, before the drain; None when
+    /// a message cap ended the run first), and per million deliveries of the messages whose
+    /// intended send time is in that window.
+    pub broker_cpu_window_seconds: Option<f64>,
+    pub broker_cpu_window_s_per_million: Option<f64>,
     pub warnings: Vec<String>,
     #[serde(skip)]
     pub lat_hist: Lat,
@@ -489,6 +494,9 @@ pub fn run(c: &Common, plan: &Plan) -> Result<PubsubReport, String> {
     if plan.broker_pid.is_some() && bcpu0.is_none() {
         shared.fail("--broker-pid: cannot read /proc/PID/stat".into());
     }
+    // The broker's CPU at the measured window's edges (warm-up and drain excluded).
+    let (win_from, win_to) = (start + plan.warmup_ns, run_end);
+    let (mut bw0, mut bw1): (Option<Duration>, Option<Duration>) = (None, None);
     while !shared.stopped() {
         while let Ok((_core, s)) = rx.recv_timeout(Duration::from_millis(10)) {
             let sec = s.sec;
@@ -520,6 +528,13 @@ pub fn run(c: &Common, plan: &Plan) -> Result<PubsubReport, String> {
             }
         }
         let now = clock.now_ns();
+        if plan.broker_pid.is_some() && start != 0 {
+            if bw0.is_none() && now >= win_from {
+                bw0 = plan.broker_pid.and_then(crate::cpu::proc_cpu);
+            } else if bw0.is_some() && bw1.is_none() && now >= win_to {
+                bw1 = plan.broker_pid.and_then(crate::cpu::proc_cpu);
+            }
+        }
         if start == 0 || now > hard_end {
             shared.stop.store(true, Ordering::SeqCst);
             break;
@@ -573,7 +588,7 @@ pub fn run(c: &Common, plan: &Plan) -> Result<PubsubReport, String> {
         results,
         intervals,
         cpu_all,
-        (bcpu, bwait),
+        (bcpu, bwait, bw0.zip(bw1).map(|(a, b)| b.saturating_sub(a))),
         start,
     ))
 }
@@ -610,7 +625,8 @@ fn merge(
     intervals: Vec<Interval>,
     cpu_all: Duration,
     // Broker CPU used and fraction of the run it waited for a CPU (given --broker-pid).
-    (bcpu, bwait): (Option<Duration>, Option<f64>),
+    // … and its CPU over the measured window only.
+    (bcpu, bwait, bwin): (Option<Duration>, Option<f64>, Option<Duration>),
     start_ns: u64,
 ) -> PubsubReport {
     let mut lat = Lat::new();
@@ -779,6 +795,10 @@ fn merge(
         loadgen_cpu_us_per_msg: cpu_all.as_secs_f64() * 1e6 / recv.max(1) as f64,
         broker_cpu_seconds: bcpu.map(|d| d.as_secs_f64()),
         broker_cpu_s_per_million: bcpu.map(|d| d.as_secs_f64() * 1e6 / recv.max(1) as f64),
+        broker_cpu_window_seconds: bwin.map(|d| d.as_secs_f64()),
+        broker_cpu_window_s_per_million: bwin
+            .filter(|_| recv_m > 0)
+            .map(|d| d.as_secs_f64() * 1e6 / recv_m as f64),
         warnings,
         lat_hist: lat,
     }

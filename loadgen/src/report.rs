@@ -117,6 +117,15 @@ pub fn pubsub_table(r: &PubsubReport) -> String {
             r.broker_runqueue_wait.unwrap_or(0.0) * 100.0
         );
     }
+    if let (Some(b), Some(m)) = (
+        r.broker_cpu_window_seconds,
+        r.broker_cpu_window_s_per_million,
+    ) {
+        let _ = writeln!(
+            o,
+            "  broker CPU    {b:.2}s in the measured window: {m:.2} µs per delivery of a message sent in it"
+        );
+    }
     for (e, n) in &r.errors {
         let _ = writeln!(o, "  error: {e} ×{n}");
     }

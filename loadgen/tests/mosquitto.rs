@@ -127,12 +127,15 @@ fn qos1_pairs_deliver_every_message_exactly_once() {
     let j = d.path().join("r.json");
     let port = b.port.to_string();
     let cpu = first_cpu();
+    let pid = b.child.id().to_string();
     let (code, out, err) = loadgen(&[
         "pubsub",
         "--port",
         &port,
         "--cores",
         &cpu,
+        "--broker-pid",
+        &pid,
         "--qos",
         "1",
         "--rate",
@@ -167,6 +170,14 @@ fn qos1_pairs_deliver_every_message_exactly_once() {
     assert!((880..=910).contains(&m), "measured {m}");
     assert_eq!(r["latency"]["count"].as_u64().unwrap(), m);
     assert!(r["latency"]["p50_us"].as_f64().unwrap() > 0.0);
+    // The broker's CPU over the whole run and over the measured window only.
+    assert!(r["broker_cpu_seconds"].as_f64().is_some(), "{out}");
+    let (w, whole) = (
+        r["broker_cpu_window_seconds"].as_f64().unwrap(),
+        r["broker_cpu_seconds"].as_f64().unwrap(),
+    );
+    assert!(w <= whole, "window {w} within the run {whole}");
+    assert!(r["broker_cpu_window_s_per_million"].as_f64().is_some());
 }
 
 #[test]
@@ -608,7 +619,8 @@ fn fleet_over_mutual_tls_in_two_worker_processes_loses_nothing() {
     let pid = b.child.id().to_string();
     // 20 devices split over two worker processes (so the backends of one process receive
     // the other's telemetry through the shared subscription), a keep-alive short enough that
-    // every device pings during the idle phase, commands at 20/s.
+    // every device pings during the idle phase (mosquitto allows 1.5 keep-alives of silence:
+    // 2 s leaves a loaded machine a second of slack), commands at 20/s.
     let (code, out, err) = loadgen(&[
         "fleet",
         "--port",
@@ -632,13 +644,13 @@ fn fleet_over_mutual_tls_in_two_worker_processes_loses_nothing() {
         "--cert-cache",
         cache.to_str().unwrap(),
         "--keepalive",
-        "1",
+        "2",
         "--ramp-rate",
         "200",
         "--settle",
         "200ms",
         "--idle",
-        "1500ms",
+        "2500ms",
         "--interval",
         "500ms",
         "--warmup",

@@ -556,8 +556,10 @@ impl Coord {
             t.failed += p.failed;
             t.tel_sent += p.tel_sent;
             t.tel_recv += p.tel_recv;
+            t.tel_acked += p.tel_acked;
             t.cmd_sent += p.cmd_sent;
             t.cmd_recv += p.cmd_recv;
+            t.cmd_acked += p.cmd_acked;
             t.pings += p.pings;
             t.senders_done += p.senders_done;
             t.senders += p.senders;
@@ -879,10 +881,15 @@ fn coordinate(
         let t = c.total();
         t.senders_done >= t.senders
     })?;
+    // Drained: every message delivered and, at QoS 1, acknowledged to its sender.
     let fanout = plan.fanout();
+    let qos1 = plan.qos != QoS::AtMostOnce;
     co.pump(clock.now_ns() + plan.drain_ns, |c| {
         let t = c.total();
-        t.tel_recv >= t.tel_sent * fanout && t.cmd_recv >= t.cmd_sent
+        t.tel_recv >= t.tel_sent * fanout
+            && t.cmd_recv >= t.cmd_sent
+            && t.cmd_acked >= t.cmd_sent
+            && (!qos1 || t.tel_acked >= t.tel_sent)
     })?;
     co.live = None;
     Ok(ph)
@@ -948,6 +955,12 @@ fn report(
         warnings.push(format!(
             "{} latencies above 60 s were clamped",
             m.tel_lat.clamped
+        ));
+    }
+    if m.connect_total.clamped > 0 {
+        warnings.push(format!(
+            "{} devices connected more than 60 s after their ramp slot (recorded as 60 s): the broker accepted far fewer handshakes per second than --ramp-rate",
+            m.connect_total.clamped
         ));
     }
     let rss_per = match (ph.rss0, ph.rss1) {

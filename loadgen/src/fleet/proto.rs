@@ -64,8 +64,11 @@ pub struct Progress {
     pub failed: u64,
     pub tel_sent: u64,
     pub tel_recv: u64,
+    /// PUBACKs the devices received for their telemetry (QoS 1).
+    pub tel_acked: u64,
     pub cmd_sent: u64,
     pub cmd_recv: u64,
+    pub cmd_acked: u64,
     pub pings: u64,
     /// Senders (connected devices and the commander) whose schedule is over.
     pub senders_done: u64,

@@ -59,8 +59,10 @@ struct WShared {
     ramp_fail: AtomicU64,
     tel_sent: AtomicU64,
     tel_recv: AtomicU64,
+    tel_acked: AtomicU64,
     cmd_sent: AtomicU64,
     cmd_recv: AtomicU64,
+    cmd_acked: AtomicU64,
     pings: AtomicU64,
     senders_done: AtomicU64,
     commander_up: AtomicU64,
@@ -296,8 +298,10 @@ fn run(
         ramp_fail: AtomicU64::new(0),
         tel_sent: AtomicU64::new(0),
         tel_recv: AtomicU64::new(0),
+        tel_acked: AtomicU64::new(0),
         cmd_sent: AtomicU64::new(0),
         cmd_recv: AtomicU64::new(0),
+        cmd_acked: AtomicU64::new(0),
         pings: AtomicU64::new(0),
         senders_done: AtomicU64::new(0),
         commander_up: AtomicU64::new(0),
@@ -334,8 +338,10 @@ fn run(
         failed: shared.ramp_fail.load(Ordering::SeqCst),
         tel_sent: shared.tel_sent.load(Ordering::SeqCst),
         tel_recv: shared.tel_recv.load(Ordering::SeqCst),
+        tel_acked: shared.tel_acked.load(Ordering::SeqCst),
         cmd_sent: shared.cmd_sent.load(Ordering::SeqCst),
         cmd_recv: shared.cmd_recv.load(Ordering::SeqCst),
+        cmd_acked: shared.cmd_acked.load(Ordering::SeqCst),
         pings: shared.pings.load(Ordering::SeqCst),
         senders_done: shared.senders_done.load(Ordering::SeqCst),
         senders: shared.ramp_ok.load(Ordering::SeqCst) + shared.commander_up.load(Ordering::SeqCst),
@@ -798,6 +804,9 @@ async fn run_device(
     };
     let window = u32::from(plan.inflight.min(receive_maximum).max(1));
     let ka_ns = u64::from(plan.keepalive) * 1_000_000_000;
+    // How long a PINGRESP may take: one keep-alive, as client libraries allow, but never less
+    // than 5 s, so a short test keep-alive on a loaded machine is not a lost connection.
+    let pong_ns = ka_ns.max(5_000_000_000);
     let limits = Limits::default();
     let mut buf = [0u8; 1024];
     let mut out: Vec<u8> = Vec::new();
@@ -892,7 +901,7 @@ async fn run_device(
         if ka_ns > 0 {
             let now = clock.now_ns();
             if let Some(p) = ping_out {
-                if now >= p + ka_ns {
+                if now >= p + pong_ns {
                     return "device: no PINGRESP within the keep-alive";
                 }
             } else if now >= last_tx + ka_ns {
@@ -912,7 +921,7 @@ async fn run_device(
         let mut wake_at = |t: u64| at = Some(at.map_or(t, |a: u64| a.min(t)));
         if ka_ns > 0 {
             wake_at(match ping_out {
-                Some(p) => p + ka_ns,
+                Some(p) => p + pong_ns,
                 None => last_tx + ka_ns,
             });
         }
@@ -939,6 +948,7 @@ async fn run_device(
                     Packet::PubAck(_) => {
                         inflight = inflight.saturating_sub(1);
                         s.tel_acked += 1;
+                        shared.tel_acked.fetch_add(1, Ordering::Relaxed);
                     }
                     Packet::PingResp => {
                         ping_out = None;
@@ -1212,6 +1222,7 @@ async fn commander(conn: Conn, ctx: Ctx, gate: Rc<Semaphore>, st: Rc<RefCell<Cor
                 Ok(Some(Packet::PubAck(_))) => {
                     inflight = inflight.saturating_sub(1);
                     st.borrow_mut().cmd_acked += 1;
+                    shared.cmd_acked.fetch_add(1, Ordering::Relaxed);
                 }
                 Ok(Some(_)) => {}
                 Ok(None) => break,
