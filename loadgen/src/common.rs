@@ -64,19 +64,22 @@ fn parse_cores(s: &str) -> Result<Vec<usize>, String> {
     Ok(v)
 }
 
-static ALLOWED_CPUS: std::sync::OnceLock<Vec<usize>> = std::sync::OnceLock::new();
-
 /// The CPUs this process may use (honours taskset), read once before any thread is pinned:
 /// pinning the orchestrating thread would otherwise shrink what later runs (compare rounds,
-/// fleet workers) see.
-pub fn allowed_cpus() -> &'static [usize] {
-    ALLOWED_CPUS.get_or_init(|| {
+/// fleet workers) see. A Mutex, not a OnceLock: a fleet worker process replaces the value
+/// (clap computes `--cores` defaults, and so this, while parsing any subcommand).
+static ALLOWED_CPUS: std::sync::Mutex<Option<Vec<usize>>> = std::sync::Mutex::new(None);
+
+pub fn allowed_cpus() -> Vec<usize> {
+    let mut g = ALLOWED_CPUS.lock().unwrap_or_else(|e| e.into_inner());
+    g.get_or_insert_with(|| {
         core_affinity::get_core_ids()
             .unwrap_or_default()
             .into_iter()
             .map(|c| c.id)
             .collect()
     })
+    .clone()
 }
 
 /// A fleet worker process: widen this thread's CPU mask back to the coordinator's (it
@@ -93,7 +96,7 @@ pub fn set_allowed_cpus(cpus: &[usize]) {
         }
         libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
     }
-    let _ = ALLOWED_CPUS.set(cpus.to_vec());
+    *ALLOWED_CPUS.lock().unwrap_or_else(|e| e.into_inner()) = Some(cpus.to_vec());
 }
 
 fn default_cores() -> String {
@@ -391,6 +394,18 @@ mod tests {
         assert_eq!(parse_duration("1.5").unwrap(), Duration::from_millis(1500));
         assert!(parse_duration("fast").is_err());
         assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn a_worker_process_replaces_the_inherited_cpu_list() {
+        // clap computes the defaults (and so the list) before a worker knows the
+        // coordinator's CPUs: setting them must win over the value already computed.
+        let before = allowed_cpus();
+        assert!(!before.is_empty());
+        set_allowed_cpus(&before[..1]);
+        assert_eq!(allowed_cpus(), before[..1].to_vec());
+        set_allowed_cpus(&before);
+        assert_eq!(allowed_cpus(), before);
     }
 
     #[test]

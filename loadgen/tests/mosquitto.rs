@@ -102,6 +102,24 @@ fn first_cpu() -> String {
     }
 }
 
+/// Every CPU we may use, as a --cores list ("0,1"): a fleet with --procs 2 then gives each
+/// worker process its own CPU (where there are two).
+fn all_cpus() -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("taskset -pc $$ 2>/dev/null | sed 's/.*: //'")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .unwrap_or_default();
+    let l = out.trim();
+    if l.is_empty() {
+        first_cpu()
+    } else {
+        l.to_string()
+    }
+}
+
 fn loadgen(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(BIN)
         .args(args)
@@ -626,7 +644,7 @@ fn fleet_over_mutual_tls_in_two_worker_processes_loses_nothing() {
         "--port",
         &tls_port.to_string(),
         "--cores",
-        &first_cpu(),
+        &all_cpus(),
         "--devices",
         "20",
         "--procs",

@@ -136,7 +136,7 @@ pub struct FleetPlan {
     pub interval_ns: u64,
     pub jitter: f64,
     pub payload: usize,
-    #[serde(skip)]
+    #[serde(serialize_with = "qos_number")]
     pub qos: QoS,
     pub backends: u32,
     pub shared: bool,
@@ -157,6 +157,10 @@ pub struct FleetPlan {
     pub prefix: String,
     pub cert_cache: Option<PathBuf>,
     pub max_ramp_ns: u64,
+}
+
+fn qos_number<S: serde::Serializer>(q: &QoS, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u8(*q as u8)
 }
 
 impl FleetPlan {
@@ -711,7 +715,7 @@ pub fn run(a: &FleetArgs) -> Result<FleetReport, String> {
             clock_base_ns: clock.base_ns(),
             nonce,
             cores: worker_cores(&cores, w, k),
-            allowed_cpus: crate::common::allowed_cpus().to_vec(),
+            allowed_cpus: crate::common::allowed_cpus(),
             devices,
             args: a.clone(),
         };
