@@ -34,11 +34,14 @@ use crate::codec::{
 use crate::shardcore::{ConnKey, ConnectRequest};
 use crate::tls::{resolve_username, ClientIdentity, UsernameOutcome, UsernameRule};
 
-/// Bytes asked of the socket per read.
-const READ_CHUNK: usize = 4096;
+/// Bytes asked of the socket per read in the session loop (the shard's read scratch size).
+pub(crate) const READ_CHUNK: usize = 16 * 1024;
 
 /// Read size of the CONNECT phase (CONNECT packets are small: start small, grow if needed).
 const CONNECT_READ_CHUNK: usize = 128;
+
+/// Read size of the CONNECT phase once a CONNECT turned out bigger than the first read.
+const CONNECT_MORE_CHUNK: usize = 4096;
 
 /// Refusal CONNACKs get this long to reach a client that does not read.
 const REFUSE_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -48,7 +51,7 @@ async fn read_some<S: AsyncRead + Unpin>(io: &mut S, buf: &mut BytesMut) -> std:
     let chunk = if buf.is_empty() {
         CONNECT_READ_CHUNK
     } else {
-        READ_CHUNK
+        CONNECT_MORE_CHUNK
     };
     let start = grow(buf, chunk);
     let r = io.read(&mut buf[start..]).await;
@@ -164,8 +167,14 @@ enum Wake {
     Notified,
 }
 
-/// The session loop: until the connection ends, write what the core releases and feed the
-/// core what arrives.
+/// The session loop: until the connection ends, feed the core what arrives and write what it
+/// releases.
+///
+/// Output is encoded into the shard's scratch buffer and written from there in the same poll,
+/// so the usual case (the socket takes everything) copies and allocates nothing per write;
+/// only bytes the socket refused move to this connection's own buffer (`wbuf`), which is
+/// empty, and unallocated, otherwise. Reads land in the shard's read scratch and only the bytes
+/// that arrived are appended to `rbuf`. Neither scratch buffer holds anything across an await.
 async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
     shard: &Shard,
     io: &mut S,
@@ -181,33 +190,64 @@ async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
     let mut write_stalled = false;
     // More is due once the current batch is written (retained messages paced by progress).
     let mut more = false;
+    // Complete packets may wait in `rbuf` because the core paused this connection's input.
+    let mut undecoded = !rbuf.is_empty();
     loop {
         // A connection with a long stream of work (a big backlog to a fast reader) must not
         // keep its shard's other tasks waiting.
         glommio::yield_if_needed().await;
-        // 1. Take what the core releases, unless the previous batch is still being written
-        //    (the core keeps the rest; its bound on unsent QoS 0 relies on that).
-        let (close, paused) = {
+        // 1. Decode what a pause left buffered, if input may continue now.
+        if undecoded && !shard.core.borrow().input_paused(key) {
+            undecoded = feed(shard, key, a.version, &limits, &mut rbuf);
+        }
+        // 2. Take what the core releases, unless the previous batch is still being written
+        //    (the core keeps the rest; its bound on unsent QoS 0 relies on that). It is encoded
+        //    into the shard's scratch buffer, written in the first poll below.
+        let (close, paused, mut encoded) = {
             let mut core = shard.core.borrow_mut();
+            let mut encoded = false;
             if wbuf.is_empty() {
                 let now = Instant::now();
                 let mut out = shard.scratch.borrow_mut();
+                debug_assert!(out.is_empty(), "scratch lent across an await");
                 while let Some(p) = core.poll_transmit(key, now) {
                     codec::encode(&p, a.version, &mut out);
                 }
-                if !out.is_empty() {
-                    wbuf = out.split();
-                }
+                encoded = !out.is_empty();
                 more = core.take_more_after_write(key);
             }
-            (core.wants_close(key), core.input_paused(key))
+            (core.wants_close(key), core.input_paused(key), encoded)
         };
-        // 2. Decode what is already buffered if input may continue (a pause just ended).
-        if !paused && !rbuf.is_empty() && feed(shard, key, a.version, &limits, &mut rbuf) {
-            continue;
-        }
         // 3. Wait for the socket or a wake-up; write as much as the socket takes meanwhile.
         let wake = poll_fn(|cx| {
+            if std::mem::take(&mut encoded) {
+                // First poll, no await since step 2: the scratch holds this connection's
+                // bytes. Write them from there; keep only what the socket refused.
+                let mut out = shard.scratch.borrow_mut();
+                let mut off = 0;
+                let mut gone = false;
+                while off < out.len() {
+                    match Pin::new(&mut *io).poll_write(cx, &out[off..]) {
+                        Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                            gone = true;
+                            break;
+                        }
+                        Poll::Ready(Ok(n)) => off += n,
+                        Poll::Pending => break,
+                    }
+                }
+                if !gone && off < out.len() {
+                    wbuf.extend_from_slice(&out[off..]);
+                }
+                out.clear();
+                if gone {
+                    return Poll::Ready(Wake::Gone);
+                }
+                if !wbuf.is_empty() && !write_stalled {
+                    write_stalled = true;
+                    stall_changed(shard, key, true);
+                }
+            }
             while !wbuf.is_empty() {
                 match Pin::new(&mut *io).poll_write(cx, &wbuf) {
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Wake::Gone),
@@ -229,12 +269,7 @@ async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
             }
             if wbuf.is_empty() {
                 if wbuf.capacity() > 0 {
-                    // Written: give the buffer back so the next batch reuses its memory.
-                    let mut scratch = shard.scratch.borrow_mut();
-                    if scratch.capacity() < wbuf.capacity() {
-                        std::mem::swap(&mut *scratch, &mut wbuf);
-                        scratch.clear();
-                    }
+                    // Written: an idle connection keeps no write buffer.
                     wbuf = BytesMut::new();
                 }
                 if close {
@@ -245,17 +280,14 @@ async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
             if !paused {
-                let start = grow(&mut rbuf, READ_CHUNK);
-                match Pin::new(&mut *io).poll_read(cx, &mut rbuf[start..]) {
-                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
-                        rbuf.truncate(start);
-                        return Poll::Ready(Wake::Gone);
-                    }
+                let mut scratch = shard.read_scratch.borrow_mut();
+                match Pin::new(&mut *io).poll_read(cx, &mut scratch[..]) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Wake::Gone),
                     Poll::Ready(Ok(n)) => {
-                        rbuf.truncate(start + n);
+                        rbuf.extend_from_slice(&scratch[..n]);
                         return Poll::Ready(Wake::Read);
                     }
-                    Poll::Pending => rbuf.truncate(start),
+                    Poll::Pending => {}
                 }
                 if rbuf.is_empty() && rbuf.capacity() > 0 {
                     // No partial packet: an idle connection holds no read buffer.
@@ -270,7 +302,7 @@ async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
         .await;
         match wake {
             Wake::Read => {
-                feed(shard, key, a.version, &limits, &mut rbuf);
+                undecoded = feed(shard, key, a.version, &limits, &mut rbuf);
             }
             Wake::Notified => {}
             Wake::Gone => {
@@ -298,8 +330,9 @@ fn stall_changed(shard: &Shard, key: ConnKey, stalled: bool) {
     shard.after_input();
 }
 
-/// Decode every complete packet in `rbuf` for the core, as long as it accepts input; true if
-/// any packet was handled.
+/// Decode every complete packet in `rbuf` for the core, as long as it accepts input. True if
+/// it stopped because the core paused this connection's input with bytes still buffered (they
+/// are decoded once the pause ends).
 fn feed(
     shard: &Shard,
     key: ConnKey,
@@ -307,29 +340,29 @@ fn feed(
     limits: &Limits,
     rbuf: &mut BytesMut,
 ) -> bool {
-    let mut handled = false;
+    let mut stopped_by_pause = false;
     {
         let mut core = shard.core.borrow_mut();
         let now = Instant::now();
-        while !core.input_paused(key) {
+        loop {
+            if core.input_paused(key) {
+                stopped_by_pause = !rbuf.is_empty();
+                break;
+            }
             match codec::decode(rbuf, version, limits) {
-                Ok(Some(packet)) => {
-                    core.handle_packet(key, packet, now);
-                    handled = true;
-                }
+                Ok(Some(packet)) => core.handle_packet(key, packet, now),
                 Ok(None) => break,
                 Err(e) => {
                     debug!(shard = shard.id, "decode error: {e}");
                     core.handle_decode_error(key, e.reason_code(), now);
                     rbuf.clear();
-                    handled = true;
                     break;
                 }
             }
         }
     }
     shard.after_input();
-    handled
+    stopped_by_pause
 }
 
 /// The CONNECT phase: read CONNECT, apply admission rules, register with the home shard and

@@ -171,6 +171,10 @@ pub(crate) struct Shard {
     pub connecting: Cell<usize>,
     /// Encoding buffer lent to the connection that writes next (no allocation per write).
     pub scratch: RefCell<bytes::BytesMut>,
+    /// Read buffer lent to the connection that reads next: a read lands here and only the
+    /// bytes that arrived are copied to the connection's own buffer, so a wake-up that finds
+    /// nothing to read allocates and clears nothing.
+    pub read_scratch: RefCell<Box<[u8]>>,
 }
 
 impl Shard {
@@ -520,6 +524,7 @@ pub(crate) async fn shard_main(
         live_conns: Cell::new(0),
         connecting: Cell::new(0),
         scratch: RefCell::new(bytes::BytesMut::new()),
+        read_scratch: RefCell::new(vec![0; super::conn::READ_CHUNK].into_boxed_slice()),
     });
 
     for (peer, rx) in receivers.streams() {
