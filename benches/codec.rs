@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use midge::codec::{
-    decode, encode, encoded_len, Limits, Packet, ProtocolVersion, Publish, PublishProperties, QoS,
+    decode, encode, encoded_len, Limits, Packet, ProtocolVersion, Publish, PublishProps, QoS,
     TopicName,
 };
 
@@ -20,7 +20,7 @@ fn publish(payload_len: usize) -> Packet {
         topic: TopicName::new("fleet/device-000123/telemetry").expect("valid topic"),
         packet_id: 42,
         payload: Bytes::from(vec![0x5A; payload_len]),
-        properties: PublishProperties::default(),
+        properties: PublishProps::none(),
     })
 }
 

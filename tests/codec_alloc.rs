@@ -8,8 +8,7 @@ use std::cell::Cell;
 
 use bytes::{Bytes, BytesMut};
 use midge::codec::{
-    decode, encode, Limits, Packet, ProtocolVersion, PubResp, Publish, PublishProperties, QoS,
-    TopicName,
+    decode, encode, Limits, Packet, ProtocolVersion, PubResp, Publish, PublishProps, QoS, TopicName,
 };
 
 struct Counting;
@@ -49,7 +48,7 @@ fn publish() -> Packet {
         topic: TopicName::new("fleet/device-1/telemetry").unwrap(),
         packet_id: 7,
         payload: Bytes::from(vec![1; 200]),
-        properties: PublishProperties::default(),
+        properties: PublishProps::none(),
     })
 }
 

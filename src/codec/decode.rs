@@ -237,7 +237,7 @@ fn decode_body(first: u8, body: Bytes, version: ProtocolVersion) -> Result<Packe
     let v5 = version.is_v5();
     let packet = match t {
         1 => Packet::Connect(Box::new(connect(&mut r)?)),
-        2 => Packet::ConnAck(connack(&mut r, version)?),
+        2 => Packet::ConnAck(Box::new(connack(&mut r, version)?)),
         3 => Packet::Publish(publish(&mut r, first, version)?),
         4 => Packet::PubAck(pub_resp(&mut r, "PUBACK", v5, PUBACK_CODES)?),
         5 => Packet::PubRec(pub_resp(&mut r, "PUBREC", v5, PUBACK_CODES)?),
@@ -250,7 +250,7 @@ fn decode_body(first: u8, body: Bytes, version: ProtocolVersion) -> Result<Packe
         12 => Packet::PingReq,
         13 => Packet::PingResp,
         14 => Packet::Disconnect(disconnect(&mut r, v5)?),
-        15 => Packet::Auth(auth(&mut r)?),
+        15 => Packet::Auth(Box::new(auth(&mut r)?)),
         // check_header rejected 0; a nibble cannot exceed 15.
         _ => return Err(DecodeError::ReservedPacketType),
     };
@@ -444,7 +444,7 @@ fn publish(r: &mut Reader, first: u8, version: ProtocolVersion) -> Result<Publis
         topic,
         packet_id,
         payload: r.rest(),
-        properties,
+        properties: properties.into(),
     })
 }
 

@@ -6,6 +6,8 @@
 //! Must not touch: I/O, sessions, routing. Strings that came off the wire are `ByteString`
 //! (UTF-8 validated once, at decode) and binary fields are `Bytes` slices of the read buffer.
 
+use std::fmt;
+
 use bytes::Bytes;
 use bytestring::ByteString;
 
@@ -65,7 +67,9 @@ pub type UserProperty = (ByteString, ByteString);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Packet {
     Connect(Box<Connect>),
-    ConnAck(ConnAck),
+    /// Boxed, like `Connect` and `Auth`: once per connection, and their property sets would
+    /// otherwise make every `Packet` (moved by value several times per message) 264 bytes.
+    ConnAck(Box<ConnAck>),
     Publish(Publish),
     PubAck(PubResp),
     PubRec(PubResp),
@@ -78,7 +82,7 @@ pub enum Packet {
     PingReq,
     PingResp,
     Disconnect(Disconnect),
-    Auth(Auth),
+    Auth(Box<Auth>),
 }
 
 impl Packet {
@@ -195,7 +199,84 @@ pub struct Publish {
     /// 0 for QoS 0 (absent on the wire); non-zero otherwise [MQTT-2.3.1-1].
     pub packet_id: u16,
     pub payload: Bytes,
-    pub properties: PublishProperties,
+    pub properties: PublishProps,
+}
+
+/// A PUBLISH's v5 properties, boxed only when there are any.
+///
+/// Why: a `Publish` moves by value through decode, the session and the core several times per
+/// message, and the full property set is 160 bytes that almost every PUBLISH leaves empty
+/// (callgrind: those moves were the largest single cost per message). Empty properties are
+/// `None` here and allocate nothing; reads go through `Deref` (an empty set when `None`),
+/// writes through `DerefMut` (which allocates the set on first write).
+#[derive(Clone, Default)]
+pub struct PublishProps(Option<Box<PublishProperties>>);
+
+/// By content: an allocated but emptied set equals `None`.
+impl PartialEq for PublishProps {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for PublishProps {}
+
+/// What an absent property set reads as.
+static NO_PUBLISH_PROPERTIES: PublishProperties = PublishProperties {
+    payload_format_indicator: None,
+    message_expiry_interval: None,
+    topic_alias: None,
+    response_topic: None,
+    correlation_data: None,
+    user_properties: Vec::new(),
+    subscription_identifiers: Vec::new(),
+    content_type: None,
+};
+
+impl PublishProps {
+    /// No properties (allocates nothing).
+    pub const fn none() -> PublishProps {
+        PublishProps(None)
+    }
+
+    /// Remove and return the topic alias, without allocating a property set to clear it in.
+    pub fn take_topic_alias(&mut self) -> Option<u16> {
+        self.0.as_mut().and_then(|p| p.topic_alias.take())
+    }
+
+    /// The properties by value (empty when there are none).
+    pub fn into_inner(self) -> PublishProperties {
+        self.0.map(|b| *b).unwrap_or_default()
+    }
+}
+
+impl From<PublishProperties> for PublishProps {
+    fn from(p: PublishProperties) -> Self {
+        if p.is_empty() {
+            PublishProps(None)
+        } else {
+            PublishProps(Some(Box::new(p)))
+        }
+    }
+}
+
+impl std::ops::Deref for PublishProps {
+    type Target = PublishProperties;
+    fn deref(&self) -> &PublishProperties {
+        self.0.as_deref().unwrap_or(&NO_PUBLISH_PROPERTIES)
+    }
+}
+
+impl std::ops::DerefMut for PublishProps {
+    fn deref_mut(&mut self) -> &mut PublishProperties {
+        self.0.get_or_insert_with(Default::default)
+    }
+}
+
+impl fmt::Debug for PublishProps {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&**self, f)
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -212,8 +293,27 @@ pub struct PublishProperties {
 }
 
 impl PublishProperties {
+    /// Field by field (not `== default()`): checked for every PUBLISH encoded, and most have
+    /// no properties at all.
     pub fn is_empty(&self) -> bool {
-        *self == PublishProperties::default()
+        let PublishProperties {
+            payload_format_indicator,
+            message_expiry_interval,
+            topic_alias,
+            response_topic,
+            correlation_data,
+            user_properties,
+            subscription_identifiers,
+            content_type,
+        } = self;
+        payload_format_indicator.is_none()
+            && message_expiry_interval.is_none()
+            && topic_alias.is_none()
+            && response_topic.is_none()
+            && correlation_data.is_none()
+            && user_properties.is_empty()
+            && subscription_identifiers.is_empty()
+            && content_type.is_none()
     }
 }
 

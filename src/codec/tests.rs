@@ -86,7 +86,7 @@ fn publish(qos: QoS, packet_id: u16, t: &str, payload: &'static [u8]) -> Publish
         topic: topic(t),
         packet_id,
         payload: Bytes::from_static(payload),
-        properties: PublishProperties::default(),
+        properties: PublishProps::none(),
     }
 }
 
@@ -180,11 +180,11 @@ fn connect_v5_with_properties_will_properties_and_password_only() {
 #[test]
 fn connack_v3_return_codes_and_v5_properties() {
     let ack = |sp, r| {
-        Packet::ConnAck(ConnAck {
+        Packet::ConnAck(Box::new(ConnAck {
             session_present: sp,
             reason: r,
             properties: ConnAckProperties::default(),
-        })
+        }))
     };
     both_ways(&ack(false, ReasonCode::SUCCESS), V311, "20 02 00 00");
     both_ways(&ack(true, ReasonCode::SUCCESS), V311, "20 02 01 00");
@@ -221,21 +221,21 @@ fn connack_v3_return_codes_and_v5_properties() {
         ..Default::default()
     };
     both_ways(
-        &Packet::ConnAck(ConnAck {
+        &Packet::ConnAck(Box::new(ConnAck {
             session_present: false,
             reason: ReasonCode::SUCCESS,
             properties: props.clone(),
-        }),
+        })),
         V5,
         "20 0A 00 00 07 21 000A 24 01 25 00",
     );
     props.assigned_client_identifier = Some(bs("auto-1"));
     props.user_properties = vec![(bs("k"), bs("v")), (bs("k"), bs("v2"))];
-    let p = Packet::ConnAck(ConnAck {
+    let p = Packet::ConnAck(Box::new(ConnAck {
         session_present: true,
         reason: ReasonCode::SUCCESS,
         properties: props,
-    });
+    }));
     assert_eq!(dec(&enc(&p, V5), V5), Ok(Some(p)));
 }
 
@@ -501,15 +501,15 @@ fn puback_family_short_forms() {
 
 #[test]
 fn auth_is_v5_only() {
-    both_ways(&Packet::Auth(Auth::default()), V5, "F0 00");
+    both_ways(&Packet::Auth(Box::default()), V5, "F0 00");
     both_ways(
-        &Packet::Auth(Auth {
+        &Packet::Auth(Box::new(Auth {
             reason: ReasonCode::CONTINUE_AUTHENTICATION,
             properties: AuthProperties {
                 authentication_method: Some(bs("X")),
                 ..Default::default()
             },
-        }),
+        })),
         V5,
         "F0 06 18 04 15 0001 58",
     );
@@ -578,7 +578,7 @@ fn v5_only_fields_are_dropped_for_v3_peers() {
     p.properties.subscription_identifiers = vec![3];
     let wire = enc(&Packet::Publish(p.clone()), V311);
     assert_eq!(wire, hex("32 06 0001 61 0009 78"));
-    p.properties = PublishProperties::default();
+    p.properties = PublishProps::none();
     assert_eq!(dec(&wire, V311), Ok(Some(Packet::Publish(p))));
     let sub = Packet::Subscribe(Subscribe {
         packet_id: 1,
@@ -1259,11 +1259,11 @@ mod prop {
                 authentication_method: b.7,
                 authentication_data: b.8,
             };
-            Packet::ConnAck(ConnAck {
+            Packet::ConnAck(Box::new(ConnAck {
                 session_present: sp,
                 reason,
                 properties: if v5 { properties } else { Default::default() },
-            })
+            }))
         })
     }
 
@@ -1315,7 +1315,7 @@ mod prop {
                         topic,
                         packet_id: if q0 { 0 } else { id },
                         payload,
-                        properties,
+                        properties: properties.into(),
                     })
                 },
             )
@@ -1475,7 +1475,7 @@ mod prop {
             users(),
         )
             .prop_map(|(reason, am, ad, rs, up)| {
-                Packet::Auth(Auth {
+                Packet::Auth(Box::new(Auth {
                     reason,
                     properties: AuthProperties {
                         authentication_method: am,
@@ -1483,7 +1483,7 @@ mod prop {
                         reason_string: rs,
                         user_properties: up,
                     },
-                })
+                }))
             });
         prop_oneof![simple, disconnect, auth].boxed()
     }

@@ -249,7 +249,10 @@ impl<'a> Step<'a> {
 #[inline]
 pub(crate) fn next_level(s: &str, pos: usize) -> (&str, Option<usize>) {
     let rest = &s[pos..];
-    match rest.find('/') {
+    // A byte scan: topic levels are short, and `str::find`'s memchr set-up per level cost more
+    // than the scan (callgrind: ~100 instructions per level). `/` is ASCII, so the split
+    // points are char boundaries.
+    match rest.bytes().position(|b| b == b'/') {
         Some(i) => (&rest[..i], Some(pos + i + 1)),
         None => (rest, None),
     }

@@ -392,7 +392,7 @@ impl Conn {
     }
 
     fn undo_alias(&mut self, p: &mut Publish, used: AliasUse) {
-        p.properties.topic_alias = None;
+        p.properties.take_topic_alias();
         match used {
             AliasUse::None => {}
             AliasUse::Existing(topic) => p.topic = topic,
@@ -596,11 +596,13 @@ impl Session {
             detail: None,
             overflow: false,
         };
-        session.transmit.push_back(Packet::ConnAck(ConnAck {
-            session_present,
-            reason: ReasonCode::SUCCESS,
-            properties: ack,
-        }));
+        session
+            .transmit
+            .push_back(Packet::ConnAck(Box::new(ConnAck {
+                session_present,
+                reason: ReasonCode::SUCCESS,
+                properties: ack,
+            })));
         if session_present {
             for (filter, sub) in &session.state.subscriptions {
                 session.events.push_back(SessionEvent::Subscribe {
@@ -1200,7 +1202,7 @@ impl Session {
                 "QoS 1/2 PUBLISH without packet identifier (MQTT 5 §2.2.1)",
             ));
         }
-        if let Some(alias) = p.properties.topic_alias.take() {
+        if let Some(alias) = p.properties.take_topic_alias() {
             if alias == 0 || alias > self.config.topic_alias_maximum {
                 return Err(violation(
                     ReasonCode::TOPIC_ALIAS_INVALID,
@@ -1284,7 +1286,7 @@ impl Session {
             }
         }
 
-        let mut props = p.properties;
+        let mut props = p.properties.into_inner();
         let expires_at = props.message_expiry_interval.take().map(|s| now + secs(s));
         // Per-hop properties are not routed; the subscriber's session adds its own.
         props.subscription_identifiers.clear();
@@ -1621,6 +1623,6 @@ fn build_publish(
         topic: out.msg.topic.clone(),
         packet_id,
         payload: out.msg.payload.clone(),
-        properties,
+        properties: properties.into(),
     }
 }

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use bytestring::ByteString;
 
 use super::*;
+use crate::codec::PublishProps;
 use crate::codec::{
     ConnectProperties, DisconnectProperties, RetainHandling, SubscribeProperties, WillProperties,
 };
@@ -319,7 +320,7 @@ fn publish(t: &str, qos: QoS, packet_id: u16) -> Packet {
         topic: topic(t),
         packet_id,
         payload: Bytes::from_static(b"p"),
-        properties: PublishProperties::default(),
+        properties: PublishProps::none(),
     })
 }
 
@@ -334,7 +335,8 @@ fn publish_alias(t: Option<&str>, alias: u16) -> Packet {
         properties: PublishProperties {
             topic_alias: Some(alias),
             ..PublishProperties::default()
-        },
+        }
+        .into(),
     })
 }
 

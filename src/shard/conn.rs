@@ -483,11 +483,11 @@ async fn refuse<S: AsyncWrite + Unpin>(io: &mut S, wbuf: &mut BytesMut, refused:
         Refused::Close(why) => debug!("connection refused: {why}"),
         Refused::ConnAck(version, reason, why) => {
             debug!("connection refused with CONNACK {reason}: {why}");
-            let ack = Packet::ConnAck(ConnAck {
+            let ack = Packet::ConnAck(Box::new(ConnAck {
                 session_present: false,
                 reason,
                 properties: ConnAckProperties::default(),
-            });
+            }));
             codec::encode(&ack, version, wbuf);
             let _ = future::or(
                 async { io.write_all(wbuf).await.and(io.flush().await) },

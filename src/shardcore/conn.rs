@@ -669,11 +669,11 @@ impl ShardCore {
 /// A CONNACK refusing a connection in the v3 form every client version can read (the codec
 /// maps the reason to a 3.1.1 return code).
 pub(super) fn refusal(reason: ReasonCode) -> Packet {
-    Packet::ConnAck(ConnAck {
+    Packet::ConnAck(Box::new(ConnAck {
         session_present: false,
         reason,
         properties: ConnAckProperties::default(),
-    })
+    }))
 }
 
 /// A v5 DISCONNECT with `reason`.
