@@ -19,7 +19,7 @@ use clap::{Args, ValueEnum};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::sync::Semaphore;
 use midge::codec::{
-    self, Limits, Packet, ProtocolVersion, PubResp, Publish, PublishProperties, QoS, Subscribe,
+    self, Limits, Packet, ProtocolVersion, PubResp, Publish, PublishProps, QoS, Subscribe,
     SubscribeProperties, SubscriptionOptions, TopicFilter, TopicName,
 };
 use serde::Serialize;
@@ -1194,7 +1194,7 @@ impl Template {
                 marker_pid
             },
             payload: Bytes::from(vec![0xEEu8; payload_len]),
-            properties: PublishProperties::default(),
+            properties: PublishProps::none(),
         });
         let mut b = BytesMut::new();
         codec::encode(&p, version, &mut b);

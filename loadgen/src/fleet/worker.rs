@@ -26,7 +26,7 @@ use bytes::{Bytes, BytesMut};
 use futures_lite::AsyncReadExt;
 use glommio::sync::Semaphore;
 use midge::codec::{
-    self, Limits, Packet, PubResp, Publish, PublishProperties, QoS, Subscribe, SubscribeProperties,
+    self, Limits, Packet, PubResp, Publish, PublishProps, QoS, Subscribe, SubscribeProperties,
     SubscriptionOptions, TopicFilter, TopicName,
 };
 use rustls::ClientConfig;
@@ -1170,7 +1170,7 @@ async fn commander(conn: Conn, ctx: Ctx, gate: Rc<Semaphore>, st: Rc<RefCell<Cor
                         topic,
                         packet_id: pid,
                         payload: Bytes::from(payload),
-                        properties: PublishProperties::default(),
+                        properties: PublishProps::none(),
                     }),
                     version,
                     &mut out,
