@@ -1,0 +1,681 @@
+//! mosquitto's `acl_file`: its grammar, its matching rules, compiled for a cheap per-message
+//! check.
+//!
+//! Owns: parsing an ACL file into per-user rule tries and a pattern trie, and answering "may
+//! this client read/write this topic". Must not touch: which listener uses which file
+//! (config), when checks happen (the connection path and the shard core), reloading
+//! ([`super::reload`]).
+//!
+//! # Grammar (mosquitto 2.0.11 src/security_default.c `aclfile__parse`)
+//!
+//! * Trailing whitespace is trimmed. A line whose first character is `#` is a comment; blank
+//!   lines are skipped. Words are separated by spaces.
+//! * `topic [read|write|readwrite|deny] TOPIC` — a rule for the current section. Without the
+//!   access word it is `readwrite` (so `topic read` alone is readwrite on the topic `read`,
+//!   as in mosquitto). TOPIC is the rest of the line and may contain spaces and `+`/`#`
+//!   wildcards, which must be whole levels (`#` last).
+//! * `user NAME` — the following `topic` lines apply to clients with that username (the rest
+//!   of the line, trimmed: names may contain spaces). The same user may appear again; its rules
+//!   add up. `topic` lines before the first `user` line form the *anonymous section*: they
+//!   apply to clients without a username, and to nobody else.
+//! * `pattern [read|write|readwrite|deny] TOPIC` — a rule for every client, wherever the line
+//!   is. A level `%u` matches the client's username, `%c` its client id; a pattern with `%u`
+//!   never applies to a client without a username. A pattern without either is accepted with a
+//!   warning (mosquitto warns too).
+//! * Anything else is an error naming the line.
+//!
+//! # Matching (mosquitto 2.0.11 `mosquitto_acl_check_default`)
+//!
+//! 1. The client's own section (its user's rules, or the anonymous section): if any `deny` rule
+//!    matches → denied; else if a rule granting the access matches → allowed.
+//! 2. Otherwise, if any pattern exists and the username or client id contains `+` or `#` →
+//!    denied (they could widen a `%u`/`%c` level).
+//! 3. The patterns, the same way: a matching `deny` → denied; a matching grant → allowed.
+//! 4. Nothing matched → denied. An empty ACL file denies everything.
+//!
+//! A rule matches a topic as a subscription filter would (`a/#` matches `a`; `+` matches one
+//! level, also an empty one), except that a topic starting with `$` is matched only by rules
+//! whose first level starts with `$` (`#` does not grant `$SYS/…`).
+//!
+//! SUBSCRIBE and UNSUBSCRIBE are not governed by ACL lines: mosquitto 2.0's acl_file grants
+//! every subscription (its code says "FIXME - implement ACL subscription strings") and checks
+//! `read` when each message is delivered, so `#` by a device limited to `devices/%u/#`
+//! delivers exactly that device's messages.
+//!
+//! # Where Midge differs, on purpose
+//!
+//! * `%u` and `%c` are whole levels, compared as strings, never substituted as text: a
+//!   username `a/b` never matches the level `%u` (mosquitto would build `devices/a/b/#` and
+//!   give the user `a/b` a corner of user `a`'s tree). Text around them inside one level
+//!   (`pattern read x/id-%c`) is matched literally around the name, as mosquitto would.
+//! * For a `$` topic, a first level `%u`/`%c` does not match (a username starting with `$`
+//!   cannot reach `$SYS`).
+//! * A tab between the words of a line is an error (mosquitto splits on spaces only and would
+//!   read `topic read<TAB>x` as readwrite on the topic `read<TAB>x`). The file must be UTF-8.
+//!
+//! # Cost
+//!
+//! Rules are compiled into tries whose levels are pre-split (literal children in a hash map,
+//! `+`, `#`, `%u`, `%c` as their own edges), one trie per user, found by one hash lookup. A
+//! check walks only the branches the topic can take, compares `%u`/`%c` levels with the names
+//! in place and allocates nothing.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use super::text::{self, is_c_space, quoted, trim_blanks};
+use super::{Access, Action, AuthFileError, Authorizer, Client, Decision, DenyReason, FileWarning};
+
+/// mosquitto's `TOPIC_HIERARCHY_LIMIT`: at most this many `/` in an ACL topic.
+pub const MAX_TOPIC_LEVELS_SEPARATORS: usize = 200;
+/// Longest ACL topic (MQTT's string limit).
+pub const MAX_TOPIC_LEN: usize = 65_535;
+
+/// What a rule does when it matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Perm {
+    deny: bool,
+    /// [`Access::bit`]s granted.
+    allow: u8,
+}
+
+impl std::ops::BitOrAssign for Perm {
+    fn bitor_assign(&mut self, o: Perm) {
+        self.deny |= o.deny;
+        self.allow |= o.allow;
+    }
+}
+
+/// One piece of a level that mixes text with `%u`/`%c` (e.g. `id-%c`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Text(Box<str>),
+    User,
+    Client,
+}
+
+/// Literal children of a node: a short list scanned in place (most nodes have a handful of
+/// children, and comparing a few short strings is cheaper than hashing one), a hash map
+/// beyond [`Literals::SMALL`].
+#[derive(Debug)]
+enum Literals {
+    Small(Vec<(Box<str>, u32)>),
+    Map(HashMap<Box<str>, u32, ahash::RandomState>),
+}
+
+impl Default for Literals {
+    fn default() -> Self {
+        Literals::Small(Vec::new())
+    }
+}
+
+impl Literals {
+    const SMALL: usize = 8;
+
+    #[inline]
+    fn get(&self, level: &str) -> Option<u32> {
+        match self {
+            Literals::Small(v) => v.iter().find(|(k, _)| **k == *level).map(|&(_, c)| c),
+            Literals::Map(m) => m.get(level).copied(),
+        }
+    }
+
+    fn insert(&mut self, level: &str, child: u32) {
+        match self {
+            Literals::Small(v) if v.len() < Self::SMALL => v.push((level.into(), child)),
+            Literals::Small(v) => {
+                let mut m =
+                    HashMap::with_capacity_and_hasher(v.len() * 2, ahash::RandomState::new());
+                m.extend(v.drain(..));
+                m.insert(level.into(), child);
+                *self = Literals::Map(m);
+            }
+            Literals::Map(m) => {
+                m.insert(level.into(), child);
+            }
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Node {
+    literal: Literals,
+    plus: Option<u32>,
+    user: Option<u32>,
+    client: Option<u32>,
+    mixed: Vec<(Box<[Part]>, u32)>,
+    /// Rules whose filter ends at this node.
+    end: Perm,
+    /// Rules `<this node>/#`: match this node's topic and everything below.
+    hash: Perm,
+}
+
+/// A set of rules compiled into a trie of levels. Node 0 is the root.
+#[derive(Debug)]
+struct Trie {
+    nodes: Vec<Node>,
+}
+
+/// The names a pattern's `%u`/`%c` levels are compared with.
+#[derive(Clone, Copy)]
+struct Names<'a> {
+    username: Option<&'a str>,
+    client_id: &'a str,
+}
+
+enum Level<'a> {
+    Literal(&'a str),
+    Plus,
+    Hash,
+    User,
+    Client,
+    Mixed(Vec<Part>),
+}
+
+fn classify(level: &str, pattern: bool) -> Level<'_> {
+    match level {
+        "+" => Level::Plus,
+        "#" => Level::Hash,
+        "%u" if pattern => Level::User,
+        "%c" if pattern => Level::Client,
+        _ if pattern && (level.contains("%u") || level.contains("%c")) => {
+            let mut parts = Vec::new();
+            let mut text = String::new();
+            let mut rest = level;
+            while let Some(i) = rest.find('%') {
+                text.push_str(&rest[..i]);
+                let after = &rest[i..];
+                let sub = if after.starts_with("%u") {
+                    Some(Part::User)
+                } else if after.starts_with("%c") {
+                    Some(Part::Client)
+                } else {
+                    None
+                };
+                match sub {
+                    Some(p) => {
+                        if !text.is_empty() {
+                            parts.push(Part::Text(std::mem::take(&mut text).into()));
+                        }
+                        parts.push(p);
+                        rest = &after[2..];
+                    }
+                    None => {
+                        text.push('%');
+                        rest = &after[1..];
+                    }
+                }
+            }
+            text.push_str(rest);
+            if !text.is_empty() {
+                parts.push(Part::Text(text.into()));
+            }
+            Level::Mixed(parts)
+        }
+        _ => Level::Literal(level),
+    }
+}
+
+fn mixed_matches(parts: &[Part], level: &str, names: Names<'_>) -> bool {
+    let mut rest = level;
+    for p in parts {
+        let want = match p {
+            Part::Text(t) => t,
+            Part::User => match names.username {
+                Some(u) => u,
+                None => return false,
+            },
+            Part::Client => names.client_id,
+        };
+        match rest.strip_prefix(want) {
+            Some(r) => rest = r,
+            None => return false,
+        }
+    }
+    rest.is_empty()
+}
+
+impl Trie {
+    fn new() -> Trie {
+        Trie {
+            nodes: vec![Node::default()],
+        }
+    }
+
+    fn child(&mut self, at: u32, level: Level<'_>) -> u32 {
+        let next = self.nodes.len() as u32;
+        let node = &mut self.nodes[at as usize];
+        let slot = match level {
+            Level::Literal(l) => {
+                if let Some(c) = node.literal.get(l) {
+                    return c;
+                }
+                node.literal.insert(l, next);
+                None
+            }
+            Level::Plus => Some(&mut node.plus),
+            Level::User => Some(&mut node.user),
+            Level::Client => Some(&mut node.client),
+            Level::Mixed(parts) => {
+                if let Some((_, c)) = node.mixed.iter().find(|(p, _)| **p == *parts) {
+                    return *c;
+                }
+                node.mixed.push((parts.into(), next));
+                None
+            }
+            Level::Hash => unreachable!("`#` is handled by insert"),
+        };
+        if let Some(slot) = slot {
+            if let Some(c) = *slot {
+                return c;
+            }
+            *slot = Some(next);
+        }
+        self.nodes.push(Node::default());
+        next
+    }
+
+    fn insert(&mut self, filter: &str, pattern: bool, perm: Perm) {
+        let mut at = 0u32;
+        for level in filter.split('/') {
+            match classify(level, pattern) {
+                Level::Hash => {
+                    // Validated: `#` is the last level.
+                    self.nodes[at as usize].hash |= perm;
+                    return;
+                }
+                l => at = self.child(at, l),
+            }
+        }
+        self.nodes[at as usize].end |= perm;
+    }
+
+    /// Everything the rules say about `topic`.
+    fn lookup(&self, topic: &str, names: Names<'_>) -> Perm {
+        let mut acc = Perm::default();
+        self.walk(
+            0,
+            Some(topic),
+            names,
+            true,
+            topic.starts_with('$'),
+            &mut acc,
+        );
+        acc
+    }
+
+    /// `rest`: the topic's remaining levels, `None` once every level was consumed.
+    fn walk(
+        &self,
+        at: u32,
+        rest: Option<&str>,
+        names: Names<'_>,
+        root: bool,
+        dollar: bool,
+        acc: &mut Perm,
+    ) {
+        let node = &self.nodes[at as usize];
+        // A topic starting with `$` is matched only by rules whose first level starts with `$`.
+        let wild = !(root && dollar);
+        if wild {
+            *acc |= node.hash;
+        }
+        let Some(rest) = rest else {
+            *acc |= node.end;
+            return;
+        };
+        if acc.deny {
+            return; // a deny anywhere in this set decides it
+        }
+        let (level, next) = match rest.bytes().position(|b| b == b'/') {
+            Some(i) => (&rest[..i], Some(&rest[i + 1..])),
+            None => (rest, None),
+        };
+        if let Some(c) = node.literal.get(level) {
+            self.walk(c, next, names, false, dollar, acc);
+        }
+        if wild {
+            if let Some(c) = node.plus {
+                self.walk(c, next, names, false, dollar, acc);
+            }
+            if let (Some(c), Some(u)) = (node.user, names.username) {
+                if level == u {
+                    self.walk(c, next, names, false, dollar, acc);
+                }
+            }
+            if let Some(c) = node.client {
+                if level == names.client_id {
+                    self.walk(c, next, names, false, dollar, acc);
+                }
+            }
+        }
+        for (parts, c) in &node.mixed {
+            let literal_dollar = matches!(parts.first(), Some(Part::Text(t)) if t.starts_with('$'));
+            if (wild || literal_dollar) && mixed_matches(parts, level, names) {
+                self.walk(*c, next, names, false, dollar, acc);
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        let r = &self.nodes[0];
+        self.nodes.len() == 1 && r.end == Perm::default() && r.hash == Perm::default()
+    }
+}
+
+/// A parsed and compiled ACL file.
+#[derive(Debug)]
+pub struct AclFile {
+    path: PathBuf,
+    generation: u64,
+    anonymous: Option<Trie>,
+    user_index: HashMap<Box<str>, u32, ahash::RandomState>,
+    users: Vec<Trie>,
+    /// True if the file has any `pattern` line (enables the `+`/`#` name rule).
+    has_patterns: bool,
+    /// Every pattern (for clients with a username).
+    patterns: Trie,
+    /// Patterns without `%u` (for clients without one: mosquitto skips `%u` patterns for them).
+    patterns_anonymous: Trie,
+    rules: usize,
+    warnings: Vec<FileWarning>,
+}
+
+/// mosquitto_sub_topic_check, with the reason.
+fn check_topic(topic: &str) -> Result<(), String> {
+    if topic.len() > MAX_TOPIC_LEN {
+        return Err(format!("topic longer than {MAX_TOPIC_LEN} bytes"));
+    }
+    let levels: Vec<&str> = topic.split('/').collect();
+    if levels.len() - 1 > MAX_TOPIC_LEVELS_SEPARATORS {
+        return Err(format!(
+            "topic has more than {} levels",
+            MAX_TOPIC_LEVELS_SEPARATORS + 1
+        ));
+    }
+    for (i, l) in levels.iter().enumerate() {
+        if l.contains('+') && *l != "+" {
+            return Err(format!(
+                "invalid topic {}: '+' must be a whole level",
+                quoted(topic)
+            ));
+        }
+        if l.contains('#') && (*l != "#" || i + 1 != levels.len()) {
+            return Err(format!(
+                "invalid topic {}: '#' must be the whole last level",
+                quoted(topic)
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn access_word(w: &str) -> Option<Perm> {
+    Some(match w {
+        "read" => Perm {
+            deny: false,
+            allow: Access::Read.bit(),
+        },
+        "write" => Perm {
+            deny: false,
+            allow: Access::Write.bit(),
+        },
+        "readwrite" => Perm {
+            deny: false,
+            allow: Access::Read.bit() | Access::Write.bit(),
+        },
+        "deny" => Perm {
+            deny: true,
+            allow: 0,
+        },
+        _ => return None,
+    })
+}
+
+/// Split at the first space (C `strtok` with " "): leading spaces skipped, `(word, rest)`
+/// with `rest` starting right after the space that ended the word.
+fn word(s: &str) -> Option<(&str, Option<&str>)> {
+    let s = s.trim_start_matches(' ');
+    if s.is_empty() {
+        return None;
+    }
+    Some(match s.find(' ') {
+        Some(i) => (&s[..i], Some(&s[i + 1..])),
+        None => (s, None),
+    })
+}
+
+fn no_tab(w: &str, what: &str) -> Result<(), String> {
+    if w.contains('\t') {
+        return Err(format!(
+            "a tab in {what} {}: separate the words of an ACL line with spaces (mosquitto splits on \
+             spaces only and would not read this line as intended)",
+            quoted(w)
+        ));
+    }
+    Ok(())
+}
+
+impl AclFile {
+    /// Read and parse `path`. Blocking file I/O.
+    pub fn load(path: &Path) -> Result<AclFile, AuthFileError> {
+        let bytes = text::read(path, "ACL file")?;
+        Self::parse(path, &bytes)
+    }
+
+    /// Parse the contents of an ACL file; `path` is for messages.
+    pub fn parse(path: &Path, bytes: &[u8]) -> Result<AclFile, AuthFileError> {
+        let mut acl = AclFile {
+            path: path.to_path_buf(),
+            generation: 0,
+            anonymous: None,
+            user_index: HashMap::with_hasher(ahash::RandomState::new()),
+            users: Vec::new(),
+            has_patterns: false,
+            patterns: Trie::new(),
+            patterns_anonymous: Trie::new(),
+            rules: 0,
+            warnings: Vec::new(),
+        };
+        // The section `topic` lines go to: None = anonymous, Some(i) = users[i].
+        let mut section: Option<u32> = None;
+        for line in text::lines(path, bytes) {
+            let (n, raw) = line?;
+            acl.parse_line(raw, &mut section)
+                .map_err(|m| AuthFileError::line(path, n, m))?
+                .into_iter()
+                .for_each(|message| {
+                    acl.warnings.push(FileWarning {
+                        path: path.to_path_buf(),
+                        line: n,
+                        message,
+                    })
+                });
+        }
+        Ok(acl)
+    }
+
+    /// One line; returns warnings.
+    fn parse_line(&mut self, raw: &str, section: &mut Option<u32>) -> Result<Vec<String>, String> {
+        let line = raw.trim_end_matches(is_c_space);
+        if line.starts_with('#') {
+            return Ok(Vec::new());
+        }
+        let Some((kw, rest)) = word(line) else {
+            return Ok(Vec::new());
+        };
+        let mut warnings = Vec::new();
+        match kw {
+            "topic" | "pattern" => {
+                let pattern = kw == "pattern";
+                let Some((first, after)) = rest.and_then(word) else {
+                    return Err(format!("'{kw}' without a topic"));
+                };
+                no_tab(first, "the access word or topic")?;
+                let (perm, topic) = match after {
+                    Some(t) => {
+                        let perm = access_word(first).ok_or_else(|| {
+                            format!(
+                                "invalid access type {} (expected read, write, readwrite or deny)",
+                                quoted(first)
+                            )
+                        })?;
+                        (perm, trim_blanks(t))
+                    }
+                    None => (access_word("readwrite").expect("known word"), first),
+                };
+                if after.is_none() && access_word(first).is_some() {
+                    warnings.push(format!(
+                        "'{kw} {first}' has no topic: as in mosquitto it grants readwrite on the \
+                         topic {}",
+                        quoted(first)
+                    ));
+                }
+                check_topic(topic)?;
+                self.rules += 1;
+                if pattern {
+                    self.has_patterns = true;
+                    let has_u = topic.contains("%u");
+                    if !has_u && !topic.contains("%c") {
+                        warnings.push(format!(
+                            "pattern {} contains neither %u nor %c (mosquitto warns too)",
+                            quoted(topic)
+                        ));
+                    }
+                    self.patterns.insert(topic, true, perm);
+                    if !has_u {
+                        self.patterns_anonymous.insert(topic, true, perm);
+                    }
+                } else {
+                    if topic.contains("%u") || topic.contains("%c") {
+                        warnings.push(format!(
+                            "topic {} contains %u or %c, which only 'pattern' lines substitute; \
+                             here they are literal text",
+                            quoted(topic)
+                        ));
+                    }
+                    let trie = match *section {
+                        None => self.anonymous.get_or_insert_with(Trie::new),
+                        Some(i) => &mut self.users[i as usize],
+                    };
+                    trie.insert(topic, false, perm);
+                }
+            }
+            "user" => {
+                let name = rest.map(trim_blanks).unwrap_or("");
+                if name.is_empty() {
+                    return Err("'user' without a username".into());
+                }
+                let i = match self.user_index.get(name) {
+                    Some(&i) => i,
+                    None => {
+                        let i = self.users.len() as u32;
+                        self.users.push(Trie::new());
+                        self.user_index.insert(name.into(), i);
+                        i
+                    }
+                };
+                *section = Some(i);
+            }
+            other => {
+                no_tab(other, "the keyword")?;
+                return Err(format!(
+                    "invalid line: expected 'topic', 'pattern', 'user' or a '#' comment, got {}",
+                    quoted(other)
+                ));
+            }
+        }
+        Ok(warnings)
+    }
+
+    /// May `client` have `access` to `topic`? The whole of mosquitto's acl_file check.
+    pub fn check(&self, client: Client<'_>, access: Access, topic: &str) -> Decision {
+        let names = Names {
+            username: client.username,
+            client_id: client.client_id,
+        };
+        let own = match client.username {
+            Some(u) => self.user_index.get(u).map(|&i| &self.users[i as usize]),
+            None => self.anonymous.as_ref(),
+        };
+        if let Some(trie) = own {
+            let p = trie.lookup(topic, names);
+            if p.deny {
+                return Decision::Deny(DenyReason::DenyRule);
+            }
+            if p.allow & access.bit() != 0 {
+                return Decision::Allow;
+            }
+        }
+        if !self.has_patterns {
+            return Decision::Deny(DenyReason::NoMatch);
+        }
+        // Bytes, not `contains([char; 2])`: this runs for every message.
+        let wild = |s: &str| s.bytes().any(|b| b == b'+' || b == b'#');
+        if client.username.is_some_and(wild) || wild(client.client_id) {
+            return Decision::Deny(DenyReason::WildcardInName);
+        }
+        let trie = if client.username.is_some() {
+            &self.patterns
+        } else {
+            &self.patterns_anonymous
+        };
+        let p = trie.lookup(topic, names);
+        if p.deny {
+            Decision::Deny(DenyReason::DenyRule)
+        } else if p.allow & access.bit() != 0 {
+            Decision::Allow
+        } else {
+            Decision::Deny(DenyReason::NoMatch)
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Unique per loaded instance (see [`super::reload`]); 0 for a file parsed directly.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    pub(crate) fn set_generation(&mut self, generation: u64) {
+        self.generation = generation;
+    }
+
+    /// `topic` and `pattern` lines read.
+    pub fn rule_count(&self) -> usize {
+        self.rules
+    }
+
+    /// Distinct `user` sections.
+    pub fn user_count(&self) -> usize {
+        self.users.len()
+    }
+
+    /// True if nothing is granted to anyone (an empty file: everything is denied).
+    pub fn grants_nothing(&self) -> bool {
+        self.anonymous.as_ref().is_none_or(Trie::is_empty)
+            && self.users.iter().all(Trie::is_empty)
+            && self.patterns.is_empty()
+    }
+
+    /// Lines that load but probably do not do what was meant.
+    pub fn warnings(&self) -> &[FileWarning] {
+        &self.warnings
+    }
+}
+
+impl Authorizer for AclFile {
+    fn authorize(&self, client: Client<'_>, action: &Action<'_>) -> Decision {
+        match action.access() {
+            Some(access) => self.check(client, access, action.topic()),
+            // mosquitto 2.0's acl_file grants every (un)subscription; reads are checked per
+            // delivered message.
+            None => Decision::Allow,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
