@@ -63,6 +63,10 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use std::hash::BuildHasherDefault;
+
+use smallvec::SmallVec;
+
 use super::text::{self, is_c_space, quoted, trim_blanks};
 use super::{Access, Action, AuthFileError, Authorizer, Client, Decision, DenyReason, FileWarning};
 
@@ -94,13 +98,139 @@ enum Part {
     Client,
 }
 
+/// The hash every level is compared by before its bytes (stored literals, topic levels,
+/// names): FNV-1a. Not for hash maps facing peers: a collision only costs a byte comparison,
+/// never a wrong answer.
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+#[inline]
+fn level_hash(s: &str) -> u64 {
+    s.bytes().fold(FNV_OFFSET, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(FNV_PRIME)
+    })
+}
+
+/// A topic split into levels, each with its [`level_hash`], once per message: the publisher's
+/// write check and every subscriber's read check of that message can share it.
+#[derive(Debug, Clone)]
+pub struct TopicLevels<'a> {
+    topic: &'a str,
+    levels: SmallVec<[(&'a str, u64); 8]>,
+    dollar: bool,
+}
+
+impl<'a> TopicLevels<'a> {
+    pub fn new(topic: &'a str) -> TopicLevels<'a> {
+        // One pass over the bytes: split and hash together.
+        let mut levels = SmallVec::new();
+        let mut start = 0;
+        let mut h = FNV_OFFSET;
+        for (i, &b) in topic.as_bytes().iter().enumerate() {
+            if b == b'/' {
+                levels.push((&topic[start..i], h));
+                start = i + 1;
+                h = FNV_OFFSET;
+            } else {
+                h = (h ^ u64::from(b)).wrapping_mul(FNV_PRIME);
+            }
+        }
+        levels.push((&topic[start..], h));
+        TopicLevels {
+            topic,
+            levels,
+            dollar: topic.starts_with('$'),
+        }
+    }
+
+    pub fn topic(&self) -> &'a str {
+        self.topic
+    }
+}
+
+/// A name compared with `%u` / `%c` levels, with its hash.
+#[derive(Debug, Clone)]
+struct Name {
+    text: Box<str>,
+    hash: u64,
+}
+
+impl Name {
+    fn new(s: &str) -> Name {
+        Name {
+            text: s.into(),
+            hash: level_hash(s),
+        }
+    }
+
+    #[inline]
+    fn is(&self, level: &str, hash: u64) -> bool {
+        self.hash == hash && *self.text == *level
+    }
+}
+
+/// What the ACL needs to know about a client, worked out once per connection (and again when
+/// the ACL is reloaded): its section, whether its names contain wildcards, the names' hashes.
+/// Owns copies of the names, so it cannot be used with another client's.
+#[derive(Debug, Clone)]
+pub struct AclSubject {
+    username: Option<Name>,
+    client_id: Name,
+    /// Generation of the file `section` indexes into.
+    generation: u64,
+    section: Option<u32>,
+    wildcard_name: bool,
+}
+
+impl AclSubject {
+    /// A subject not resolved against any ACL (checks resolve it on the fly).
+    pub fn unresolved(client: Client<'_>) -> AclSubject {
+        AclSubject {
+            username: client.username.map(Name::new),
+            client_id: Name::new(client.client_id),
+            generation: 0,
+            section: None,
+            wildcard_name: client.username.is_some_and(has_wildcard)
+                || has_wildcard(client.client_id),
+        }
+    }
+
+    pub fn client(&self) -> Client<'_> {
+        Client {
+            client_id: &self.client_id.text,
+            username: self.username.as_ref().map(|n| &*n.text),
+        }
+    }
+}
+
+fn has_wildcard(s: &str) -> bool {
+    s.bytes().any(|b| b == b'+' || b == b'#')
+}
+
 /// Literal children of a node: a short list scanned in place (most nodes have a handful of
-/// children, and comparing a few short strings is cheaper than hashing one), a hash map
-/// beyond [`Literals::SMALL`].
+/// children), a map from level hash beyond [`Literals::SMALL`].
 #[derive(Debug)]
 enum Literals {
-    Small(Vec<(Box<str>, u32)>),
-    Map(HashMap<Box<str>, u32, ahash::RandomState>),
+    Small(Vec<(u64, Box<str>, u32)>),
+    Map(HashMap<u64, SmallVec<[(Box<str>, u32); 1]>, BuildHasherDefault<PreHashed>>),
+}
+
+/// The hasher of a map whose keys are already [`level_hash`]es.
+#[derive(Default)]
+struct PreHashed(u64);
+
+impl std::hash::Hasher for PreHashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
 }
 
 impl Default for Literals {
@@ -113,26 +243,33 @@ impl Literals {
     const SMALL: usize = 8;
 
     #[inline]
-    fn get(&self, level: &str) -> Option<u32> {
+    fn get(&self, level: &str, hash: u64) -> Option<u32> {
         match self {
-            Literals::Small(v) => v.iter().find(|(k, _)| **k == *level).map(|&(_, c)| c),
-            Literals::Map(m) => m.get(level).copied(),
+            Literals::Small(v) => v
+                .iter()
+                .find(|(h, k, _)| *h == hash && **k == *level)
+                .map(|&(_, _, c)| c),
+            Literals::Map(m) => m
+                .get(&hash)?
+                .iter()
+                .find(|(k, _)| **k == *level)
+                .map(|&(_, c)| c),
         }
     }
 
     fn insert(&mut self, level: &str, child: u32) {
+        let hash = level_hash(level);
         match self {
-            Literals::Small(v) if v.len() < Self::SMALL => v.push((level.into(), child)),
+            Literals::Small(v) if v.len() < Self::SMALL => v.push((hash, level.into(), child)),
             Literals::Small(v) => {
-                let mut m =
-                    HashMap::with_capacity_and_hasher(v.len() * 2, ahash::RandomState::new());
-                m.extend(v.drain(..));
-                m.insert(level.into(), child);
+                let mut m: HashMap<_, SmallVec<[(Box<str>, u32); 1]>, _> = HashMap::default();
+                for (h, k, c) in v.drain(..) {
+                    m.entry(h).or_default().push((k, c));
+                }
+                m.entry(hash).or_default().push((level.into(), child));
                 *self = Literals::Map(m);
             }
-            Literals::Map(m) => {
-                m.insert(level.into(), child);
-            }
+            Literals::Map(m) => m.entry(hash).or_default().push((level.into(), child)),
         }
     }
 }
@@ -154,13 +291,6 @@ struct Node {
 #[derive(Debug)]
 struct Trie {
     nodes: Vec<Node>,
-}
-
-/// The names a pattern's `%u`/`%c` levels are compared with.
-#[derive(Clone, Copy)]
-struct Names<'a> {
-    username: Option<&'a str>,
-    client_id: &'a str,
 }
 
 enum Level<'a> {
@@ -216,18 +346,18 @@ fn classify(level: &str, pattern: bool) -> Level<'_> {
     }
 }
 
-fn mixed_matches(parts: &[Part], level: &str, names: Names<'_>) -> bool {
+fn mixed_matches(parts: &[Part], level: &str, s: &AclSubject) -> bool {
     let mut rest = level;
     for p in parts {
         let want = match p {
             Part::Text(t) => t,
-            Part::User => match names.username {
-                Some(u) => u,
+            Part::User => match &s.username {
+                Some(u) => &u.text,
                 None => return false,
             },
-            Part::Client => names.client_id,
+            Part::Client => &s.client_id.text,
         };
-        match rest.strip_prefix(want) {
+        match rest.strip_prefix(&**want) {
             Some(r) => rest = r,
             None => return false,
         }
@@ -247,7 +377,7 @@ impl Trie {
         let node = &mut self.nodes[at as usize];
         let slot = match level {
             Level::Literal(l) => {
-                if let Some(c) = node.literal.get(l) {
+                if let Some(c) = node.literal.get(l, level_hash(l)) {
                     return c;
                 }
                 node.literal.insert(l, next);
@@ -290,71 +420,57 @@ impl Trie {
         self.nodes[at as usize].end |= perm;
     }
 
-    /// Everything the rules say about `topic`.
-    fn lookup(&self, topic: &str, names: Names<'_>) -> Perm {
+    /// Everything the rules say about the topic: a depth-first walk over the branches the
+    /// topic can take, with an explicit stack (no recursion, no allocation for ≤ 16 pending
+    /// branches).
+    fn lookup(&self, t: &TopicLevels<'_>, s: &AclSubject) -> Perm {
         let mut acc = Perm::default();
-        self.walk(
-            0,
-            Some(topic),
-            names,
-            true,
-            topic.starts_with('$'),
-            &mut acc,
-        );
+        let n = t.levels.len() as u32;
+        let mut stack: SmallVec<[(u32, u32); 16]> = SmallVec::new();
+        stack.push((0, 0));
+        while let Some((at, i)) = stack.pop() {
+            let node = &self.nodes[at as usize];
+            // A topic starting with `$` is matched only by rules whose first level starts
+            // with `$`: no wildcard or name edge at the root.
+            let wild = !(i == 0 && t.dollar);
+            if wild {
+                acc |= node.hash;
+            }
+            if i == n {
+                acc |= node.end;
+                continue;
+            }
+            if acc.deny {
+                break; // a deny anywhere in this set decides it
+            }
+            let (level, h) = t.levels[i as usize];
+            if let Some(c) = node.literal.get(level, h) {
+                stack.push((c, i + 1));
+            }
+            if wild {
+                if let Some(c) = node.plus {
+                    stack.push((c, i + 1));
+                }
+                if let (Some(c), Some(u)) = (node.user, &s.username) {
+                    if u.is(level, h) {
+                        stack.push((c, i + 1));
+                    }
+                }
+                if let Some(c) = node.client {
+                    if s.client_id.is(level, h) {
+                        stack.push((c, i + 1));
+                    }
+                }
+            }
+            for (parts, c) in &node.mixed {
+                let literal_dollar =
+                    matches!(parts.first(), Some(Part::Text(t)) if t.starts_with('$'));
+                if (wild || literal_dollar) && mixed_matches(parts, level, s) {
+                    stack.push((*c, i + 1));
+                }
+            }
+        }
         acc
-    }
-
-    /// `rest`: the topic's remaining levels, `None` once every level was consumed.
-    fn walk(
-        &self,
-        at: u32,
-        rest: Option<&str>,
-        names: Names<'_>,
-        root: bool,
-        dollar: bool,
-        acc: &mut Perm,
-    ) {
-        let node = &self.nodes[at as usize];
-        // A topic starting with `$` is matched only by rules whose first level starts with `$`.
-        let wild = !(root && dollar);
-        if wild {
-            *acc |= node.hash;
-        }
-        let Some(rest) = rest else {
-            *acc |= node.end;
-            return;
-        };
-        if acc.deny {
-            return; // a deny anywhere in this set decides it
-        }
-        let (level, next) = match rest.bytes().position(|b| b == b'/') {
-            Some(i) => (&rest[..i], Some(&rest[i + 1..])),
-            None => (rest, None),
-        };
-        if let Some(c) = node.literal.get(level) {
-            self.walk(c, next, names, false, dollar, acc);
-        }
-        if wild {
-            if let Some(c) = node.plus {
-                self.walk(c, next, names, false, dollar, acc);
-            }
-            if let (Some(c), Some(u)) = (node.user, names.username) {
-                if level == u {
-                    self.walk(c, next, names, false, dollar, acc);
-                }
-            }
-            if let Some(c) = node.client {
-                if level == names.client_id {
-                    self.walk(c, next, names, false, dollar, acc);
-                }
-            }
-        }
-        for (parts, c) in &node.mixed {
-            let literal_dollar = matches!(parts.first(), Some(Part::Text(t)) if t.starts_with('$'));
-            if (wild || literal_dollar) && mixed_matches(parts, level, names) {
-                self.walk(*c, next, names, false, dollar, acc);
-            }
-        }
     }
 
     fn is_empty(&self) -> bool {
@@ -368,9 +484,10 @@ impl Trie {
 pub struct AclFile {
     path: PathBuf,
     generation: u64,
-    anonymous: Option<Trie>,
+    /// Every section's rules: the anonymous section (if any) and one per user.
+    sections: Vec<Trie>,
+    anonymous_section: Option<u32>,
     user_index: HashMap<Box<str>, u32, ahash::RandomState>,
-    users: Vec<Trie>,
     /// True if the file has any `pattern` line (enables the `+`/`#` name rule).
     has_patterns: bool,
     /// Every pattern (for clients with a username).
@@ -467,17 +584,17 @@ impl AclFile {
     pub fn parse(path: &Path, bytes: &[u8]) -> Result<AclFile, AuthFileError> {
         let mut acl = AclFile {
             path: path.to_path_buf(),
-            generation: 0,
-            anonymous: None,
+            generation: super::reload::next_generation(),
+            sections: Vec::new(),
+            anonymous_section: None,
             user_index: HashMap::with_hasher(ahash::RandomState::new()),
-            users: Vec::new(),
             has_patterns: false,
             patterns: Trie::new(),
             patterns_anonymous: Trie::new(),
             rules: 0,
             warnings: Vec::new(),
         };
-        // The section `topic` lines go to: None = anonymous, Some(i) = users[i].
+        // The section `topic` lines go to: None = anonymous, Some(i) = sections[i].
         let mut section: Option<u32> = None;
         for line in text::lines(path, bytes) {
             let (n, raw) = line?;
@@ -554,11 +671,19 @@ impl AclFile {
                             quoted(topic)
                         ));
                     }
-                    let trie = match *section {
-                        None => self.anonymous.get_or_insert_with(Trie::new),
-                        Some(i) => &mut self.users[i as usize],
+                    let i = match *section {
+                        Some(i) => i,
+                        None => match self.anonymous_section {
+                            Some(i) => i,
+                            None => {
+                                let i = self.sections.len() as u32;
+                                self.sections.push(Trie::new());
+                                self.anonymous_section = Some(i);
+                                i
+                            }
+                        },
                     };
-                    trie.insert(topic, false, perm);
+                    self.sections[i as usize].insert(topic, false, perm);
                 }
             }
             "user" => {
@@ -569,8 +694,8 @@ impl AclFile {
                 let i = match self.user_index.get(name) {
                     Some(&i) => i,
                     None => {
-                        let i = self.users.len() as u32;
-                        self.users.push(Trie::new());
+                        let i = self.sections.len() as u32;
+                        self.sections.push(Trie::new());
                         self.user_index.insert(name.into(), i);
                         i
                     }
@@ -588,18 +713,42 @@ impl AclFile {
         Ok(warnings)
     }
 
-    /// May `client` have `access` to `topic`? The whole of mosquitto's acl_file check.
-    pub fn check(&self, client: Client<'_>, access: Access, topic: &str) -> Decision {
-        let names = Names {
-            username: client.username,
-            client_id: client.client_id,
+    /// Work out what the checks of `client` need (once per connection and ACL version).
+    pub fn subject(&self, client: Client<'_>) -> AclSubject {
+        AclSubject {
+            generation: self.generation,
+            section: self.section_of(client.username),
+            ..AclSubject::unresolved(client)
+        }
+    }
+
+    fn section_of(&self, username: Option<&str>) -> Option<u32> {
+        match username {
+            Some(u) => self.user_index.get(u).copied(),
+            None => self.anonymous_section,
+        }
+    }
+
+    fn trie(&self, section: u32) -> &Trie {
+        &self.sections[section as usize]
+    }
+
+    /// May the subject have `access` to the topic? The whole of mosquitto's acl_file check.
+    /// A subject made for another version of the file is re-resolved (correct, slower).
+    pub fn check_subject(
+        &self,
+        subject: &AclSubject,
+        access: Access,
+        topic: &TopicLevels<'_>,
+    ) -> Decision {
+        // A section index is only meaningful in the version it was resolved against.
+        let section = if subject.generation == self.generation {
+            subject.section
+        } else {
+            self.section_of(subject.username.as_ref().map(|n| &*n.text))
         };
-        let own = match client.username {
-            Some(u) => self.user_index.get(u).map(|&i| &self.users[i as usize]),
-            None => self.anonymous.as_ref(),
-        };
-        if let Some(trie) = own {
-            let p = trie.lookup(topic, names);
+        if let Some(i) = section {
+            let p = self.trie(i).lookup(topic, subject);
             if p.deny {
                 return Decision::Deny(DenyReason::DenyRule);
             }
@@ -610,17 +759,15 @@ impl AclFile {
         if !self.has_patterns {
             return Decision::Deny(DenyReason::NoMatch);
         }
-        // Bytes, not `contains([char; 2])`: this runs for every message.
-        let wild = |s: &str| s.bytes().any(|b| b == b'+' || b == b'#');
-        if client.username.is_some_and(wild) || wild(client.client_id) {
+        if subject.wildcard_name {
             return Decision::Deny(DenyReason::WildcardInName);
         }
-        let trie = if client.username.is_some() {
+        let trie = if subject.username.is_some() {
             &self.patterns
         } else {
             &self.patterns_anonymous
         };
-        let p = trie.lookup(topic, names);
+        let p = trie.lookup(topic, subject);
         if p.deny {
             Decision::Deny(DenyReason::DenyRule)
         } else if p.allow & access.bit() != 0 {
@@ -630,11 +777,17 @@ impl AclFile {
         }
     }
 
+    /// [`AclFile::check_subject`] for a one-off check (tests, tools): builds the subject and
+    /// splits the topic each time.
+    pub fn check(&self, client: Client<'_>, access: Access, topic: &str) -> Decision {
+        self.check_subject(&self.subject(client), access, &TopicLevels::new(topic))
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// Unique per loaded instance (see [`super::reload`]); 0 for a file parsed directly.
+    /// Unique per parsed or loaded instance (see [`super::reload`]).
     pub fn generation(&self) -> u64 {
         self.generation
     }
@@ -650,14 +803,12 @@ impl AclFile {
 
     /// Distinct `user` sections.
     pub fn user_count(&self) -> usize {
-        self.users.len()
+        self.user_index.len()
     }
 
     /// True if nothing is granted to anyone (an empty file: everything is denied).
     pub fn grants_nothing(&self) -> bool {
-        self.anonymous.as_ref().is_none_or(Trie::is_empty)
-            && self.users.iter().all(Trie::is_empty)
-            && self.patterns.is_empty()
+        self.sections.iter().all(Trie::is_empty) && self.patterns.is_empty()
     }
 
     /// Lines that load but probably do not do what was meant.

@@ -44,7 +44,7 @@ use std::fmt;
 
 use crate::codec::packet::QoS;
 
-pub use acl::AclFile;
+pub use acl::{AclFile, AclSubject, TopicLevels};
 pub use cache::VerifyCache;
 pub use error::{AuthFileError, FileWarning};
 pub use identity::{ClientIdRule, IdentitySource};

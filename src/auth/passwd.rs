@@ -323,7 +323,7 @@ impl PasswordFile {
         };
         Ok(PasswordFile {
             path: path.to_path_buf(),
-            generation: 0,
+            generation: super::reload::next_generation(),
             users,
             decoy,
         })
@@ -350,7 +350,7 @@ impl PasswordFile {
         &self.path
     }
 
-    /// Unique per loaded instance (see [`super::reload`]); 0 for a file parsed directly.
+    /// Unique per parsed or loaded instance (see [`super::reload`]).
     pub fn generation(&self) -> u64 {
         self.generation
     }

@@ -34,6 +34,7 @@
 
 use std::sync::Arc;
 
+use super::acl::{AclSubject, TopicLevels};
 use super::cache::CacheKey;
 use super::identity::{CertIdentity, ClientIdRule, IdMismatch};
 use super::reload::Reloadable;
@@ -302,11 +303,23 @@ fn is_bridge_state(topic: &str) -> bool {
 /// no shared state. Call [`AccessView::refresh`] when the shard hears of a reload (or once
 /// per reactor turn: one atomic load); it reports whether the version changed, i.e. whether
 /// sessions must be re-checked.
+///
+/// The per-message path: make an [`AclSubject`] per connection with [`AccessView::subject`]
+/// (again after a refresh; a stale one still answers correctly, a little slower), split each
+/// message's topic once into [`TopicLevels`], and call [`AccessView::authorize_subject`] for
+/// the publisher's write and for every subscriber's read.
 #[derive(Clone)]
 pub struct AccessView {
     source: Option<Arc<Reloadable<AclFile>>>,
-    current: Option<Arc<dyn Authorizer>>,
+    backend: Backend,
     generation: u64,
+}
+
+#[derive(Clone)]
+enum Backend {
+    None,
+    Acl(Arc<AclFile>),
+    Other(Arc<dyn Authorizer>),
 }
 
 impl std::fmt::Debug for AccessView {
@@ -321,11 +334,14 @@ impl std::fmt::Debug for AccessView {
 impl AccessView {
     /// A view of `acl` (`None`: the listener has no ACL; only the `$` rule applies).
     pub fn new(acl: Option<Arc<Reloadable<AclFile>>>) -> AccessView {
-        let current = acl.as_ref().map(|r| r.current() as Arc<dyn Authorizer>);
+        let backend = match &acl {
+            Some(r) => Backend::Acl(r.current()),
+            None => Backend::None,
+        };
         let generation = acl.as_ref().map_or(0, |r| r.generation());
         AccessView {
             source: acl,
-            current,
+            backend,
             generation,
         }
     }
@@ -334,13 +350,13 @@ impl AccessView {
     pub fn with_authorizer(authorizer: Arc<dyn Authorizer>) -> AccessView {
         AccessView {
             source: None,
-            current: Some(authorizer),
+            backend: Backend::Other(authorizer),
             generation: 0,
         }
     }
 
     /// Pick up a reloaded ACL. True if the version changed: re-check what was decided with
-    /// the old one (queued messages, the will).
+    /// the old one (queued messages, the will) and remake the sessions' subjects.
     pub fn refresh(&mut self) -> bool {
         let Some(src) = &self.source else {
             return false;
@@ -349,7 +365,7 @@ impl AccessView {
         if g == self.generation {
             return false;
         }
-        self.current = Some(src.current() as Arc<dyn Authorizer>);
+        self.backend = Backend::Acl(src.current());
         self.generation = g;
         true
     }
@@ -359,14 +375,47 @@ impl AccessView {
         self.generation
     }
 
-    /// May `client` do `action`? Cheap: no allocation, no shared state.
+    /// What the checks of `client` need, worked out once (per connection and ACL version).
+    pub fn subject(&self, client: Client<'_>) -> AclSubject {
+        match &self.backend {
+            Backend::Acl(a) => a.subject(client),
+            _ => AclSubject::unresolved(client),
+        }
+    }
+
+    /// May the subject do `action`? `topic` is `action`'s topic split once per message.
+    /// No allocation, no shared state.
+    pub fn authorize_subject(
+        &self,
+        subject: &AclSubject,
+        action: &Action<'_>,
+        topic: &TopicLevels<'_>,
+    ) -> Decision {
+        debug_assert_eq!(topic.topic(), action.topic());
+        if let Some(d) = dollar_rule(action) {
+            return d;
+        }
+        match &self.backend {
+            Backend::None => Decision::Allow,
+            Backend::Acl(a) => match action.access() {
+                Some(access) => a.check_subject(subject, access, topic),
+                // mosquitto 2.0's acl_file grants every (un)subscription.
+                None => Decision::Allow,
+            },
+            Backend::Other(b) => b.authorize(subject.client(), action),
+        }
+    }
+
+    /// May `client` do `action`? A one-off check (CONNECT's will, tests): makes the subject
+    /// and splits the topic each time.
     pub fn authorize(&self, client: Client<'_>, action: &Action<'_>) -> Decision {
         if let Some(d) = dollar_rule(action) {
             return d;
         }
-        match &self.current {
-            Some(a) => a.authorize(client, action),
-            None => Decision::Allow,
+        match &self.backend {
+            Backend::None => Decision::Allow,
+            Backend::Acl(a) => a.authorize(client, action),
+            Backend::Other(b) => b.authorize(client, action),
         }
     }
 }

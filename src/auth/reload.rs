@@ -25,7 +25,8 @@ use super::{AclFile, AuthFileError, PasswordFile};
 
 static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
 
-fn next_generation() -> u64 {
+/// A fresh generation: every parsed file and every (re)load gets its own.
+pub(crate) fn next_generation() -> u64 {
     NEXT_GENERATION.fetch_add(1, Ordering::Relaxed)
 }
 

@@ -619,3 +619,36 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_subject_made_for_another_version_is_resolved_again() {
+    // u's section is the first in `old` and the second in `new`; using the stale index on
+    // `new` would hand u the rules of v.
+    let old = acl("user u\ntopic read a\nuser v\ntopic read b\n");
+    let new = acl("user v\ntopic read b\nuser u\ntopic read c\n");
+    let s = old.subject(user("u", "i"));
+    assert!(old
+        .check_subject(&s, Access::Read, &TopicLevels::new("a"))
+        .is_allowed());
+    assert!(!new
+        .check_subject(&s, Access::Read, &TopicLevels::new("b"))
+        .is_allowed());
+    assert!(new
+        .check_subject(&s, Access::Read, &TopicLevels::new("c"))
+        .is_allowed());
+    assert_ne!(old.generation(), new.generation());
+}
+
+#[test]
+fn topic_levels_split_like_mqtt() {
+    for t in ["a", "a/b", "/", "a//b/", "$SYS/x", ""] {
+        let l = TopicLevels::new(t);
+        let want: Vec<&str> = t.split('/').collect();
+        let got: Vec<&str> = l.levels.iter().map(|(s, _)| *s).collect();
+        assert_eq!(got, want, "{t:?}");
+        for (s, h) in &l.levels {
+            assert_eq!(*h, level_hash(s));
+        }
+        assert_eq!(l.dollar, t.starts_with('$'));
+    }
+}
