@@ -195,6 +195,12 @@ impl AclSubject {
         }
     }
 
+    /// The ACL version this subject was resolved against (0: none). After
+    /// [`super::AccessView::refresh`], remake subjects whose generation differs.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     pub fn client(&self) -> Client<'_> {
         Client {
             client_id: &self.client_id.text,
@@ -212,8 +218,11 @@ fn has_wildcard(s: &str) -> bool {
 #[derive(Debug)]
 enum Literals {
     Small(Vec<(u64, Box<str>, u32)>),
-    Map(HashMap<u64, SmallVec<[(Box<str>, u32); 1]>, BuildHasherDefault<PreHashed>>),
+    Map(HashMap<u64, Bucket, BuildHasherDefault<PreHashed>>),
 }
+
+/// The literals of one level hash (more than one only on a hash collision).
+type Bucket = SmallVec<[(Box<str>, u32); 1]>;
 
 /// The hasher of a map whose keys are already [`level_hash`]es.
 #[derive(Default)]
@@ -262,7 +271,7 @@ impl Literals {
         match self {
             Literals::Small(v) if v.len() < Self::SMALL => v.push((hash, level.into(), child)),
             Literals::Small(v) => {
-                let mut m: HashMap<_, SmallVec<[(Box<str>, u32); 1]>, _> = HashMap::default();
+                let mut m: HashMap<u64, Bucket, _> = HashMap::default();
                 for (h, k, c) in v.drain(..) {
                     m.entry(h).or_default().push((k, c));
                 }

@@ -652,3 +652,19 @@ fn topic_levels_split_like_mqtt() {
         assert_eq!(l.dollar, t.starts_with('$'));
     }
 }
+
+#[test]
+fn nodes_with_many_children_use_the_map() {
+    let mut text = String::new();
+    for i in 0..100 {
+        text.push_str(&format!("topic read t/{i}/x\n"));
+    }
+    text.push_str("topic deny t/50/x\n");
+    let a = acl(&text);
+    for i in 0..100 {
+        let t = format!("t/{i}/x");
+        assert_eq!(read(&a, anon("c"), &t), i != 50, "{t}");
+        assert!(!read(&a, anon("c"), &format!("t/{i}/y")));
+    }
+    assert!(!read(&a, anon("c"), "t/100/x"));
+}
