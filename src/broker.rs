@@ -123,6 +123,7 @@ pub fn prepare(cfg: &Config) -> Result<Prepared, PrepareError> {
             .persistent_client_expiration
             .map(|d| d.as_secs().min(u64::from(u32::MAX - 1)) as u32),
         queue_qos0_offline: lim.queue_qos0_messages,
+        max_subscriptions: lim.max_subscriptions_per_client as usize,
         ..SessionConfig::default()
     };
     let mut reloaders = Vec::new();

@@ -109,10 +109,23 @@ fn init_logging(log: &config::LogSettings) {
         .unwrap_or_else(|_| {
             tracing_subscriber::EnvFilter::new(format!("{},rustls=error", log.level))
         });
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    use std::io::IsTerminal;
+    let format =
+        midge::logging::MosquittoFormat::new(log.timestamp, log.timestamp_format.as_deref());
+    let builder = |ansi: bool| {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter.clone())
+            .with_ansi(ansi)
+            .event_format(format)
+    };
+    // Colour (for field names) only on a terminal: journald and files get plain text.
     match log.dest {
-        LogDest::Stdout => builder.with_writer(std::io::stdout).init(),
-        LogDest::Stderr => builder.with_writer(std::io::stderr).init(),
+        LogDest::Stdout => builder(std::io::stdout().is_terminal())
+            .with_writer(std::io::stdout)
+            .init(),
+        LogDest::Stderr => builder(std::io::stderr().is_terminal())
+            .with_writer(std::io::stderr)
+            .init(),
         LogDest::None => {}
     }
 }

@@ -51,4 +51,22 @@ impl Message {
     pub fn queued_size(&self) -> usize {
         self.topic.len() + self.payload.len()
     }
+
+    /// Heap bytes this message keeps alive when stored: topic, payload and its v5 properties
+    /// (the `Message` itself is counted by whoever holds it).
+    pub fn heap_size(&self) -> usize {
+        let props = self.properties.as_deref().map_or(0, |p| {
+            let s = |v: &bytestring::ByteString| v.len();
+            std::mem::size_of::<PublishProperties>()
+                + p.response_topic.as_ref().map_or(0, |t| t.len())
+                + p.correlation_data.as_ref().map_or(0, |b| b.len())
+                + p.content_type.as_ref().map_or(0, s)
+                + p.user_properties
+                    .iter()
+                    .map(|(k, v)| std::mem::size_of::<(ByteString, ByteString)>() + s(k) + s(v))
+                    .sum::<usize>()
+                + p.subscription_identifiers.len() * 4
+        });
+        self.topic.len() + self.payload.len() + props
+    }
 }

@@ -62,6 +62,36 @@ fn sans_io_layers_do_not_import_glommio_or_rustls() {
 }
 
 #[test]
+fn the_shard_core_has_no_io_no_rc_and_no_clock() {
+    // The simulator runs it in one thread with simulated time: anything that reads the clock,
+    // wakes a task or touches a socket would make runs unrepeatable or untestable.
+    let bad: Vec<String> = offenders(
+        &["src/shardcore", "src/metrics"],
+        &[
+            "glommio",
+            "rustls",
+            "std::net",
+            "socket2",
+            "std::rc",
+            "Rc<",
+            "Waker",
+            "Instant::now",
+            "SystemTime",
+            "thread_local",
+        ],
+    )
+    .into_iter()
+    // Its unit tests take one base instant to simulate time from.
+    .filter(|l| !l.contains("src/shardcore/tests.rs") || !l.contains("Instant::now"))
+    .collect();
+    assert!(
+        bad.is_empty(),
+        "the shard core must stay sans-IO:\n{}",
+        bad.join("\n")
+    );
+}
+
+#[test]
 fn only_the_shard_module_imports_glommio() {
     let bad = offenders(
         &[
@@ -69,6 +99,8 @@ fn only_the_shard_module_imports_glommio() {
             "src/session",
             "src/routing",
             "src/auth",
+            "src/shardcore",
+            "src/metrics",
             "src/config",
             "src/tls",
             "src/broker.rs",

@@ -22,6 +22,7 @@
 //! | `message_size_limit`          | `0` (no limit but `max_packet_size`) | mosquitto |
 //! | `max_packet_size`             | `2000000`                        | mosquitto 2.1 (2.0: no limit) |
 //! | `max_keepalive`               | `65535`                          | mosquitto 2.0 |
+//! | `max_subscriptions_per_client`| `10000` (`0`: no limit)          | Midge; each subscription is a route on every shard |
 //! | `retain_available`            | `true`                           | |
 //! | `persistent_client_expiration`| never                            | |
 //! | `queue_qos0_messages`         | `false`                          | |
@@ -29,6 +30,8 @@
 //! | `autosave_interval`           | `1800` s                         | no effect without persistence |
 //! | `sys_interval`                | `10` s (`0` disables `$SYS`)     | |
 //! | `log_dest`                    | `stderr`                         | |
+//! | `log_timestamp`               | `true`                           | mosquitto: `TIMESTAMP: message` |
+//! | `log_timestamp_format`        | none: seconds since the epoch    | strftime(3), local time, as mosquitto |
 //! | `log_type`                    | `error warning notice information` (INFO) | `-v`: all (TRACE) |
 //! | `tls_version`                 | `tlsv1.2` (1.2 and 1.3 allowed)  | TLS listeners |
 //! | `require_certificate`         | `false`                          | TLS listeners |
@@ -64,6 +67,9 @@ pub const PROTOCOL_MAX_PAYLOAD: u32 = 268_435_455;
 /// mosquitto refuses `max_packet_size` below 20 bytes: normal packets would not fit.
 pub const MIN_MAX_PACKET_SIZE: u32 = 20;
 pub const MAX_KEEPALIVE: u16 = 65535;
+/// Subscriptions per client session: far above what a device needs, low enough that one
+/// client cannot grow every shard's routing table without bound.
+pub const MAX_SUBSCRIPTIONS_PER_CLIENT: u32 = 10_000;
 pub const RETAIN_AVAILABLE: bool = true;
 pub const QUEUE_QOS0_MESSAGES: bool = false;
 pub const SYS_INTERVAL: Duration = Duration::from_secs(10);

@@ -24,8 +24,6 @@ pub static HARMLESS_KEYS: &[(&str, &str)] = &[
         "connection_messages",
         "Midge logs connects and disconnects at its own levels",
     ),
-    ("log_timestamp", "Midge log lines always carry a timestamp"),
-    ("log_timestamp_format", "Midge chooses its timestamp format"),
     ("log_facility", "only used by log_dest syslog"),
     ("websockets_log_level", "Midge has no WebSockets listener"),
     (
@@ -261,6 +259,8 @@ pub(crate) struct Builder {
     queue_origin: Option<Origin>,
     log_dest: At<LogDest>,
     log_level: Option<LevelFilter>,
+    log_timestamp: bool,
+    log_timestamp_format: Option<String>,
     pub(crate) verbose: bool,
     sys_interval: Option<Duration>,
     autosave_interval: Duration,
@@ -277,8 +277,13 @@ pub(crate) struct Builder {
     /// mosquitto's default listener (`port`, `bind_address`, per-listener keys before the
     /// first `listener` line, or `-p`/`--bind`).
     pub(crate) default_listener: RawListener,
-    /// Set when the file created the default listener.
+    /// Set by `port` / `bind_address` (the other keys count at the end, by value).
     default_from_file: bool,
+    /// The first per-listener key written before any `listener` line, for messages.
+    default_keys: Option<(String, Origin)>,
+    /// `dhparamfile` before any `listener` line (ignored by Midge, but mosquitto creates the
+    /// default listener for it).
+    dhparamfile_before_listener: bool,
     /// Set when `-p`/`--bind` created or changed it.
     pub(crate) default_from_cli: bool,
     listeners: Vec<RawListener>,
@@ -332,6 +337,8 @@ impl Builder {
             queue_origin: None,
             log_dest: None,
             log_level: None,
+            log_timestamp: true,
+            log_timestamp_format: None,
             verbose: false,
             sys_interval: Some(defaults::SYS_INTERVAL),
             autosave_interval: defaults::AUTOSAVE_INTERVAL,
@@ -344,6 +351,8 @@ impl Builder {
             check_retain_source: None,
             default_listener: RawListener::new(None, None, Origin::Default),
             default_from_file: false,
+            default_keys: None,
+            dhparamfile_before_listener: false,
             default_from_cli: false,
             listeners: Vec::new(),
             current: None,
@@ -440,29 +449,48 @@ impl Builder {
     }
 
     /// The listener that per-listener keys currently apply to. Before the first `listener`
-    /// line that is mosquitto's default listener, which the key then brings into existence.
+    /// line that is mosquitto's default listener; whether the file thereby creates it is
+    /// decided at the end, by mosquitto's rule (see [`Builder::mosquitto_default_listener`]).
     fn cur(&mut self, key: &str, origin: &Origin) -> &mut RawListener {
         match self.current {
             Some(i) => &mut self.listeners[i],
             None => {
-                if !self.default_from_file {
-                    self.default_from_file = true;
-                    if self.default_listener.port.is_none() && self.default_listener.host.is_none()
-                    {
-                        self.default_listener.origin = origin.clone();
-                        self.warn(
-                            origin,
-                            key,
-                            "per-listener key before any `listener` line: as in mosquitto it \
-                             configures the default listener (port 1883 on all interfaces unless \
-                             `port`/`bind_address` say otherwise); add a `listener` line to be explicit",
-                            false,
-                        );
-                    }
+                if self.default_keys.is_none() {
+                    self.default_keys = Some((key.to_string(), origin.clone()));
                 }
                 &mut self.default_listener
             }
         }
+    }
+
+    /// mosquitto 2.0's rule (`config__parse_args` in src/conf.c) for whether the file created
+    /// the default listener: `port` or `bind_address`, or a per-listener key before the first
+    /// `listener` line whose value differs from the listener default: `max_connections`
+    /// other than -1, `max_qos` other than 2, `require_certificate` /
+    /// `use_identity_as_username` / `use_subject_as_username` true, or any of `cafile`,
+    /// `capath`, `certfile`, `keyfile`, `ciphers`, `ciphers_tls13`, `crlfile`,
+    /// `dhparamfile`. Keys such as `max_topic_alias`, `tls_version`, `protocol mqtt` or
+    /// `allow_anonymous` do not create it (mosquitto ignores them there).
+    fn mosquitto_default_listener(&self) -> bool {
+        let d = &self.default_listener;
+        let t = &d.tls;
+        let on = |v: &At<bool>| v.as_ref().is_some_and(|(b, _)| *b);
+        // `port` and `bind_address` in the file set `default_from_file` themselves (the
+        // command line's `-p`/`--bind` make the default listener on their own terms).
+        self.default_from_file
+            || self.dhparamfile_before_listener
+            || d.max_connections.is_some()
+            || d.max_qos != QoS::ExactlyOnce
+            || t.cafile.is_some()
+            || t.capath.is_some()
+            || t.certfile.is_some()
+            || t.keyfile.is_some()
+            || t.ciphers.is_some()
+            || t.ciphers_tls13.is_some()
+            || t.crlfile.is_some()
+            || on(&t.require_certificate)
+            || on(&t.use_identity_as_username)
+            || on(&t.use_subject_as_username)
     }
 
     /// Apply one `key value` line.
@@ -812,6 +840,9 @@ impl Builder {
                 }
                 self.limits.max_packet_size = n;
             }
+            "max_subscriptions_per_client" => {
+                self.limits.max_subscriptions_per_client = num(value, 0, u32::MAX as u64)? as u32;
+            }
             "max_keepalive" => {
                 self.limits.max_keepalive = num(value, 0, 65535)? as u16;
             }
@@ -877,6 +908,17 @@ impl Builder {
                 self.pid_file = Some(path_value(key, value, origin)?);
             }
             // --- logging ---------------------------------------------------------------------
+            "log_timestamp" => self.log_timestamp = boolean(value)?,
+            "log_timestamp_format" => {
+                // The whole rest of the line: strftime formats contain spaces.
+                if value.is_empty() {
+                    return Err(ConfigError::key(origin, key, "missing strftime format"));
+                }
+                if value.contains('\0') {
+                    return Err(ConfigError::key(origin, key, "NUL in the format"));
+                }
+                self.log_timestamp_format = Some(value.to_string());
+            }
             "log_dest" => {
                 let mut parts = value.split_whitespace();
                 let dest = match parts.next() {
@@ -989,6 +1031,9 @@ impl Builder {
 
     /// Keys Midge does not implement: harmless ones warn, everything else is an error.
     fn other_key(&mut self, key: &str, origin: &Origin) -> Result<(), ConfigError> {
+        if key == "dhparamfile" && self.current.is_none() {
+            self.dhparamfile_before_listener = true;
+        }
         if key == "user" && is_root() {
             return Err(ConfigError::key(
                 origin,
@@ -1042,6 +1087,32 @@ impl Builder {
 
     /// Validate and produce the final configuration.
     pub(crate) fn finish(mut self, source: Option<PathBuf>) -> Result<Config, ConfigError> {
+        let created = self.mosquitto_default_listener();
+        if created && !self.default_from_file {
+            if let Some((key, origin)) = self.default_keys.clone() {
+                self.default_listener.origin = origin.clone();
+                self.warn(
+                    &origin,
+                    &key,
+                    "per-listener key before any `listener` line: as in mosquitto it creates the \
+                     default listener (port 1883 on all interfaces unless `port`/`bind_address` \
+                     say otherwise); add a `listener` line to be explicit",
+                    false,
+                );
+            }
+        } else if !created {
+            if let Some((key, origin)) = self.default_keys.clone() {
+                self.warn(
+                    &origin,
+                    &key,
+                    "written before any `listener` line, this applies to mosquitto's default \
+                     listener, which this file does not create (as in mosquitto): it has no \
+                     effect; move it under a `listener` line",
+                    false,
+                );
+            }
+        }
+        self.default_from_file = created;
         let file_listeners = !self.listeners.is_empty() || self.default_from_file;
         let local_only = !file_listeners && self.cli_listeners.is_empty();
 
@@ -1208,6 +1279,8 @@ impl Builder {
             log: LogSettings {
                 dest: self.log_dest.map(|d| d.0).unwrap_or(LogDest::Stderr),
                 level,
+                timestamp: self.log_timestamp,
+                timestamp_format: self.log_timestamp_format,
             },
             sys_interval: self.sys_interval,
             autosave_interval: self.autosave_interval,

@@ -17,9 +17,15 @@
 //!   the TLS keys and Midge's `tls_*` keys) apply to it. Without ADDRESS the listener binds
 //!   `0.0.0.0`. A host name is resolved once at startup and its first address is bound.
 //!   Repeating an identical `listener` line reopens that section, as in mosquitto.
-//! * Legacy default listener: `port` and `bind_address` (and any per-listener key written
-//!   before the first `listener` line) configure mosquitto's *default listener*, which then
-//!   exists in addition to the `listener` sections. `port` alone binds all IPv4 interfaces.
+//! * Legacy default listener: `port` and `bind_address` configure mosquitto's *default
+//!   listener*, which then exists in addition to the `listener` sections; `port` alone binds
+//!   all IPv4 interfaces. A per-listener key written before the first `listener` line applies
+//!   to that default listener, and creates it exactly when mosquitto 2.0 would: when its value
+//!   differs from the listener default (`max_connections` other than -1, `max_qos` other than
+//!   2, `require_certificate`/`use_identity_as_username`/`use_subject_as_username` true, or
+//!   any of `cafile`, `capath`, `certfile`, `keyfile`, `ciphers`, `ciphers_tls13`,
+//!   `crlfile`, `dhparamfile`). Others (`max_topic_alias`, `tls_version`, `protocol mqtt`,
+//!   Midge's `tls_*` keys) do not create it; Midge warns that they have no effect there.
 //! * `include_dir DIR` (main file only) reads `DIR/*.conf` in mosquitto's order (case-sensitive
 //!   alphabetical, upper case before lower case of the same letter).
 //! * `allow_anonymous`, `password_file`, `acl_file` and `per_listener_settings`, as mosquitto
@@ -258,6 +264,9 @@ pub struct Limits {
     pub persistent_client_expiration: Option<Duration>,
     /// `queue_qos0_messages`: also queue QoS 0 messages for disconnected persistent clients.
     pub queue_qos0_messages: bool,
+    /// `max_subscriptions_per_client` (Midge): subscriptions one client session may hold;
+    /// a SUBSCRIBE for a new filter beyond it is refused (v5 0x97, 3.1.1 0x80). 0 = no limit.
+    pub max_subscriptions_per_client: u32,
 }
 
 impl Limits {
@@ -288,6 +297,12 @@ pub struct LogSettings {
     /// Most verbose level enabled: `log_type error` → ERROR, `warning` → WARN, `notice` and
     /// `information` → INFO, `debug` → DEBUG, `all` (or `-v`) → TRACE, `none` → OFF.
     pub level: LevelFilter,
+    /// `log_timestamp` (default true): each line starts with a timestamp and `: `, as
+    /// mosquitto writes it.
+    pub timestamp: bool,
+    /// `log_timestamp_format`: a strftime(3) format for that timestamp, in local time;
+    /// `None` (mosquitto's default) = seconds since the Unix epoch.
+    pub timestamp_format: Option<String>,
 }
 
 /// `log_dest`: Midge writes to one console stream (let journald or the supervisor store it).
@@ -424,6 +439,7 @@ impl Default for Limits {
             retain_available: defaults::RETAIN_AVAILABLE,
             persistent_client_expiration: None,
             queue_qos0_messages: defaults::QUEUE_QOS0_MESSAGES,
+            max_subscriptions_per_client: defaults::MAX_SUBSCRIPTIONS_PER_CLIENT,
         }
     }
 }
@@ -433,6 +449,8 @@ impl Default for LogSettings {
         LogSettings {
             dest: LogDest::Stderr,
             level: defaults::LOG_LEVEL,
+            timestamp: true,
+            timestamp_format: None,
         }
     }
 }

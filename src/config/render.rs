@@ -57,6 +57,10 @@ pub fn render_effective(config: &Config) -> String {
         LogDest::None => "none",
     };
     let _ = writeln!(s, "log_dest {dest}");
+    let _ = writeln!(s, "log_timestamp {}", config.log.timestamp);
+    if let Some(f) = &config.log.timestamp_format {
+        let _ = writeln!(s, "log_timestamp_format {f}");
+    }
     for t in log_types(config.log.level) {
         let _ = writeln!(s, "log_type {t}");
     }
@@ -69,6 +73,11 @@ pub fn render_effective(config: &Config) -> String {
     let _ = writeln!(s, "message_size_limit {}", l.message_size_limit);
     let _ = writeln!(s, "max_packet_size {}", l.max_packet_size);
     let _ = writeln!(s, "max_keepalive {}", l.max_keepalive);
+    let _ = writeln!(
+        s,
+        "max_subscriptions_per_client {}",
+        l.max_subscriptions_per_client
+    );
     let _ = writeln!(s, "retain_available {}", l.retain_available);
     match l.persistent_client_expiration {
         Some(d) => {

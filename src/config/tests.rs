@@ -10,11 +10,14 @@ use tempfile::TempDir;
 
 use super::*;
 
-/// Keys that belong to a listener section (each, before any `listener`, configures the
-/// default listener).
-const PER_LISTENER_KEYS: &[(&str, &str)] = &[
-    ("max_connections", "10"),
-    ("max_qos", "1"),
+/// Per-listener keys whose value, before any `listener` line, makes mosquitto 2.0 create its
+/// default listener (`config__parse_args` in mosquitto's src/conf.c).
+const CREATES_DEFAULT_LISTENER: &[(&str, &str)] = &[("max_connections", "10"), ("max_qos", "1")];
+
+/// Per-listener keys (or values) that, before any `listener` line, do not create it.
+const IGNORED_BEFORE_LISTENER: &[(&str, &str)] = &[
+    ("max_connections", "-1"),
+    ("max_qos", "2"),
     ("max_topic_alias", "5"),
     ("protocol", "mqtt"),
     ("listener_allow_anonymous", "false"),
@@ -118,6 +121,7 @@ fn no_arguments_means_loopback_anonymous_listener_and_mosquitto_limits() {
     assert_eq!(c.limits.max_queued_bytes, 0);
     assert_eq!(c.limits.message_size_limit, 0);
     assert_eq!(c.limits.max_keepalive, 65535);
+    assert_eq!(c.limits.max_subscriptions_per_client, 10_000);
     assert!(c.limits.retain_available);
     assert_eq!(c.limits.persistent_client_expiration, None);
     assert!(!c.limits.queue_qos0_messages);
@@ -314,16 +318,26 @@ fn legacy_port_and_bind_address_make_the_default_listener() {
 }
 
 #[test]
-fn per_listener_key_before_any_listener_configures_the_default_listener() {
-    for (key, value) in PER_LISTENER_KEYS {
+fn per_listener_key_before_any_listener_creates_the_default_listener_as_mosquitto_does() {
+    for (key, value) in CREATES_DEFAULT_LISTENER {
         let c = ok(&format!("{key} {value}\nlistener 8883 127.0.0.1\n"));
         assert_eq!(c.listeners.len(), 2, "{key}");
         assert_eq!(c.listeners[0].addr, addr("0.0.0.0:1883"), "{key}");
         assert!(has_warning(&c, key), "{key}");
     }
+    for (key, value) in IGNORED_BEFORE_LISTENER {
+        let c = ok(&format!("{key} {value}\nlistener 8883 127.0.0.1\n"));
+        let addrs: Vec<SocketAddr> = c.listeners.iter().map(|l| l.addr).collect();
+        assert_eq!(addrs, vec![addr("127.0.0.1:8883")], "{key} {value}");
+        assert!(has_warning(&c, key), "{key}: no-effect warning");
+    }
     let c = ok("max_connections 10\nlistener 8883 127.0.0.1\nmax_connections 20\n");
     assert_eq!(c.listeners[0].max_connections, Some(10));
     assert_eq!(c.listeners[1].max_connections, Some(20));
+    // A key that does not create it still configures it when `port` does.
+    let c = ok("max_topic_alias 5\nport 1884\nlistener 8883 127.0.0.1\n");
+    assert_eq!(c.listeners[0].addr, addr("0.0.0.0:1884"));
+    assert_eq!(c.listeners[0].max_topic_alias, 5);
 }
 
 #[test]
@@ -456,6 +470,14 @@ fn numeric_limits_are_read_and_validated() {
             |c| c.limits.max_keepalive as u64,
             "65536",
             "expected a number 0-65535, got '65536'",
+        ),
+        (
+            "max_subscriptions_per_client",
+            "50",
+            50,
+            |c| c.limits.max_subscriptions_per_client as u64,
+            "-1",
+            "expected a number",
         ),
         (
             "sys_interval",

@@ -133,8 +133,10 @@ impl<K: Copy + Eq> LocalSubscriptions<K> {
     /// Everyone on this shard who gets a message that routing sent here: every matching
     /// plain subscription when `plain`, plus one member (by `counter`) of each group in
     /// `groups`. Appended to `out`; allocation-free when `out` has the capacity. A group that
-    /// lost its last member here since the sender matched is skipped (the message is not
-    /// re-routed: the same window as any replicated table).
+    /// lost its last member here since the sender matched (the same window as any replicated
+    /// table) is appended to `orphaned`, for the caller to hand to a shard that still has
+    /// members: a message routed to a group must reach one of them. Returns how many of the
+    /// appended entries are plain matches: they come first, the group picks after them.
     pub fn deliveries_into(
         &self,
         topic: &TopicName,
@@ -142,13 +144,20 @@ impl<K: Copy + Eq> LocalSubscriptions<K> {
         groups: &[TopicFilter],
         counter: u64,
         out: &mut Vec<(K, LocalSubscription)>,
-    ) {
+        orphaned: &mut smallvec::SmallVec<[TopicFilter; 1]>,
+    ) -> usize {
+        let before = out.len();
         if plain {
             self.trie.match_plain_into(topic, out);
         }
+        let plain_matches = out.len() - before;
         for g in groups {
-            out.extend(self.pick_shared(g, counter));
+            match self.pick_shared(g, counter) {
+                Some(m) => out.push(m),
+                None => orphaned.push(g.clone()),
+            }
         }
+        plain_matches
     }
 
     /// The local subscribers of exactly `filter`.

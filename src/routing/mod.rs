@@ -31,7 +31,9 @@ pub use replica::{
     pick_shard, shards_in, Forward, RouteDelta, RouteOp, RoutingReplica, ShardId, ShardMatch,
     MAX_SHARDS,
 };
-pub use retained::{RefuseReason, RetainOutcome, RetainedLimits, RetainedStore};
+pub use retained::{
+    RefuseReason, RetainOutcome, RetainedLimits, RetainedStore, NODE_BYTES as RETAINED_NODE_BYTES,
+};
 pub use trie::{pick_one_per_group, Match, SubscriptionTrie};
 
 use thiserror::Error;

@@ -258,7 +258,11 @@ proptest! {
             }
         }
         prop_assert_eq!(store.len(), model.len());
-        prop_assert_eq!(store.bytes(), model.values().sum::<usize>());
+        prop_assert_eq!(
+            store.bytes(),
+            model.values().sum::<usize>()
+                + store.node_count() * crate::routing::RETAINED_NODE_BYTES
+        );
         let now = Instant::now();
         let mut out = Vec::new();
         for f in &filters {
@@ -330,7 +334,11 @@ proptest! {
             for d in shards_in(mask) {
                 let mut groups = smallvec::SmallVec::new();
                 prop_assert!(sm.work_for(d, &chosen, &mut groups));
-                locals[d.index()].deliveries_into(t, sm.plain & d.bit() != 0, &groups, counter, &mut out);
+                let mut orphaned = smallvec::SmallVec::new();
+                let before = out.len();
+                let n_plain = locals[d.index()].deliveries_into(t, sm.plain & d.bit() != 0, &groups, counter, &mut out, &mut orphaned);
+                prop_assert_eq!(out.len() - before - n_plain, groups.len(), "one pick per group, after the plain matches");
+                prop_assert!(orphaned.is_empty());
             }
             let mut got_plain: Vec<(u64, u32)> = Vec::new();
             let mut got_groups: BTreeMap<String, usize> = BTreeMap::new();

@@ -14,6 +14,11 @@
 //! retained publish on that topic (mailboxes are FIFO per pair, not globally ordered); the
 //! store keeps whatever arrived last. Bounds are per replica and identical on every shard,
 //! so every replica refuses the same publishes.
+//!
+//! Memory: a replica's size counts what it really keeps alive: each message's topic, payload
+//! and v5 properties ([`Message::heap_size`]) plus its own trie nodes (one per topic level,
+//! [`NODE_BYTES`] each, exact count). Payloads are shared by the replicas but counted in
+//! each, so the whole store costs at most `shards × max_bytes`.
 
 use std::time::Instant;
 
@@ -24,13 +29,12 @@ use super::trie::{next_level, Node, Trie};
 use super::MAX_FILTER_LEVELS;
 
 /// Bounds of one retained store (per shard; every shard holds the same set). `max_bytes` is
-/// counted per replica, but the payload allocations are shared by all replicas, so the
-/// process holds the payloads once plus one trie per shard.
+/// counted per replica (see the module doc for what it counts).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetainedLimits {
     /// Most topics with a retained message.
     pub max_messages: usize,
-    /// Most bytes held, counted as topic + payload of each message.
+    /// Most bytes held: messages (topic, payload, properties) and trie nodes.
     pub max_bytes: usize,
 }
 
@@ -69,10 +73,16 @@ pub enum RefuseReason {
     TooManyLevels,
 }
 
+/// Memory of one trie node of the store, as laid out in its parent (key, node with its
+/// inline `Option<Message>` payload), plus an allowance for the key's own allocation.
+pub const NODE_BYTES: usize =
+    std::mem::size_of::<(Box<str>, Node<Option<Message>>)>() + 2 * std::mem::size_of::<usize>();
+
 pub struct RetainedStore {
     trie: Trie<Option<Message>>,
     limits: RetainedLimits,
     count: usize,
+    /// Heap bytes of the stored messages (trie nodes are added from the node count).
     bytes: usize,
     refused: u64,
 }
@@ -114,9 +124,9 @@ impl RetainedStore {
         self.count == 0
     }
 
-    /// Bytes held (topic + payload per message).
+    /// Bytes held: messages and trie nodes.
     pub fn bytes(&self) -> usize {
-        self.bytes
+        self.bytes + self.trie.node_count() * NODE_BYTES
     }
 
     /// Retained publishes refused since start (for metrics).
@@ -138,15 +148,15 @@ impl RetainedStore {
         if msg.topic.levels().count() > MAX_FILTER_LEVELS {
             return self.refuse(RefuseReason::TooManyLevels);
         }
-        let size = msg.queued_size();
+        let size = msg.heap_size();
         let old_size = self
             .trie
             .get(msg.topic.levels())
             .and_then(|m| m.as_ref())
-            .map(Message::queued_size);
+            .map(Message::heap_size);
         match old_size {
             Some(old) => {
-                if self.bytes - old + size > self.limits.max_bytes {
+                if self.bytes() - old + size > self.limits.max_bytes {
                     self.remove_topic(&msg.topic);
                     return self.refuse(RefuseReason::TooManyBytes);
                 }
@@ -159,7 +169,8 @@ impl RetainedStore {
                 if self.count >= self.limits.max_messages {
                     return self.refuse(RefuseReason::TooManyMessages);
                 }
-                if self.bytes + size > self.limits.max_bytes {
+                let nodes = self.trie.missing_nodes(msg.topic.levels()) * NODE_BYTES;
+                if self.bytes() + nodes + size > self.limits.max_bytes {
                     return self.refuse(RefuseReason::TooManyBytes);
                 }
                 self.bytes += size;
@@ -184,7 +195,7 @@ impl RetainedStore {
             return false;
         };
         self.count -= 1;
-        self.bytes -= old.queued_size();
+        self.bytes -= old.heap_size();
         self.trie.prune(topic.levels());
         true
     }
@@ -305,7 +316,8 @@ mod tests {
             s.set(msg("a/b", "22")),
             RetainOutcome::Stored { replaced: true }
         );
-        assert_eq!((s.len(), s.bytes()), (1, 5));
+        // "a/b" + "22", and its two trie nodes.
+        assert_eq!((s.len(), s.bytes()), (1, 5 + 2 * NODE_BYTES));
         let mut out = Vec::new();
         s.match_filter(&f("a/b"), Instant::now(), &mut out);
         assert_eq!(out.len(), 1);
@@ -385,9 +397,11 @@ mod tests {
 
     #[test]
     fn bounds_refuse_new_topics_and_count_refusals() {
+        // Room for two one-level topics' nodes and 12 bytes of messages.
+        let n = NODE_BYTES;
         let mut s = RetainedStore::new(RetainedLimits {
             max_messages: 2,
-            max_bytes: 12,
+            max_bytes: 12 + 2 * n,
         });
         assert_eq!(
             s.set(msg("a", "1")),
@@ -406,19 +420,67 @@ mod tests {
             s.set(msg("a", "12345")),
             RetainOutcome::Stored { replaced: true }
         );
-        assert_eq!(s.bytes(), 8);
+        assert_eq!(s.bytes(), 8 + 2 * n);
         // A replacement that does not fit removes the stale value and is refused.
         assert_eq!(
             s.set(msg("a", "1234567890")),
             RetainOutcome::Refused(RefuseReason::TooManyBytes)
         );
-        assert_eq!((s.len(), s.bytes(), s.refused()), (1, 2, 2));
+        assert_eq!((s.len(), s.bytes(), s.refused()), (1, 2 + n, 2));
         assert!(topics(&s, "a").is_empty());
         assert_eq!(
             s.set(msg("d", "12345678901")),
             RetainOutcome::Refused(RefuseReason::TooManyBytes)
         );
         assert_eq!(s.refused(), 3);
+    }
+
+    #[test]
+    fn bounds_count_trie_nodes_and_properties() {
+        // 100 levels cost 100 nodes: far more than the topic's 199 bytes.
+        let deep = vec!["a"; 100].join("/");
+        let limit = 50 * NODE_BYTES;
+        let mut s = RetainedStore::new(RetainedLimits {
+            max_messages: 1000,
+            max_bytes: limit,
+        });
+        assert_eq!(
+            s.set(msg(&deep, "x")),
+            RetainOutcome::Refused(RefuseReason::TooManyBytes)
+        );
+        assert_eq!(s.node_count(), 0, "nothing created for a refused message");
+        let half = vec!["b"; 40].join("/");
+        assert!(matches!(
+            s.set(msg(&half, "x")),
+            RetainOutcome::Stored { .. }
+        ));
+        assert!(s.bytes() >= 40 * NODE_BYTES && s.bytes() <= limit);
+        // A sibling shares the first 39 nodes: it costs one more.
+        let sibling = format!("{}/c", vec!["b"; 39].join("/"));
+        let before = s.bytes();
+        assert!(matches!(
+            s.set(msg(&sibling, "x")),
+            RetainOutcome::Stored { .. }
+        ));
+        assert_eq!(s.bytes() - before, NODE_BYTES + sibling.len() + 1);
+        // v5 properties are counted: 1 KiB of user property on a one-byte payload.
+        let mut p = msg("props", "x");
+        p.properties = Some(std::sync::Arc::new(crate::codec::PublishProperties {
+            user_properties: vec![("k".into(), "v".repeat(1024).into())],
+            ..Default::default()
+        }));
+        let before = s.bytes();
+        assert!(matches!(s.set(p), RetainOutcome::Stored { .. }));
+        assert!(
+            s.bytes() - before > 1024 + NODE_BYTES,
+            "{}",
+            s.bytes() - before
+        );
+        // Removing everything gives it all back.
+        for t in [half.as_str(), sibling.as_str(), "props"] {
+            s.set(msg(t, ""));
+        }
+        assert_eq!((s.bytes(), s.node_count()), (0, 0));
     }
 
     #[test]

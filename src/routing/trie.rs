@@ -300,6 +300,22 @@ impl<P: Payload> Trie<P> {
         &mut node.payload
     }
 
+    /// How many nodes `get_or_create(levels)` would create.
+    pub(crate) fn missing_nodes<'a>(&self, levels: impl Iterator<Item = &'a str>) -> usize {
+        let mut node = &self.root;
+        let mut levels = levels.peekable();
+        while let Some(level) = levels.peek() {
+            match node.step(Step::of(level)) {
+                Some(n) => {
+                    node = n;
+                    levels.next();
+                }
+                None => break,
+            }
+        }
+        levels.count()
+    }
+
     pub(crate) fn get<'a>(&self, levels: impl Iterator<Item = &'a str>) -> Option<&P> {
         let mut node = &self.root;
         for level in levels {

@@ -115,6 +115,19 @@ fn detached_will(w: &LastWill) -> LastWill {
 /// Largest packet the protocol can express: 268,435,455 bytes of body plus a 5-byte header.
 const PROTOCOL_MAX_PACKET_SIZE: u32 = 268_435_455 + 5;
 
+/// Most packets a session keeps waiting in `poll_transmit` before QoS 0 deliveries to it are
+/// dropped and retained messages wait for the client to drain (QoS 1/2 are bounded by the
+/// inflight window and queue): one subscriber that does not read must not grow memory.
+pub const MAX_PENDING_TRANSMIT: usize = 1000;
+
+/// Topics only the broker may publish to (mosquitto's `acl__check_dollar`): `$SYS…` (its
+/// statistics) and `$share…` (not a topic name but the shared-subscription prefix). A client's
+/// PUBLISH there is refused (v5: PUBACK/PUBREC 0x87) and neither routed nor retained; a will
+/// there is never published.
+pub fn is_broker_only_topic(topic: &str) -> bool {
+    topic.starts_with("$SYS") || topic.starts_with("$share")
+}
+
 /// Server-side limits, one copy per listener (mosquitto option names in brackets).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SessionConfig {
@@ -148,6 +161,10 @@ pub struct SessionConfig {
     pub shared_subscriptions_available: bool,
     pub subscription_identifiers_available: bool,
     pub wildcard_subscriptions_available: bool,
+    /// Most subscriptions one session may hold (each costs a route on every shard); a
+    /// SUBSCRIBE for a new filter beyond it is refused with 0x97 (3.1.1: 0x80). Replacing an
+    /// existing subscription is always allowed. 0 = no limit. [`max_subscriptions_per_client`]
+    pub max_subscriptions: usize,
 }
 
 impl Default for SessionConfig {
@@ -167,6 +184,7 @@ impl Default for SessionConfig {
             shared_subscriptions_available: true,
             subscription_identifiers_available: true,
             wildcard_subscriptions_available: true,
+            max_subscriptions: 10_000,
         }
     }
 }
@@ -250,10 +268,11 @@ pub enum CloseReason {
 pub enum SessionEvent {
     /// Route this message (topic alias already resolved; a QoS 2 message appears once).
     Publish(Message),
-    /// Add/replace the subscription in the local table. Send retained messages per
-    /// `options.retain_handling` (0: always, 1: only if `!existed`, 2: never) through
-    /// [`Session::deliver_retained`] — unless `resumed`, which only re-announces a subscription
-    /// carried over in a resumed `SessionState`.
+    /// Add/replace the subscription in the local table. Retained messages are the session's
+    /// own business: it asks for them with [`Session::next_retained_request`] (per
+    /// `options.retain_handling` — 0: always, 1: only if `!existed`, 2: never — and never for
+    /// `resumed`, which only re-announces a subscription carried over in a resumed
+    /// `SessionState`).
     Subscribe {
         filter: TopicFilter,
         options: SubscriptionOptions,
@@ -269,6 +288,24 @@ pub enum SessionEvent {
     Close { reason: CloseReason },
     /// The session ended (expired, or closed with expiry 0): drop the `Session`.
     Ended,
+    /// Something the operator may want to hear about; the runtime logs it (peer text
+    /// escaped). Nothing to act on.
+    Notice(Notice),
+}
+
+/// See [`SessionEvent::Notice`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// Filters of one SUBSCRIBE were refused in its SUBACK: `too_deep` had more than
+    /// [`crate::routing::MAX_FILTER_LEVELS`] levels (0x8F), `over_limit` would have exceeded
+    /// `max_subscriptions` (0x97). `first` is the first refused filter. One per packet.
+    SubscribeRefused {
+        too_deep: usize,
+        over_limit: usize,
+        first: TopicFilter,
+    },
+    /// A PUBLISH to a broker-only topic ([`is_broker_only_topic`]) was refused.
+    BrokerOnlyTopic { topic: TopicName },
 }
 
 /// Result of offering a message to this session.
@@ -345,7 +382,9 @@ impl Conn {
         if self.next_out_alias <= self.client_alias_max {
             let a = self.next_out_alias;
             self.next_out_alias += 1;
-            self.out_aliases.insert(p.topic.clone(), a);
+            // Copied, for the same reason: the message's topic points into its publisher's
+            // read buffer.
+            self.out_aliases.insert(p.topic.detached(), a);
             p.properties.topic_alias = Some(a);
             return AliasUse::New(p.topic.clone());
         }
@@ -408,9 +447,19 @@ pub struct Session {
     conn: Option<Conn>,
     transmit: VecDeque<Packet>,
     events: VecDeque<SessionEvent>,
+    /// Retained messages due to this connection because of its SUBSCRIBEs, not yet sent:
+    /// filters whose messages the runtime has not looked up yet (in order, each at most once
+    /// while waiting), and messages looked up but not yet in `transmit` / the window.
+    retained_requests: VecDeque<TopicFilter>,
+    retained_waiting: ahash::AHashSet<TopicFilter>,
+    retained_backlog: VecDeque<Outgoing>,
     ended: bool,
     /// Spec citation of a violation being closed on, for the DISCONNECT reason string.
     detail: Option<&'static str>,
+    /// The queue may grow past `max_queued_*` (up to [`Session::queue_hard_limit`]): set by the
+    /// shard core while this subscriber is live and making progress, so an acknowledged
+    /// message is never dropped for it; the core pauses the publishers feeding it instead.
+    overflow: bool,
 }
 
 impl Session {
@@ -489,7 +538,13 @@ impl Session {
             next_out_alias: 1,
             in_aliases: Vec::new(),
             connect_expiry_zero: requested_expiry == 0,
-            will: connect.will.as_ref().map(|w| Box::new(detached_will(w))),
+            // mosquitto never publishes a will to a broker-only topic (its ACL check at
+            // sending time denies it); keeping it would only cost memory.
+            will: connect
+                .will
+                .as_ref()
+                .filter(|w| !is_broker_only_topic(w.topic.as_str()))
+                .map(|w| Box::new(detached_will(w))),
         };
 
         let mut ack = ConnAckProperties::default();
@@ -534,8 +589,12 @@ impl Session {
             conn: Some(conn),
             transmit: VecDeque::new(),
             events,
+            retained_requests: VecDeque::new(),
+            retained_waiting: ahash::AHashSet::new(),
+            retained_backlog: VecDeque::new(),
             ended: false,
             detail: None,
+            overflow: false,
         };
         session.transmit.push_back(Packet::ConnAck(ConnAck {
             session_present,
@@ -606,6 +665,13 @@ impl Session {
         }
         if self.events.is_empty() {
             self.events.shrink_to_fit();
+        }
+        if self.retained_backlog.is_empty() {
+            self.retained_backlog.shrink_to_fit();
+        }
+        if self.retained_requests.is_empty() {
+            self.retained_requests.shrink_to_fit();
+            self.retained_waiting.shrink_to_fit();
         }
     }
 
@@ -763,7 +829,10 @@ impl Session {
     }
 
     /// Offers a retained message because of a new subscription: always RETAIN=1
-    /// (3.1.1: [MQTT-3.3.1-8]). `options`: the new subscription's options.
+    /// (3.1.1: [MQTT-3.3.1-8]). `options`: the new subscription's options. It joins the
+    /// retained backlog, which goes out as the client drains: QoS 0 while fewer than
+    /// [`MAX_PENDING_TRANSMIT`] packets wait to be written, QoS 1/2 as the inflight window has
+    /// room (never dropped for a full queue). Only while connected.
     pub fn deliver_retained(
         &mut self,
         msg: &Message,
@@ -771,7 +840,82 @@ impl Session {
         subscription_ids: &[u32],
         now: Instant,
     ) -> DeliveryOutcome {
-        self.offer(msg, options.qos, true, subscription_ids, now)
+        if self.ended || self.conn.is_none() {
+            return DeliveryOutcome::Dropped(DropReason::Offline);
+        }
+        if msg.is_expired(now) {
+            return DeliveryOutcome::Dropped(DropReason::Expired);
+        }
+        self.retained_backlog.push_back(Outgoing {
+            msg: msg.clone(),
+            qos: msg.qos.min(options.qos),
+            retain: true,
+            sub_ids: subscription_ids.into(),
+        });
+        self.fill_retained(now);
+        DeliveryOutcome::Queued
+    }
+
+    /// The next filter whose retained messages the runtime should look up (in the retained
+    /// store) and hand to [`Session::deliver_retained`], with the subscription's current
+    /// options and identifier. Only offered when the backlog is empty and the client can take
+    /// more, so at most one filter's worth of retained messages waits here at a time.
+    pub fn next_retained_request(
+        &mut self,
+    ) -> Option<(TopicFilter, SubscriptionOptions, Option<u32>)> {
+        if self.conn.is_none()
+            || !self.retained_backlog.is_empty()
+            || self.transmit.len() >= MAX_PENDING_TRANSMIT
+        {
+            return None;
+        }
+        while let Some(filter) = self.retained_requests.pop_front() {
+            if !self.retained_waiting.remove(&filter) {
+                continue; // unsubscribed meanwhile
+            }
+            if let Some(sub) = self.state.subscriptions.get(&filter) {
+                return Some((filter, sub.options, sub.subscription_id));
+            }
+        }
+        None
+    }
+
+    /// Retained messages still to be sent because of SUBSCRIBEs (looked up or not).
+    pub fn retained_pending(&self) -> bool {
+        !self.retained_backlog.is_empty() || !self.retained_requests.is_empty()
+    }
+
+    /// Move retained messages from the backlog to `transmit` / the window while the bounds
+    /// allow (live traffic queued for the window goes first). The session does this itself
+    /// as the window opens; the runtime calls it when the client has drained `transmit`.
+    pub fn fill_retained(&mut self, now: Instant) {
+        while let Some(qos) = self.retained_backlog.front().map(|o| o.qos) {
+            let Some(conn) = self.conn.as_ref() else {
+                return;
+            };
+            if self.transmit.len() >= MAX_PENDING_TRANSMIT {
+                return;
+            }
+            if qos != QoS::AtMostOnce
+                && (!self.state.queue.is_empty()
+                    || conn.resend_pending > 0
+                    || self.state.inflight.len() >= conn.send_window)
+            {
+                return;
+            }
+            let Some(out) = self.retained_backlog.pop_front() else {
+                return;
+            };
+            if out.msg.is_expired(now) {
+                continue;
+            }
+            if out.qos == QoS::AtMostOnce {
+                // Too large for the client: discarded as if sent [MQTT-3.1.2-25].
+                self.emit_publish(&out, 0, false, now);
+            } else {
+                self.send_inflight(out, now);
+            }
+        }
     }
 
     fn offer(
@@ -832,17 +976,91 @@ impl Session {
     }
 
     fn enqueue(&mut self, out: Outgoing) -> DeliveryOutcome {
-        let c = &self.config;
-        let full_count =
-            c.max_queued_messages != 0 && self.state.queue.len() >= c.max_queued_messages;
-        let full_bytes = c.max_queued_bytes != 0
-            && self.state.queued_bytes + out.msg.queued_size() > c.max_queued_bytes;
+        let size = out.msg.queued_size();
+        let (count_limit, bytes_limit) = if self.overflow && self.conn.is_some() {
+            self.queue_hard_limit()
+        } else {
+            (
+                self.config.max_queued_messages,
+                self.config.max_queued_bytes,
+            )
+        };
+        let full_count = count_limit != 0 && self.state.queue.len() >= count_limit;
+        let full_bytes = bytes_limit != 0 && self.state.queued_bytes + size > bytes_limit;
         if full_count || full_bytes {
             // mosquitto's policy: keep what is queued, drop the newcomer.
             return DeliveryOutcome::Dropped(DropReason::QueueFull);
         }
         self.state.push_queued(out);
         DeliveryOutcome::Queued
+    }
+
+    /// Let the queue grow past `max_queued_*` while connected (see the `overflow` field).
+    pub fn set_queue_overflow(&mut self, allow: bool) {
+        self.overflow = allow;
+    }
+
+    /// The last-resort bound of an overflowing queue, `(messages, bytes)` (0 = none): four
+    /// times the configured limits plus 4096 messages. Reaching it means the publishers were
+    /// not paused in time; what arrives then is dropped and counted as queue-full.
+    pub fn queue_hard_limit(&self) -> (usize, usize) {
+        Session::hard_limit_for(&self.config)
+    }
+
+    /// [`Session::queue_hard_limit`] for a configuration.
+    pub fn hard_limit_for(c: &SessionConfig) -> (usize, usize) {
+        let count = if c.max_queued_messages == 0 {
+            0
+        } else {
+            c.max_queued_messages.saturating_mul(4).saturating_add(4096)
+        };
+        let bytes = c.max_queued_bytes.saturating_mul(4);
+        (count, bytes)
+    }
+
+    /// The queue is at or past `max_queued_messages` / `max_queued_bytes`.
+    pub fn queue_congested(&self) -> bool {
+        let c = &self.config;
+        (c.max_queued_messages != 0 && self.state.queue.len() >= c.max_queued_messages)
+            || (c.max_queued_bytes != 0 && self.state.queued_bytes >= c.max_queued_bytes)
+    }
+
+    /// The queue drained to half its limits or less: publishers paused on its account may
+    /// resume (the gap between the two marks keeps them from flapping).
+    pub fn queue_relieved(&self) -> bool {
+        let c = &self.config;
+        (c.max_queued_messages == 0 || self.state.queue.len() <= c.max_queued_messages / 2)
+            && (c.max_queued_bytes == 0 || self.state.queued_bytes <= c.max_queued_bytes / 2)
+    }
+
+    /// Answers a SUBSCRIBE without subscribing: every filter gets `reason` (v3: 0x80). The
+    /// shard core uses it when it cannot take new subscriptions (a peer shard's backlog is
+    /// too long), so nothing is granted that routing cannot carry out.
+    pub fn refuse_subscribe(&mut self, s: &Subscribe, reason: ReasonCode) {
+        self.transmit.push_back(Packet::SubAck(SubAck {
+            packet_id: s.packet_id,
+            reason_codes: vec![reason; s.filters.len()],
+            properties: AckProperties::default(),
+        }));
+    }
+
+    /// An offline session rebuilt from shipped state whose new connection went away before
+    /// it could start (the state must not be lost: it is kept here, offline, until it expires
+    /// or its client returns).
+    pub fn offline(config: &SessionConfig, state: SessionState) -> Session {
+        Session {
+            config: *config,
+            state,
+            conn: None,
+            transmit: VecDeque::new(),
+            events: VecDeque::new(),
+            ended: false,
+            detail: None,
+            overflow: false,
+            retained_backlog: VecDeque::new(),
+            retained_requests: VecDeque::new(),
+            retained_waiting: Default::default(),
+        }
     }
 
     /// Allocates a packet id and sends a QoS 1/2 message into the window.
@@ -916,6 +1134,7 @@ impl Session {
                 return;
             }
             let Some(out) = self.state.pop_queued() else {
+                self.fill_retained(now);
                 return;
             };
             if out.msg.is_expired(now) {
@@ -1004,7 +1223,9 @@ impl Session {
                     }
                 }
             } else {
-                conn.in_aliases[slot] = Some(p.topic.clone());
+                // Copied: the map outlives the packet, and a topic pointing into the read
+                // buffer would keep that whole buffer alive (up to 65,535 of them).
+                conn.in_aliases[slot] = Some(p.topic.detached());
             }
         } else if p.topic.is_empty() {
             return Err(violation(
@@ -1014,6 +1235,27 @@ impl Session {
         }
 
         let v5 = conn.version.is_v5();
+        if is_broker_only_topic(p.topic.as_str()) {
+            // mosquitto's answer: acknowledged as not authorized (3.1.1 has no reason code,
+            // so a plain acknowledgement), neither routed nor retained, and not remembered
+            // for QoS 2 (the error PUBREC ends the v5 flow; a 3.1.1 PUBREL still gets its
+            // PUBCOMP).
+            let refused = PubResp {
+                packet_id: p.packet_id,
+                reason: ReasonCode::NOT_AUTHORIZED,
+                properties: AckProperties::default(),
+            };
+            match p.qos {
+                QoS::AtMostOnce => {}
+                QoS::AtLeastOnce => self.transmit.push_back(Packet::PubAck(refused)),
+                QoS::ExactlyOnce => self.transmit.push_back(Packet::PubRec(refused)),
+            }
+            self.events
+                .push_back(SessionEvent::Notice(Notice::BrokerOnlyTopic {
+                    topic: p.topic.detached(),
+                }));
+            return Ok(());
+        }
         match p.qos {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => {
@@ -1125,6 +1367,7 @@ impl Session {
     }
 
     fn on_subscribe(&mut self, s: Subscribe) -> Result<(), ProtocolViolation> {
+        use crate::codec::RetainHandling;
         let sub_id = s.properties.subscription_identifier;
         if let Some(id) = sub_id {
             if !self.config.subscription_identifiers_available {
@@ -1147,9 +1390,16 @@ impl Session {
             ));
         }
         let mut codes = Vec::with_capacity(s.filters.len());
+        let (mut too_deep, mut over_limit, mut first_refused) = (0, 0, None);
         for (filter, mut options) in s.filters {
-            // Kept for the session's life: must not pin the SUBSCRIBE's read buffer.
-            let filter = filter.detached();
+            if filter.levels().count() > crate::routing::MAX_FILTER_LEVELS {
+                // Routing could never hold it: refuse it here rather than grant what will
+                // never be delivered.
+                codes.push(ReasonCode::TOPIC_FILTER_INVALID);
+                too_deep += 1;
+                first_refused.get_or_insert_with(|| filter.detached());
+                continue;
+            }
             if filter.is_shared() && !self.config.shared_subscriptions_available {
                 codes.push(ReasonCode::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED);
                 continue;
@@ -1158,6 +1408,18 @@ impl Session {
                 codes.push(ReasonCode::WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED);
                 continue;
             }
+            let limit = self.config.max_subscriptions;
+            if limit != 0
+                && self.state.subscriptions.len() >= limit
+                && !self.state.subscriptions.contains_key(&filter)
+            {
+                codes.push(ReasonCode::QUOTA_EXCEEDED);
+                over_limit += 1;
+                first_refused.get_or_insert_with(|| filter.detached());
+                continue;
+            }
+            // Kept for the session's life: must not pin the SUBSCRIBE's read buffer.
+            let filter = filter.detached();
             options.qos = options.qos.min(self.config.maximum_qos);
             let sub = Subscription {
                 options,
@@ -1170,6 +1432,18 @@ impl Session {
                 .insert(filter.clone(), sub)
                 .is_some();
             codes.push(ReasonCode(options.qos as u8));
+            let send_retained = match options.retain_handling {
+                RetainHandling::OnSubscribe => true,
+                RetainHandling::OnNewSubscribe => !existed,
+                RetainHandling::Never => false,
+            };
+            // Shared subscriptions get no retained messages (MQTT 5.0 §4.8.2). A filter
+            // whose retained messages are still waiting is not asked for twice: the client
+            // gets them once, after its latest SUBSCRIBE, whatever it repeats meanwhile.
+            if send_retained && !filter.is_shared() && self.retained_waiting.insert(filter.clone())
+            {
+                self.retained_requests.push_back(filter.clone());
+            }
             self.events.push_back(SessionEvent::Subscribe {
                 filter,
                 options,
@@ -1177,6 +1451,14 @@ impl Session {
                 existed,
                 resumed: false,
             });
+        }
+        if let Some(first) = first_refused {
+            self.events
+                .push_back(SessionEvent::Notice(Notice::SubscribeRefused {
+                    too_deep,
+                    over_limit,
+                    first,
+                }));
         }
         self.transmit.push_back(Packet::SubAck(SubAck {
             packet_id: s.packet_id,
@@ -1191,6 +1473,7 @@ impl Session {
         let mut codes = Vec::with_capacity(if v5 { u.filters.len() } else { 0 });
         for filter in u.filters {
             let existed = self.state.subscriptions.remove(&filter).is_some();
+            self.retained_waiting.remove(&filter);
             if v5 {
                 codes.push(if existed {
                     ReasonCode::SUCCESS
@@ -1246,6 +1529,11 @@ impl Session {
         let Some(conn) = self.conn.take() else {
             return;
         };
+        // Retained messages on SUBSCRIBE are for the connection that asked (the subscription
+        // itself stays with the session).
+        self.retained_backlog = VecDeque::new();
+        self.retained_requests = VecDeque::new();
+        self.retained_waiting = ahash::AHashSet::new();
         if let Some(code) = send_disconnect {
             if conn.version.is_v5() {
                 let mut d = Disconnect {

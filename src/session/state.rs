@@ -170,6 +170,13 @@ impl SessionState {
         self.queue.push_back(out);
     }
 
+    /// The will still waiting on its delay, as a message to route now: a session discarded by a
+    /// clean start ends, and "delay passed or session ended, whichever first" [MQTT-3.1.3-9].
+    pub fn take_pending_will(&mut self, now: Instant) -> Option<Message> {
+        let pw = self.pending_will.take()?;
+        Some(super::will_message(&self.client_id, *pw.will, now))
+    }
+
     /// Drop queued messages whose expiry passed [MQTT-3.3.2-5]; returns how many.
     pub(crate) fn purge_expired(&mut self, now: Instant) -> usize {
         let before = self.queue.len();

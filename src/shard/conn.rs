@@ -1,82 +1,52 @@
-//! The connection task: bytes in, packets to the session, packets out, bytes out.
+//! The connection task: bytes in, packets to the core, packets out, bytes out.
 //!
 //! Owns: one client connection from accept to close: the CONNECT phase (timeout, version,
-//! anonymous policy, client-id rules, registration with the home shard), then the loop that
-//! reads into a buffer, decodes every complete packet, drives the session, and writes
-//! everything the session queued in one batched write per wake-up. Must not touch: protocol
-//! rules beyond CONNECT admission (the session decides), routing decisions (the shard does).
+//! anonymous policy, client-id rules), then the loop that reads into a buffer, decodes every
+//! complete packet for the shard core, and writes everything the core releases for this
+//! connection in one write per wake-up. Must not touch: protocol rules beyond CONNECT
+//! admission (the session decides), routing or takeover (the core decides).
+//!
+//! The session loop never spins: each turn awaits the socket (readable, or writable while a
+//! write is pending) or the connection's wake-up, and nothing else; there is no timer per
+//! connection (keepalive and every other timeout live in the core's one timer per shard).
+//! A read is only attempted while the core accepts input from this connection (a paused
+//! publisher is not read: TCP pushes back on it), and the read buffer is released whenever
+//! it holds no partial packet, so an idle connection keeps no buffers.
 
+use std::future::poll_fn;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::task::Poll;
+use std::time::Instant;
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use bytestring::ByteString;
 use futures_lite::future;
 use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
-use super::runtime::{ConnLink, Shard, Slot};
+use super::driver::{ConnHandle, Shard};
 use crate::codec::{
     self, ConnAck, ConnAckProperties, Connect, DecodeError, Limits, Packet, ProtocolVersion,
     ReasonCode,
 };
-use crate::session::Session;
+use crate::shardcore::{ConnKey, ConnectRequest};
 use crate::tls::{resolve_username, ClientIdentity, UsernameOutcome, UsernameRule};
 
-/// Bytes asked of the socket per read. Small on purpose: an idle connection keeps no read
-/// buffer at all (see `serve`), and MQTT device traffic is mostly small packets.
+/// Bytes asked of the socket per read.
 const READ_CHUNK: usize = 4096;
 
-/// Read size of an idle connection (and of the CONNECT phase).
-const IDLE_READ_CHUNK: usize = 128;
+/// Read size of the CONNECT phase (CONNECT packets are small: start small, grow if needed).
+const CONNECT_READ_CHUNK: usize = 128;
 
-/// A connection with no traffic for this long releases its buffers.
-const IDLE_TRIM_AFTER: Duration = Duration::from_secs(1);
+/// Refusal CONNACKs get this long to reach a client that does not read.
+const REFUSE_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// A peer that accepts none of our bytes for this long is dropped: a subscriber that stopped
-/// reading must not pin its queue (and its socket buffers) forever.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
-
-enum Wake {
-    Read(std::io::Result<usize>),
-    Notified,
-    Timer,
-    Stop,
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(t) => {
-            let now = Instant::now();
-            if t > now {
-                glommio::timer::sleep(t - now).await;
-            }
-        }
-        None => future::pending::<()>().await,
-    }
-}
-
-async fn write_all<S: AsyncWrite + Unpin>(io: &mut S, buf: &[u8]) -> std::io::Result<()> {
-    let w = async {
-        io.write_all(buf).await?;
-        io.flush().await
-    };
-    future::or(w, async {
-        glommio::timer::sleep(WRITE_TIMEOUT).await;
-        Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "peer stopped reading",
-        ))
-    })
-    .await
-}
-
-/// Read more bytes into `buf`; `Ok(0)` is end of stream.
+/// Read more bytes into `buf` (CONNECT phase); `Ok(0)` is end of stream.
 async fn read_some<S: AsyncRead + Unpin>(io: &mut S, buf: &mut BytesMut) -> std::io::Result<usize> {
-    // CONNECT packets are small: start small, grow only if a big one arrives.
     let chunk = if buf.is_empty() {
-        IDLE_READ_CHUNK
+        CONNECT_READ_CHUNK
     } else {
         READ_CHUNK
     };
@@ -87,7 +57,7 @@ async fn read_some<S: AsyncRead + Unpin>(io: &mut S, buf: &mut BytesMut) -> std:
 }
 
 /// Make room for one read of `chunk` bytes; returns where the new bytes go. The caller
-/// truncates to what was read, also when the read was abandoned (cancelled reads must not
+/// truncates to what was read, also when the read did not complete (a pending read must not
 /// leave zeros behind).
 fn grow(buf: &mut BytesMut, chunk: usize) -> usize {
     let start = buf.len();
@@ -167,17 +137,199 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     // future keeps every idle connection small.
     let admitted = Box::pin(admit(&shard, &mut io, &mut rbuf, auth, peer)).await;
     let Some(a) = admitted else { return };
-    run_session(shard, &mut io, rbuf, a).await;
+    run_session(&shard, &mut io, rbuf, &a).await;
+    let now = Instant::now();
+    shard.forget_conn(a.key);
+    shard.core.borrow_mut().handle_conn_closed(a.key, now);
+    shard.after_input();
 }
 
 /// What the CONNECT phase hands to the session loop.
 struct Admitted {
-    key: u64,
+    key: ConnKey,
     version: ProtocolVersion,
     max_packet_size: u32,
-    link: Rc<ConnLink>,
-    /// Broadcast sequence the first flush must wait for (see `Shard::wait_settled`).
-    settle: Option<u64>,
+    handle: Rc<ConnHandle>,
+}
+
+/// What woke the session loop.
+enum Wake {
+    /// Bytes arrived (already appended to the read buffer).
+    Read,
+    /// The peer closed, or the socket failed.
+    Gone,
+    /// Everything is written and the core wants the connection closed.
+    Done,
+    /// The core has something new for this connection (output, input resumed).
+    Notified,
+}
+
+/// The session loop: until the connection ends, write what the core releases and feed the
+/// core what arrives.
+async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
+    shard: &Shard,
+    io: &mut S,
+    mut rbuf: BytesMut,
+    a: &Admitted,
+) {
+    let key = a.key;
+    let limits = Limits {
+        max_packet_size: a.max_packet_size,
+    };
+    // Bytes encoded but not yet accepted by the socket; empty (no allocation) most of the time.
+    let mut wbuf = BytesMut::new();
+    let mut write_stalled = false;
+    // More is due once the current batch is written (retained messages paced by progress).
+    let mut more = false;
+    loop {
+        // A connection with a long stream of work (a big backlog to a fast reader) must not
+        // keep its shard's other tasks waiting.
+        glommio::yield_if_needed().await;
+        // 1. Take what the core releases, unless the previous batch is still being written
+        //    (the core keeps the rest; its bound on unsent QoS 0 relies on that).
+        let (close, paused) = {
+            let mut core = shard.core.borrow_mut();
+            if wbuf.is_empty() {
+                let now = Instant::now();
+                let mut out = shard.scratch.borrow_mut();
+                while let Some(p) = core.poll_transmit(key, now) {
+                    codec::encode(&p, a.version, &mut out);
+                }
+                if !out.is_empty() {
+                    wbuf = out.split();
+                }
+                more = core.take_more_after_write(key);
+            }
+            (core.wants_close(key), core.input_paused(key))
+        };
+        // 2. Decode what is already buffered if input may continue (a pause just ended).
+        if !paused && !rbuf.is_empty() && feed(shard, key, a.version, &limits, &mut rbuf) {
+            continue;
+        }
+        // 3. Wait for the socket or a wake-up; write as much as the socket takes meanwhile.
+        let wake = poll_fn(|cx| {
+            while !wbuf.is_empty() {
+                match Pin::new(&mut *io).poll_write(cx, &wbuf) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Wake::Gone),
+                    Poll::Ready(Ok(n)) => {
+                        wbuf.advance(n);
+                        if write_stalled {
+                            write_stalled = false;
+                            stall_changed(shard, key, false);
+                        }
+                    }
+                    Poll::Pending => {
+                        if !write_stalled {
+                            write_stalled = true;
+                            stall_changed(shard, key, true);
+                        }
+                        break;
+                    }
+                }
+            }
+            if wbuf.is_empty() {
+                if wbuf.capacity() > 0 {
+                    // Written: give the buffer back so the next batch reuses its memory.
+                    let mut scratch = shard.scratch.borrow_mut();
+                    if scratch.capacity() < wbuf.capacity() {
+                        std::mem::swap(&mut *scratch, &mut wbuf);
+                        scratch.clear();
+                    }
+                    wbuf = BytesMut::new();
+                }
+                if close {
+                    return Poll::Ready(Wake::Done);
+                }
+                if std::mem::take(&mut more) {
+                    return Poll::Ready(Wake::Notified);
+                }
+            }
+            if !paused {
+                let start = grow(&mut rbuf, READ_CHUNK);
+                match Pin::new(&mut *io).poll_read(cx, &mut rbuf[start..]) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                        rbuf.truncate(start);
+                        return Poll::Ready(Wake::Gone);
+                    }
+                    Poll::Ready(Ok(n)) => {
+                        rbuf.truncate(start + n);
+                        return Poll::Ready(Wake::Read);
+                    }
+                    Poll::Pending => rbuf.truncate(start),
+                }
+                if rbuf.is_empty() && rbuf.capacity() > 0 {
+                    // No partial packet: an idle connection holds no read buffer.
+                    rbuf = BytesMut::new();
+                }
+            }
+            match a.handle.notify.poll_notified(cx) {
+                Poll::Ready(()) => Poll::Ready(Wake::Notified),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await;
+        match wake {
+            Wake::Read => {
+                feed(shard, key, a.version, &limits, &mut rbuf);
+            }
+            Wake::Notified => {}
+            Wake::Gone => {
+                debug!(shard = shard.id, "connection closed by the peer or failed");
+                return;
+            }
+            Wake::Done => {
+                let _ = future::or(async { io.close().await.ok() }, async {
+                    glommio::timer::sleep(REFUSE_WRITE_TIMEOUT).await;
+                    None
+                })
+                .await;
+                return;
+            }
+        }
+    }
+}
+
+/// Tell the core the socket stopped (or resumed) accepting bytes.
+fn stall_changed(shard: &Shard, key: ConnKey, stalled: bool) {
+    shard
+        .core
+        .borrow_mut()
+        .handle_write_stalled(key, stalled, Instant::now());
+    shard.after_input();
+}
+
+/// Decode every complete packet in `rbuf` for the core, as long as it accepts input; true if
+/// any packet was handled.
+fn feed(
+    shard: &Shard,
+    key: ConnKey,
+    version: ProtocolVersion,
+    limits: &Limits,
+    rbuf: &mut BytesMut,
+) -> bool {
+    let mut handled = false;
+    {
+        let mut core = shard.core.borrow_mut();
+        let now = Instant::now();
+        while !core.input_paused(key) {
+            match codec::decode(rbuf, version, limits) {
+                Ok(Some(packet)) => {
+                    core.handle_packet(key, packet, now);
+                    handled = true;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    debug!(shard = shard.id, "decode error: {e}");
+                    core.handle_decode_error(key, e.reason_code(), now);
+                    rbuf.clear();
+                    handled = true;
+                    break;
+                }
+            }
+        }
+    }
+    shard.after_input();
+    handled
 }
 
 /// The CONNECT phase: read CONNECT, apply admission rules, register with the home shard and
@@ -229,7 +381,12 @@ async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
             name.map(str::to_owned)
         }
         Err(e) => {
-            warn!(peer = ?peer, "connection refused: {e}");
+            // The error quotes the certificate's subject: peer-chosen text.
+            warn!(
+                peer = ?peer,
+                "connection refused: {}",
+                crate::logging::escape(&e.to_string())
+            );
             let r = Refused::ConnAck(
                 version,
                 ReasonCode::BAD_USER_NAME_OR_PASSWORD,
@@ -248,7 +405,7 @@ async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
         .await;
         return None;
     }
-    let key = shard.next_conn_key();
+    let key = shard.core.borrow_mut().next_conn_key();
     let client_id = if connect.client_id.is_empty() {
         if !connect.clean_start && !version.is_v5() {
             // [MQTT-3.1.3-8]: a zero-byte id needs clean session in 3.1.1 (and 3.1 has no
@@ -267,265 +424,25 @@ async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
         ByteString::from(&*connect.client_id)
     };
 
-    // The home shard orders this connect against any other with the same id.
-    let Some(previous) = shard.register(client_id.clone(), key).await else {
-        return None; // shutting down, or taken over by a newer connection already
-    };
-    let now = Instant::now();
-    // mosquitto's connect line, so operators (and tests) see the identity used.
-    info!(
-        "New client connected from {} as {} (p{}, c{}, k{}, u'{}') on shard {}",
-        peer.map(|p| p.to_string()).unwrap_or_default(),
+    let req = ConnectRequest {
+        connect,
         client_id,
-        version.level(),
-        u8::from(connect.clean_start),
-        connect.keep_alive,
-        username.as_deref().unwrap_or(""),
-        shard.id
-    );
-    let moved_from = previous.as_ref().map(|t| t.from);
-    let session = Session::accept(cfg, &connect, client_id, previous.map(|t| *t.state), now);
-    drop(connect);
-    let link = Rc::new(ConnLink::default());
-    let seq_before = shard.broadcast_seq();
-    {
-        let mut st = shard.st.borrow_mut();
-        st.sessions.insert(
-            key,
-            Slot {
-                session: Box::new(session),
-                link: Some(link.clone()),
-            },
-        );
-        shard.pump(&mut st, key, now);
-        if let Some(old) = moved_from {
-            shard.start_cutover(&mut st, old, key);
-        }
-    }
-
-    // Resumed subscriptions were broadcast: CONNACK waits until every shard has them.
-    let seq_after = shard.broadcast_seq();
+        config: *cfg,
+        username: username.map(ByteString::from),
+        peer,
+    };
+    let handle = shard.register_conn(key);
+    shard
+        .core
+        .borrow_mut()
+        .handle_connect(key, req, Instant::now());
+    shard.after_input();
     Some(Admitted {
         key,
         version,
         max_packet_size: cfg.max_packet_size,
-        link,
-        settle: (seq_after != seq_before).then_some(seq_after),
+        handle,
     })
-}
-
-/// The session loop: read, decode, drive the session, write, until the connection ends.
-async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
-    shard: Rc<Shard>,
-    io: &mut S,
-    mut rbuf: BytesMut,
-    a: Admitted,
-) {
-    let Admitted {
-        key,
-        version,
-        max_packet_size,
-        link,
-        settle,
-    } = a;
-    // Route deltas or retained updates this connection caused and other shards have not
-    // confirmed yet: its acknowledgements (SUBACK, PUBACK, CONNACK) wait for them.
-    let mut settle = settle;
-    let mut wbuf = BytesMut::new();
-    let limits = Limits { max_packet_size };
-    let mut last_active = Instant::now();
-    // A new connection counts as idle until it sends something: it waits with a small buffer
-    // (devices that connect and then sit idle are the common case in a fleet).
-    let mut trimmed = true;
-    let mut setup_done = false;
-    loop {
-        if let Some(seq) = settle.take() {
-            shard.wait_settled(seq).await;
-        }
-        // 1. Everything the session wants sent, in one write.
-        let mut deadline = None;
-        {
-            let mut st = shard.st.borrow_mut();
-            if link.detached.get() {
-                for p in link.last_words.borrow_mut().drain(..) {
-                    codec::encode(&p, version, &mut wbuf);
-                }
-            } else if let Some(slot) = st.sessions.get_mut(&key) {
-                while let Some(p) = slot.session.poll_transmit() {
-                    codec::encode(&p, version, &mut wbuf);
-                }
-                deadline = slot.session.poll_timeout();
-            }
-        }
-        if !wbuf.is_empty() {
-            let res = write_all(io, &wbuf).await;
-            wbuf.clear();
-            if let Err(e) = res {
-                debug!(shard = shard.id, "write failed: {e}");
-                lost(&shard, key, &link);
-                break;
-            }
-        }
-        if link.closing.get() {
-            break;
-        }
-        if !setup_done {
-            // The CONNACK (and any resumed messages) went out: give back what setting up
-            // the session needed.
-            setup_done = true;
-            wbuf = BytesMut::new();
-            if let Some(slot) = shard.st.borrow_mut().sessions.get_mut(&key) {
-                slot.session.shrink_idle();
-            }
-        }
-        // An idle connection gives its buffers back, so memory per idle client stays small
-        // while a busy one keeps them (no allocation churn per read).
-        let trim_at = (!trimmed).then(|| last_active + IDLE_TRIM_AFTER);
-        let deadline = match (deadline, trim_at) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-
-        // 2. Wait for bytes, a notification, a timer or shutdown.
-        // An idle connection waits with a tiny buffer (a PINGREQ or a small PUBLISH fits);
-        // the first read after activity switches to full-size reads.
-        let start = grow(
-            &mut rbuf,
-            if trimmed { IDLE_READ_CHUNK } else { READ_CHUNK },
-        );
-        let wake = {
-            let read = async { Wake::Read(io.read(&mut rbuf[start..]).await) };
-            let notified = async {
-                link.notify.notified().await;
-                Wake::Notified
-            };
-            let timer = async {
-                sleep_until(deadline).await;
-                Wake::Timer
-            };
-            let stop = async {
-                while !shard.stopping.get() {
-                    shard.stop_notify.notified().await;
-                }
-                future::pending::<()>().await;
-                Wake::Stop
-            };
-            future::or(future::or(read, notified), future::or(timer, stop)).await
-        };
-        let got = match &wake {
-            Wake::Read(Ok(n)) => *n,
-            _ => 0,
-        };
-        rbuf.truncate(start + got);
-        let now = Instant::now();
-        match wake {
-            Wake::Read(Ok(0)) | Wake::Read(Err(_)) => {
-                lost(&shard, key, &link);
-                break;
-            }
-            Wake::Read(Ok(_)) => {
-                last_active = now;
-                trimmed = false;
-                let seq_before = shard.broadcast_seq();
-                let mut st = shard.st.borrow_mut();
-                loop {
-                    if link.detached.get() {
-                        break;
-                    }
-                    match codec::decode(&mut rbuf, version, &limits) {
-                        Ok(Some(packet)) => {
-                            let Some(slot) = st.sessions.get_mut(&key) else {
-                                break;
-                            };
-                            let res = slot.session.handle_packet(packet, now);
-                            shard.pump(&mut st, key, now);
-                            if let Err(v) = res {
-                                debug!(shard = shard.id, "protocol violation: {v}");
-                                break;
-                            }
-                            if link.closing.get() {
-                                break;
-                            }
-                        }
-                        Ok(None) => break,
-                        Err(e) => {
-                            debug!(shard = shard.id, "decode error: {e}");
-                            if let Some(slot) = st.sessions.get_mut(&key) {
-                                slot.session.disconnect(e.reason_code(), now);
-                            }
-                            shard.pump(&mut st, key, now);
-                            rbuf.clear();
-                            break;
-                        }
-                    }
-                }
-                let seq_after = shard.broadcast_seq();
-                if seq_after != seq_before {
-                    settle = Some(seq_after);
-                }
-            }
-            Wake::Timer => {
-                let mut st = shard.st.borrow_mut();
-                if let Some(slot) = st.sessions.get_mut(&key) {
-                    slot.session.handle_timeout(now);
-                    if !trimmed && now >= last_active + IDLE_TRIM_AFTER && rbuf.is_empty() {
-                        rbuf = BytesMut::new();
-                        wbuf = BytesMut::new();
-                        slot.session.shrink_idle();
-                        trimmed = true;
-                    }
-                }
-                shard.pump(&mut st, key, now);
-            }
-            Wake::Notified | Wake::Stop => {}
-        }
-        // QoS 1/2 forwards a saturated peer refused: hold the publisher (its acks are still
-        // unsent) until they are accepted.
-        loop {
-            let held = std::mem::take(&mut shard.st.borrow_mut().held);
-            if held.is_empty() {
-                break;
-            }
-            let mut still = Vec::new();
-            for (to, m) in held {
-                if let super::mailbox::Forwarded::Full(m) = shard.outbox.send_data(to, m, false) {
-                    still.push((to, m));
-                }
-            }
-            if still.is_empty() {
-                break;
-            }
-            shard.st.borrow_mut().held.extend(still);
-            if shard.stopping.get() {
-                break;
-            }
-            glommio::timer::sleep(Duration::from_millis(1)).await;
-        }
-    }
-    // The session stays (offline) if it has not ended; it is no longer linked to a socket.
-    let mut st = shard.st.borrow_mut();
-    if let Some(slot) = st.sessions.get_mut(&key) {
-        if slot.link.as_ref().is_some_and(|l| Rc::ptr_eq(l, &link)) {
-            slot.link = None;
-            st.offline.insert(key);
-            shard.schedule_offline(&mut st, key);
-        }
-    }
-}
-
-/// The socket died without DISCONNECT (or we gave up writing): the will may fire.
-fn lost(shard: &Shard, key: u64, link: &ConnLink) {
-    if link.detached.get() {
-        return;
-    }
-    let now = Instant::now();
-    let mut st = shard.st.borrow_mut();
-    if let Some(slot) = st.sessions.get_mut(&key) {
-        if slot.session.is_connected() {
-            slot.session.connection_lost(now);
-        }
-    }
-    shard.pump(&mut st, key, now);
 }
 
 async fn refuse<S: AsyncWrite + Unpin>(io: &mut S, wbuf: &mut BytesMut, refused: Refused) {
@@ -539,7 +456,14 @@ async fn refuse<S: AsyncWrite + Unpin>(io: &mut S, wbuf: &mut BytesMut, refused:
                 properties: ConnAckProperties::default(),
             });
             codec::encode(&ack, version, wbuf);
-            let _ = write_all(io, wbuf).await;
+            let _ = future::or(
+                async { io.write_all(wbuf).await.and(io.flush().await) },
+                async {
+                    glommio::timer::sleep(REFUSE_WRITE_TIMEOUT).await;
+                    Ok(())
+                },
+            )
+            .await;
         }
     }
 }

@@ -1,15 +1,16 @@
 //! The sharded runtime: the only module that imports glommio.
 //!
 //! Owns: starting one pinned glommio executor per shard, their SO_REUSEPORT listeners, the
-//! cross-shard mailbox mesh, connection tasks, signal-driven shutdown and reload. Must not
-//! touch: protocol rules (codec/session), matching (routing), TLS policy (tls). Shards share
-//! nothing mutable: per-shard state lives in `Rc<RefCell<_>>` on its own thread, and shards
-//! talk only through the mailboxes.
+//! cross-shard mailbox mesh, connection tasks, signal-driven shutdown and reload: the I/O
+//! around each shard's sans-IO core (`crate::shardcore`). Must not touch: broker logic
+//! (routing, sessions, takeover, flow control: the core), protocol rules (codec/session), TLS
+//! policy (tls). Shards share nothing mutable: each shard's state lives in `Rc<RefCell<_>>`
+//! on its own thread, and shards talk only through the mailboxes.
 
 mod conn;
-pub mod mailbox;
+mod driver;
 pub mod notify;
-pub mod registry;
+pub use crate::shardcore::registry;
 mod sys;
 mod tls;
 
@@ -72,6 +73,59 @@ pub struct RuntimeConfig {
     pub message_size_limit: usize,
     /// Period of `$SYS/broker/...` updates; `None` disables them.
     pub sys_interval: Option<Duration>,
+    /// A live subscriber with a full queue that makes no progress for this long is cut
+    /// loose (its overflow is dropped); until then its publishers are paused.
+    pub stall_timeout: Duration,
+    /// A connection whose peer accepts none of our bytes for this long is dropped (a
+    /// subscriber that stopped reading must not pin its queue and socket buffers forever).
+    /// Lack of progress only: a slow reader that keeps taking bytes is never cut off.
+    pub write_timeout: Duration,
+    /// Longest wait for another shard's answer: a client id's home shard registering a
+    /// connect (then CONNACK 0x88 / 3.1.1 return code 3), or every shard confirming the
+    /// routes a SUBSCRIBE (or a resumed session) added before its SUBACK/CONNACK (then the
+    /// connection is closed). Each is logged.
+    pub peer_timeout: Duration,
+    /// Control messages (route deltas, registrations, hand-overs) one peer may have queued
+    /// beyond its mailbox before this shard refuses new connections (CONNACK 0x88 / 3).
+    pub control_backlog_limit: usize,
+    /// Test hook (not configurable from a file): lets a test stall a shard's thread, as a
+    /// wedged core would, to exercise the bounded waits above.
+    pub stall_hook: Option<Arc<StallHook>>,
+}
+
+/// Test hook: while `stall[i]` is set, shard `i`'s thread stops running (it blocks in its
+/// control loop, so it neither reads its mailboxes nor serves its clients), and sets
+/// `stalled[i]` so the test knows it has stopped. Shutdown still ends the stall.
+#[derive(Debug)]
+pub struct StallHook {
+    pub stall: Vec<AtomicBool>,
+    pub stalled: Vec<AtomicBool>,
+}
+
+impl StallHook {
+    pub fn new(shards: usize) -> Self {
+        StallHook {
+            stall: (0..shards).map(|_| AtomicBool::new(false)).collect(),
+            stalled: (0..shards).map(|_| AtomicBool::new(false)).collect(),
+        }
+    }
+
+    /// Called by shard `id` on each control tick: blocks its thread while asked to.
+    pub(crate) fn stall_here(&self, id: usize, control: &Control) {
+        if !self
+            .stall
+            .get(id)
+            .is_some_and(|s| s.load(Ordering::Acquire))
+        {
+            return;
+        }
+        self.stalled[id].store(true, Ordering::Release);
+        while self.stall[id].load(Ordering::Acquire) && !control.shutdown_requested() {
+            // Blocking on purpose: this is the stall.
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.stalled[id].store(false, Ordering::Release);
+    }
 }
 
 impl Default for RuntimeConfig {
@@ -93,6 +147,11 @@ impl Default for RuntimeConfig {
             retained: crate::routing::RetainedLimits::default(),
             message_size_limit: usize::MAX,
             sys_interval: Some(Duration::from_secs(10)),
+            stall_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(30),
+            peer_timeout: Duration::from_secs(5),
+            control_backlog_limit: 65_536,
+            stall_hook: None,
         }
     }
 }
@@ -139,12 +198,12 @@ pub struct Broker {
     pub shard_addrs: Vec<SocketAddr>,
     pub control: Arc<Control>,
     threads: Vec<JoinHandle<()>>,
-    shared: Arc<runtime::Shared>,
+    shared: Arc<driver::Shared>,
 }
 
 impl Broker {
-    /// Each shard's counters, indexed by shard; a snapshot at most one control tick (50 ms)
-    /// old.
+    /// Each shard's counters, indexed by shard (read as they are: shards write them on the
+    /// message path, single-writer).
     pub fn stats(&self) -> Vec<Stats> {
         self.shared.stats_snapshot()
     }
@@ -161,14 +220,22 @@ impl Broker {
     }
 }
 
-/// Refuse a port another process already serves. glommio binds with SO_REUSEPORT, so a
-/// second broker would otherwise silently share the port; a plain bind without that option
-/// fails if anyone holds it. Port 0 is resolved here to one concrete port for all shards.
+/// Refuse a port another process already serves. The shards bind with SO_REUSEPORT, so a
+/// second broker would otherwise silently share the port; a probe bind without that option
+/// fails if any socket *listens* there. It has SO_REUSEADDR, so connections of an earlier run
+/// lingering in TIME_WAIT or FIN_WAIT do not count (a restart must not wait for them). Port 0
+/// is resolved here to one concrete port for all shards.
 fn probe_listener(addr: SocketAddr) -> Result<SocketAddr, StartError> {
-    match StdListener::bind(addr) {
-        Ok(l) => l
-            .local_addr()
-            .map_err(|source| StartError::Bind { addr, source }),
+    use socket2::{Domain, Protocol, Socket, Type};
+    let bind = || -> io::Result<SocketAddr> {
+        let sk = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        sk.set_reuse_address(true)?;
+        sk.bind(&addr.into())?;
+        let l: StdListener = sk.into();
+        l.local_addr()
+    };
+    match bind() {
+        Ok(a) => Ok(a),
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(StartError::AddrInUse { addr }),
         Err(source) => Err(StartError::Bind { addr, source }),
     }
@@ -211,9 +278,12 @@ pub fn start(cfg: RuntimeConfig) -> Result<Broker, StartError> {
     }
     let cpus = shard_cpus();
     let control = Arc::new(Control::default());
-    let mesh = glommio::channels::channel_mesh::MeshBuilder::full(shards, cfg.mailbox_capacity);
+    let mesh = glommio::channels::channel_mesh::MeshBuilder::<crate::shardcore::PeerMsg, _>::full(
+        shards,
+        cfg.mailbox_capacity,
+    );
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(usize, Option<SocketAddr>), StartError>>();
-    let shared = Arc::new(runtime::Shared::new(cfg.clone(), resolved.clone(), shards));
+    let shared = Arc::new(driver::Shared::new(cfg.clone(), resolved.clone(), shards));
 
     let mut threads = Vec::with_capacity(shards);
     for id in 0..shards {
@@ -228,7 +298,7 @@ pub fn start(cfg: RuntimeConfig) -> Result<Broker, StartError> {
             .io_memory(256 << 10);
         let handle = builder
             .spawn(move || async move {
-                runtime::shard_main(id, cpu, shared, mesh, control, ready).await;
+                driver::shard_main(id, cpu, shared, mesh, control, ready).await;
             })
             .map_err(|e| StartError::Executor {
                 shard: id,
@@ -266,8 +336,7 @@ pub fn start(cfg: RuntimeConfig) -> Result<Broker, StartError> {
     })
 }
 
-mod runtime;
-pub use runtime::Stats;
+pub use driver::Stats;
 
 /// Run until SIGINT/SIGTERM (graceful: clients get 0x8B, exit 0); on SIGHUP call `on_reload`
 /// (on the signal thread, never on a shard).

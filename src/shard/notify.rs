@@ -23,15 +23,22 @@ impl Notify {
 
     /// Resolves once `notify` has been called since the last time this resolved.
     pub async fn notified(&self) {
-        poll_fn(|cx| {
-            if self.pending.replace(false) {
-                Poll::Ready(())
-            } else {
-                self.waker.set(Some(cx.waker().clone()));
-                Poll::Pending
+        poll_fn(|cx| self.poll_notified(cx)).await
+    }
+
+    /// `notified` as a poll function, for tasks that wait on several things in one
+    /// `poll_fn` (a connection: its socket and its wake-up).
+    pub fn poll_notified(&self, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        if self.pending.replace(false) {
+            Poll::Ready(())
+        } else {
+            // Re-use the stored waker when it would wake the same task (no clone per poll).
+            match self.waker.take() {
+                Some(w) if w.will_wake(cx.waker()) => self.waker.set(Some(w)),
+                _ => self.waker.set(Some(cx.waker().clone())),
             }
-        })
-        .await
+            Poll::Pending
+        }
     }
 }
 

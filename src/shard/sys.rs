@@ -1,9 +1,9 @@
 //! `$SYS` topics, as mosquitto publishes them, plus Midge's per-shard and TLS counters.
 //!
-//! Owns: every `sys_interval`, shard 0 gathers the other shards' counter snapshots (copied
-//! by each shard on its control tick, never read on a message path) and publishes them as
-//! retained messages under `$SYS/broker/...`. Must not touch: the counters themselves (each
-//! shard owns its own) or routing rules (messages go through the normal publish path).
+//! Owns: every `sys_interval`, shard 0 reads every shard's counters (single-writer cells,
+//! read without disturbing their writers) and publishes them as retained messages under
+//! `$SYS/broker/...`. Must not touch: the counters themselves (each shard owns its own) or
+//! routing rules (messages go through the core's normal publish path).
 
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
@@ -12,9 +12,10 @@ use std::time::Instant;
 use bytes::Bytes;
 use bytestring::ByteString;
 
-use super::runtime::{Shard, Stats};
+use super::driver::{Shard, Stats};
 use crate::codec::{QoS, TopicName};
 use crate::message::Message;
+use crate::metrics::DropCause;
 use crate::tls::HandshakeFailure;
 
 /// Publish one round of `$SYS` topics from `shard` (shard 0).
@@ -46,13 +47,27 @@ pub(crate) fn publish(shard: &Shard, started: Instant) {
         ("messages/sent".into(), sum(|s| s.deliveries).to_string()),
         (
             "publish/messages/dropped".into(),
-            sum(|s| s.dropped_queue_full + s.dropped_qos0_slow + s.dropped_too_large).to_string(),
+            shared
+                .counters
+                .iter()
+                .map(|c| c.dropped_total())
+                .sum::<u64>()
+                .to_string(),
         ),
         (
             "retained messages/count".into(),
             snaps.first().map(|s| s.retained).unwrap_or(0).to_string(),
         ),
+        ("clients/stalled".into(), sum(|s| s.stalled_now).to_string()),
+        ("clients/paused".into(), sum(|s| s.paused_now).to_string()),
     ];
+    for cause in DropCause::ALL {
+        let n: u64 = shared.counters.iter().map(|c| c.dropped(cause)).sum();
+        topics.push((
+            format!("publish/messages/dropped/{}", cause.as_str()),
+            n.to_string(),
+        ));
+    }
     for (i, s) in snaps.iter().enumerate() {
         let p = format!("shard/{i}");
         topics.push((format!("{p}/clients/connected"), s.live_conns.to_string()));
@@ -83,7 +98,7 @@ pub(crate) fn publish(shard: &Shard, started: Instant) {
         }
     }
 
-    let mut st = shard.st.borrow_mut();
+    let mut core = shard.core.borrow_mut();
     for (t, v) in topics {
         let Ok(topic) = TopicName::new(format!("$SYS/broker/{t}")) else {
             continue;
@@ -97,6 +112,8 @@ pub(crate) fn publish(shard: &Shard, started: Instant) {
             expires_at: None,
             origin: ByteString::from_static("$SYS"),
         };
-        let _ = shard.route(&mut st, msg, now);
+        core.publish_internal(msg, now);
     }
+    drop(core);
+    shard.after_input();
 }

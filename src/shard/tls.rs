@@ -15,7 +15,7 @@ use glommio::net::TcpStream;
 use rustls::HandshakeKind;
 use tracing::{info, warn};
 
-use super::runtime::Shard;
+use super::driver::Shard;
 use super::TlsListener;
 use crate::tls::{
     accept, AcceptError, ClientIdentity, HandshakeFailure, LogRateLimiter, ServerTlsStream,
@@ -32,6 +32,8 @@ fn log_refusal(peer: Option<SocketAddr>, line: &str) {
     let allowed = REFUSAL_LOG.with(|l| l.borrow_mut().allow(Instant::now()));
     if let Some(suppressed) = allowed {
         let peer = peer.map(|p| p.to_string()).unwrap_or_else(|| "?".into());
+        // The detail may quote the client certificate (its subject, a name it claims).
+        let line = crate::logging::escape(line);
         if suppressed > 0 {
             warn!("client {peer}: {line} (and {suppressed} more refusals not logged)");
         } else {
@@ -81,6 +83,18 @@ pub(crate) async fn handshake(
         }
         Some(Ok(mut tls)) => {
             let resumed = tls.handshake_kind() == Some(HandshakeKind::Resumed);
+            if resumed {
+                // A resumed session was not verified again by rustls: check its certificate
+                // against today's CRL, CA and clock, as a full handshake would.
+                if let Err(e) = t.reloader.verify_resumed(tls.peer_certificates()) {
+                    slot.failed(HandshakeFailure::classify(&e));
+                    log_refusal(
+                        peer,
+                        &format!("{} (resumed session)", HandshakeFailure::describe(&e)),
+                    );
+                    return None;
+                }
+            }
             let identity = tls.take_client_identity();
             slot.succeeded(resumed);
             // Boxed: the rustls state is ~1 KB, and moving it by value would cost that much

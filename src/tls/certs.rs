@@ -754,6 +754,12 @@ impl CertsDir {
     /// (Re)writes `crl.pem`/`crl.der` from the index, signed by the CA, with a fresh
     /// CRL number and nextUpdate `crl_days` from now.
     pub fn write_crl(&self, crl_days: u32) -> Result<PathBuf, CertsError> {
+        let now = OffsetDateTime::now_utc();
+        self.write_crl_until(now + Duration::days(i64::from(crl_days.max(1))))
+    }
+
+    /// Like [`write_crl`](Self::write_crl) with an exact nextUpdate (tests of CRL expiry).
+    pub fn write_crl_until(&self, next_update: OffsetDateTime) -> Result<PathBuf, CertsError> {
         let issuer = self.load_issuer()?;
         let index = self.read_index()?;
         let num_path = self.p(CRLNUMBER);
@@ -782,7 +788,7 @@ impl CertsDir {
         }
         let params = CertificateRevocationListParams {
             this_update: now - Duration::minutes(5),
-            next_update: now + Duration::days(i64::from(crl_days.max(1))),
+            next_update,
             crl_number: SerialNumber::from(number),
             issuing_distribution_point: None,
             revoked_certs: revoked,

@@ -30,6 +30,28 @@ impl fmt::Display for LegacyCertificate {
 
 impl std::error::Error for LegacyCertificate {}
 
+/// The cause attached to a refusal because the CRL is past its nextUpdate: which file, and
+/// when it expired, for the one plain-words log line an operator needs.
+#[derive(Debug, Clone)]
+pub struct CrlExpired {
+    pub file: std::path::PathBuf,
+    /// The CRL's nextUpdate (RFC 3339, UTC).
+    pub next_update: String,
+}
+
+impl fmt::Display for CrlExpired {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the CRL {} expired at its nextUpdate {}; every client is refused until it is renewed",
+            self.file.display(),
+            self.next_update
+        )
+    }
+}
+
+impl std::error::Error for CrlExpired {}
+
 /// Why a client's handshake was refused (or failed). One counter per variant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum HandshakeFailure {
@@ -43,6 +65,8 @@ pub enum HandshakeFailure {
     NotYetValid,
     /// The client certificate is listed in the CRL.
     Revoked,
+    /// The CRL in crlfile is past its nextUpdate: every client is refused (OpenSSL's rule).
+    CrlExpired,
     /// SHA-1/MD5 signature, RSA key under 2048 bits, or X.509 v1.
     LegacyAlgorithm,
     /// No common TLS version/suite/group, malformed messages, or the client aborted
@@ -56,12 +80,13 @@ pub enum HandshakeFailure {
 
 impl HandshakeFailure {
     /// All variants, in counter order.
-    pub const ALL: [HandshakeFailure; 9] = [
+    pub const ALL: [HandshakeFailure; 10] = [
         Self::NoCertificate,
         Self::UnknownCa,
         Self::Expired,
         Self::NotYetValid,
         Self::Revoked,
+        Self::CrlExpired,
         Self::LegacyAlgorithm,
         Self::Protocol,
         Self::Timeout,
@@ -76,6 +101,7 @@ impl HandshakeFailure {
             Self::Expired => "expired",
             Self::NotYetValid => "not_yet_valid",
             Self::Revoked => "revoked",
+            Self::CrlExpired => "crl_expired",
             Self::LegacyAlgorithm => "legacy_algorithm",
             Self::Protocol => "protocol",
             Self::Timeout => "timeout",
@@ -91,6 +117,7 @@ impl HandshakeFailure {
             Self::Expired => "client certificate has expired; issue a new one (`midge certs client`)",
             Self::NotYetValid => "client certificate is not valid yet; check the device clock (NTP) or the certificate's start date",
             Self::Revoked => "client certificate is revoked by the CRL in crlfile",
+            Self::CrlExpired => "the CRL in crlfile is past its nextUpdate, so no client's revocation status is known and every client is refused (as OpenSSL and mosquitto do); regenerate it (`midge certs crl`) and reload (SIGHUP)",
             Self::LegacyAlgorithm => "client certificate uses legacy crypto (SHA-1/MD5 signature, RSA under 2048 bits or X.509 v1) that rustls refuses; re-issue it with `midge certs client` (SHA-256)",
             Self::Protocol => "TLS protocol mismatch or abort (no common version/cipher/group, malformed message, or the client refused the broker's certificate)",
             Self::Timeout => "TLS handshake did not complete in time (tls_handshake_timeout)",
@@ -132,6 +159,11 @@ impl HandshakeFailure {
                 Self::NotYetValid
             }
             CertificateError::Revoked => Self::Revoked,
+            CertificateError::ExpiredRevocationList
+            | CertificateError::ExpiredRevocationListContext { .. } => Self::CrlExpired,
+            CertificateError::Other(o) if o.0.downcast_ref::<CrlExpired>().is_some() => {
+                Self::CrlExpired
+            }
             CertificateError::UnsupportedSignatureAlgorithm
             | CertificateError::UnsupportedSignatureAlgorithmContext { .. }
             | CertificateError::UnsupportedSignatureAlgorithmForPublicKeyContext { .. } => {
@@ -178,7 +210,7 @@ pub struct HandshakeStats {
     full: AtomicU64,
     resumed: AtomicU64,
     refused_busy: AtomicU64,
-    failures: [AtomicU64; 9],
+    failures: [AtomicU64; 10],
 }
 
 /// A copy of [`HandshakeStats`] at one instant.
@@ -191,7 +223,7 @@ pub struct HandshakeStatsSnapshot {
     /// Sockets turned away because `max_handshakes_in_progress` was reached.
     pub refused_busy: u64,
     /// Indexed like [`HandshakeFailure::ALL`].
-    pub failures: [u64; 9],
+    pub failures: [u64; 10],
 }
 
 impl HandshakeStatsSnapshot {
@@ -239,7 +271,7 @@ impl HandshakeStats {
     }
 
     pub fn snapshot(&self) -> HandshakeStatsSnapshot {
-        let mut failures = [0; 9];
+        let mut failures = [0; 10];
         for (o, a) in failures.iter_mut().zip(&self.failures) {
             *o = a.load(Ordering::Relaxed);
         }

@@ -269,7 +269,7 @@ pub(crate) fn check_crl(
     if let Some(next) = parsed.next_update() {
         if next.timestamp() < now.as_secs() as i64 {
             warnings.push(format!(
-                "{}: CRL nextUpdate {} has passed; Midge still uses it (mosquitto/OpenSSL would refuse every client); regenerate it with `midge certs crl`",
+                "{}: CRL nextUpdate {} has passed: every client is refused until it is renewed (as mosquitto/OpenSSL do); regenerate it with `midge certs crl` and reload (SIGHUP)",
                 path.display(),
                 fmt_unix(next.timestamp())
             ));

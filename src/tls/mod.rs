@@ -37,6 +37,7 @@ pub use identity::{
 pub use options::{KxGroup, TlsOptions, TlsVersion};
 pub use reload::{ShardTlsConfig, TlsReloader};
 pub use server::{
-    build_server_config, build_server_config_with_warnings, supported_cipher_names, BuiltConfig,
+    build_server_config, build_server_config_with_warnings, supported_cipher_names, verify_resumed,
+    BuiltConfig,
 };
 pub use stream::{accept, AcceptError, ServerTlsStream};

@@ -23,8 +23,13 @@ use super::server::build_server_config_with_warnings;
 pub struct TlsReloader {
     options: Mutex<TlsOptions>,
     current: ArcSwap<ServerConfig>,
+    /// The client verifier inside `current` (rustls does not expose it), for resumed
+    /// sessions.
+    verifier: ArcSwap<Verifier>,
     generation: AtomicU64,
 }
+
+struct Verifier(Arc<dyn rustls::server::danger::ClientCertVerifier>);
 
 impl std::fmt::Debug for TlsReloader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -44,6 +49,7 @@ impl TlsReloader {
         Ok(Self {
             options: Mutex::new(options),
             current: ArcSwap::new(built.config),
+            verifier: ArcSwap::from_pointee(Verifier(built.verifier)),
             generation: AtomicU64::new(0),
         })
     }
@@ -51,6 +57,16 @@ impl TlsReloader {
     /// The config for a new handshake.
     pub fn current(&self) -> Arc<ServerConfig> {
         self.current.load_full()
+    }
+
+    /// Re-verifies a resumed session's client certificates against the current material
+    /// and time (see [`super::verify_resumed`]); `Err` is the refusal, as a full handshake
+    /// would have reported it.
+    pub fn verify_resumed(
+        &self,
+        certs: Option<&[rustls::pki_types::CertificateDer<'static>]>,
+    ) -> Result<(), rustls::Error> {
+        super::server::verify_resumed(&*self.verifier.load().0, certs)
     }
 
     /// Bumped by every successful reload; a shard may cache `current()` and re-fetch only
@@ -87,6 +103,7 @@ impl TlsReloader {
         let built = build_server_config_with_warnings(&options)?;
         *self.lock_options() = options;
         self.current.store(built.config);
+        self.verifier.store(Arc::new(Verifier(built.verifier)));
         self.generation.fetch_add(1, Ordering::AcqRel);
         for w in &built.warnings {
             tracing::warn!("{w}");

@@ -22,7 +22,7 @@ use rustls::{
 };
 
 use super::error::{Role, TlsError};
-use super::failure::LegacyCertificate;
+use super::failure::{CrlExpired, LegacyCertificate};
 use super::material;
 use super::options::{KxGroup, TlsOptions, TlsVersion};
 
@@ -31,6 +31,9 @@ use super::options::{KxGroup, TlsOptions, TlsVersion};
 pub struct BuiltConfig {
     /// Share this one Arc with every shard.
     pub config: Arc<ServerConfig>,
+    /// The client-certificate verifier inside `config`, to re-verify resumed sessions with
+    /// (see [`verify_resumed`]).
+    pub verifier: Arc<dyn ClientCertVerifier>,
     /// Plain-words warnings (one line each), e.g. "server.crt does not chain to cafile".
     pub warnings: Vec<String>,
 }
@@ -239,6 +242,7 @@ pub fn build_server_config_with_warnings(opts: &TlsOptions) -> Result<BuiltConfi
 
     // --- CRLs ---
     let mut crls = Vec::new();
+    let mut crl_files: Vec<(PathBuf, String)> = Vec::new();
     if let Some(f) = &opts.crlfile {
         if ca.is_empty() {
             return Err(TlsError::Config(format!(
@@ -250,6 +254,17 @@ pub fn build_server_config_with_warnings(opts: &TlsOptions) -> Result<BuiltConfi
         let mut issuers = Vec::new();
         for crl in material::load_crls(f)? {
             issuers.push(material::check_crl(f, &crl, &ca_ders, now, &mut warnings)?);
+            let next =
+                <x509_parser::revocation_list::CertificateRevocationList as x509_parser::prelude::FromDer<_>>::from_der(crl.as_ref())
+                    .ok()
+                    .and_then(|(_, c)| c.next_update())
+                    .and_then(|t| {
+                        t.to_datetime()
+                            .format(&time::format_description::well_known::Rfc3339)
+                            .ok()
+                    })
+                    .unwrap_or_else(|| "(none)".into());
+            crl_files.push((f.clone(), next));
             crls.push(crl);
         }
         // As with OpenSSL's CRL_CHECK, a client whose CA has no CRL is refused
@@ -281,13 +296,17 @@ pub fn build_server_config_with_warnings(opts: &TlsOptions) -> Result<BuiltConfi
         let mut b = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
         if !crls.is_empty() {
             // OpenSSL's X509_V_FLAG_CRL_CHECK (what mosquitto sets): the leaf only.
-            b = b.with_crls(crls).only_check_end_entity_revocation();
+            // And OpenSSL's rule for a CRL past its nextUpdate: every client is refused.
+            b = b
+                .with_crls(crls)
+                .only_check_end_entity_revocation()
+                .enforce_revocation_expiration();
         }
         if !opts.require_certificate {
             b = b.allow_unauthenticated();
         }
         let inner = b.build().map_err(|e| TlsError::Rustls(e.to_string()))?;
-        Arc::new(LegacyAwareVerifier { inner })
+        Arc::new(LegacyAwareVerifier { inner, crl_files })
     };
 
     // --- server certificate and key ---
@@ -330,7 +349,7 @@ pub fn build_server_config_with_warnings(opts: &TlsOptions) -> Result<BuiltConfi
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(versions)
         .map_err(|e| TlsError::Rustls(e.to_string()))?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(verifier.clone())
         .with_single_cert(chain, key)
         .map_err(|e| TlsError::Rustls(e.to_string()))?;
     // One ticketer and one cache in the one config that every shard shares: a resumption
@@ -339,6 +358,7 @@ pub fn build_server_config_with_warnings(opts: &TlsOptions) -> Result<BuiltConfi
     config.session_storage = ServerSessionMemoryCache::new(opts.session_cache_size.max(1));
     Ok(BuiltConfig {
         config: Arc::new(config),
+        verifier,
         warnings,
     })
 }
@@ -383,6 +403,26 @@ fn chain_warning(
 #[derive(Debug)]
 struct LegacyAwareVerifier {
     inner: Arc<dyn ClientCertVerifier>,
+    /// Each CRL file with its nextUpdate, to name in an "expired CRL" refusal.
+    crl_files: Vec<(PathBuf, String)>,
+}
+
+/// Re-verifies, against the listener's current material and the current time, the client
+/// certificate chain of a *resumed* TLS session: rustls restores it from the ticket or the
+/// session cache without verifying it again, so without this a certificate that expired, or
+/// a CRL that passed its nextUpdate since the ticket was issued, would still get in. `certs`
+/// is what the session carried (`None`: the client had presented none).
+pub fn verify_resumed(
+    verifier: &dyn ClientCertVerifier,
+    certs: Option<&[CertificateDer<'static>]>,
+) -> Result<(), rustls::Error> {
+    match certs {
+        Some([end_entity, intermediates @ ..]) => verifier
+            .verify_client_cert(end_entity, intermediates, UnixTime::now())
+            .map(|_| ()),
+        _ if verifier.client_auth_mandatory() => Err(rustls::Error::NoCertificatesPresented),
+        _ => Ok(()),
+    }
 }
 
 fn legacy_error(certs: &[&CertificateDer<'_>], err: rustls::Error) -> rustls::Error {
@@ -426,10 +466,27 @@ impl ClientCertVerifier for LegacyAwareVerifier {
     ) -> Result<ClientCertVerified, rustls::Error> {
         self.inner
             .verify_client_cert(end_entity, intermediates, now)
-            .map_err(|e| {
-                let all: Vec<&CertificateDer<'_>> =
-                    std::iter::once(end_entity).chain(intermediates).collect();
-                legacy_error(&all, e)
+            .map_err(|e| match e {
+                rustls::Error::InvalidCertificate(
+                    CertificateError::ExpiredRevocationList
+                    | CertificateError::ExpiredRevocationListContext { .. },
+                ) if !self.crl_files.is_empty() => {
+                    // Name the file and its nextUpdate (the earliest: RFC 3339 UTC sorts).
+                    let (file, next_update) = self
+                        .crl_files
+                        .iter()
+                        .min_by(|a, b| a.1.cmp(&b.1))
+                        .cloned()
+                        .unwrap_or_default();
+                    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(
+                        Arc::new(CrlExpired { file, next_update }),
+                    )))
+                }
+                e => {
+                    let all: Vec<&CertificateDer<'_>> =
+                        std::iter::once(end_entity).chain(intermediates).collect();
+                    legacy_error(&all, e)
+                }
             })
     }
     fn verify_tls12_signature(

@@ -1,6 +1,7 @@
 //! Shared helpers for integration tests: an in-process broker on ephemeral loopback ports.
 #![allow(dead_code)]
 
+pub mod bin;
 pub mod v311;
 
 use std::net::SocketAddr;

@@ -13,7 +13,8 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 
 use bytestring::ByteString;
 
-use super::mailbox::ShardId;
+/// A shard's index, 0..shards.
+pub type ShardId = usize;
 
 /// Identifies one connection broker-wide: shard id in the top 16 bits, a per-shard counter
 /// below, so a stale message about an old connection can never match a new one.

@@ -1,0 +1,616 @@
+//! One shard's driver: the glommio tasks around its sans-IO core.
+//!
+//! Owns: `Shard` (the core behind one `RefCell`, the connection handles, the mesh senders),
+//! moving the core's outputs (peer messages into the mailboxes, dirty connections woken, the
+//! one shard timer armed), the mailbox receivers, the peer flushers, the timer task, the
+//! control task (shutdown, `$SYS`), the accept loops and shard start-up. Must not touch:
+//! broker logic (that is `crate::shardcore`: this file only moves inputs in and outputs out),
+//! bytes on a connection (that is `conn`).
+//!
+//! How the CPU per message is kept low (issue 13's findings, built in from the start):
+//! * Inputs are handled in batches: a mailbox receiver drains everything available, a
+//!   connection decodes every complete packet of a read, then outputs are drained once.
+//! * A connection is woken (not written) when the core has output for it; its task writes
+//!   everything due in one write. Tasks woken in the same reactor turn run after the one that
+//!   woke them, so a write carries what every input of that turn queued for the client.
+//! * One glommio timer per shard, re-armed only when the core's earliest deadline moves
+//!   earlier by more than `TIMER_SLACK`; no timer per connection, nothing polled while a
+//!   device is idle.
+//!
+//! Borrow discipline: `Shard::core` is borrowed only in short synchronous sections, never
+//! across an `.await`.
+
+use std::cell::{Cell, RefCell};
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use ahash::AHashMap;
+use futures_lite::{future, Stream};
+use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
+use glommio::net::TcpListener;
+use tracing::{debug, info, warn};
+
+use super::notify::Notify;
+use super::{conn, Control, ListenerSpec, RuntimeConfig, StartError};
+use crate::codec::QoS;
+use crate::metrics::{DropCause, ShardCounters};
+use crate::shardcore::{ConnKey, CoreConfig, PeerMsg, ShardCore, ShardId};
+
+/// Timers may fire this much late: a deadline only this much earlier than the armed one
+/// does not re-arm the shard's timer (every core timeout is seconds long; re-arming costs an
+/// io_uring timeout and a cancel).
+const TIMER_SLACK: Duration = Duration::from_millis(100);
+
+/// Shortest wait of the shard timer (see `timer_task`).
+const MIN_TIMER: Duration = Duration::from_millis(1);
+
+/// How often the control task looks at the shutdown flag (set from a signal thread).
+const CONTROL_PERIOD: Duration = Duration::from_millis(200);
+
+/// Broker-wide read-only settings plus the few atomics shards share.
+pub(crate) struct Shared {
+    pub cfg: RuntimeConfig,
+    pub listeners: Vec<ListenerSpec>,
+    pub shards: usize,
+    /// Connections per listener, across shards (for `max_connections`).
+    pub connections: Vec<AtomicUsize>,
+    /// Each shard's counters (written by that shard only).
+    pub counters: Vec<Arc<ShardCounters>>,
+}
+
+impl Shared {
+    pub fn new(cfg: RuntimeConfig, listeners: Vec<ListenerSpec>, shards: usize) -> Self {
+        let connections = listeners.iter().map(|_| AtomicUsize::new(0)).collect();
+        Shared {
+            cfg,
+            listeners,
+            shards,
+            connections,
+            counters: (0..shards).map(|_| Arc::default()).collect(),
+        }
+    }
+
+    /// Each shard's figures, indexed by shard.
+    pub fn stats_snapshot(&self) -> Vec<Stats> {
+        self.counters.iter().map(|c| Stats::of(c)).collect()
+    }
+
+    pub fn core_config(&self) -> CoreConfig {
+        let c = &self.cfg;
+        CoreConfig {
+            shards: self.shards,
+            session: c.session,
+            retained: c.retained,
+            message_size_limit: c.message_size_limit,
+            stall_timeout: c.stall_timeout,
+            write_timeout: c.write_timeout,
+            register_timeout: c.peer_timeout,
+            settle_timeout: c.peer_timeout,
+            peer_control_high_water: c.control_backlog_limit,
+            ..CoreConfig::default()
+        }
+    }
+}
+
+/// A snapshot of one shard's counters (see `crate::metrics::ShardCounters` for each).
+#[derive(Default, Debug, Clone, Copy)]
+pub struct Stats {
+    pub publishes_in: u64,
+    pub deliveries: u64,
+    pub forwards_out: u64,
+    pub dropped_queue_full: u64,
+    pub dropped_stalled: u64,
+    pub dropped_qos0_slow: u64,
+    pub dropped_qos0_peer: u64,
+    pub dropped_too_large: u64,
+    pub dropped_expired: u64,
+    pub oversize_publishes: u64,
+    pub dropped_sys_topic: u64,
+    pub stalls: u64,
+    pub pauses: u64,
+    pub takeovers: u64,
+    pub live_conns: u64,
+    pub offline_sessions: u64,
+    pub retained: u64,
+    pub stalled_now: u64,
+    pub paused_now: u64,
+}
+
+impl Stats {
+    fn of(c: &ShardCounters) -> Stats {
+        Stats {
+            publishes_in: c.publishes_in.get(),
+            deliveries: c.deliveries.get(),
+            forwards_out: c.forwards_out.get(),
+            dropped_queue_full: c.dropped(DropCause::QueueFull),
+            dropped_stalled: c.dropped(DropCause::Stalled),
+            dropped_qos0_slow: c.dropped(DropCause::Qos0Slow),
+            dropped_qos0_peer: c.dropped(DropCause::Qos0PeerFull),
+            dropped_too_large: c.dropped(DropCause::TooLarge),
+            dropped_expired: c.dropped(DropCause::Expired),
+            oversize_publishes: c.dropped(DropCause::OverSizeLimit),
+            dropped_sys_topic: c.dropped(DropCause::SysTopic),
+            stalls: c.stalls.get(),
+            pauses: c.pauses.get(),
+            takeovers: c.takeovers.get(),
+            live_conns: c.sockets.get(),
+            offline_sessions: c.offline_sessions.get(),
+            retained: c.retained.get(),
+            stalled_now: c.stalled_now.get(),
+            paused_now: c.paused_now.get(),
+        }
+    }
+}
+
+/// What a connection task waits on: woken when the core has something for it.
+#[derive(Default)]
+pub(crate) struct ConnHandle {
+    pub notify: Notify,
+}
+
+pub(crate) struct Shard {
+    pub id: ShardId,
+    pub shared: Arc<Shared>,
+    pub core: RefCell<ShardCore>,
+    conns: RefCell<AHashMap<ConnKey, Rc<ConnHandle>>>,
+    senders: Senders<PeerMsg>,
+    /// Per peer: woken when its mailbox refused a message (the flusher waits for room).
+    flush_wake: Vec<Notify>,
+    flushing: Vec<Cell<bool>>,
+    timer_wake: Notify,
+    timer_armed: Cell<Option<Instant>>,
+    pub stopping: Cell<bool>,
+    pub stop_notify: Notify,
+    /// Sockets being served (all phases), and of those, waiting for their CONNECT.
+    pub live_conns: Cell<usize>,
+    pub connecting: Cell<usize>,
+    /// Encoding buffer lent to the connection that writes next (no allocation per write).
+    pub scratch: RefCell<bytes::BytesMut>,
+}
+
+impl Shard {
+    pub fn counters(&self) -> &ShardCounters {
+        &self.shared.counters[self.id]
+    }
+
+    pub fn register_conn(&self, key: ConnKey) -> Rc<ConnHandle> {
+        let h = Rc::new(ConnHandle::default());
+        self.conns.borrow_mut().insert(key, h.clone());
+        h
+    }
+
+    pub fn forget_conn(&self, key: ConnKey) {
+        self.conns.borrow_mut().remove(&key);
+    }
+
+    /// Move the core's outputs out: peer messages into the mailboxes, dirty connections woken,
+    /// the timer re-armed if an earlier deadline appeared. Call after every batch of inputs.
+    pub fn after_input(&self) {
+        let now = Instant::now();
+        let mut core = self.core.borrow_mut();
+        let mask = core.peers_with_output();
+        if mask != 0 {
+            for peer in 0..self.shared.shards {
+                if mask & (1 << peer) != 0
+                    && !self.flushing[peer].get()
+                    && self.push_peer(&mut core, peer, now)
+                {
+                    // Full: the peer's flusher waits for room and moves the rest.
+                    self.flushing[peer].set(true);
+                    self.flush_wake[peer].notify();
+                }
+            }
+        }
+        let conns = self.conns.borrow();
+        while let Some(k) = core.poll_dirty() {
+            if let Some(h) = conns.get(&k) {
+                h.notify.notify();
+            }
+        }
+        if let Some(t) = core.poll_timeout() {
+            let rearm = self
+                .timer_armed
+                .get()
+                .is_none_or(|armed| t + TIMER_SLACK < armed);
+            if rearm {
+                self.timer_wake.notify();
+            }
+        }
+    }
+
+    /// Move messages for `peer` into its mailbox; true if it filled up first (the message
+    /// that did not fit goes back to the core, first in line).
+    fn push_peer(&self, core: &mut ShardCore, peer: ShardId, now: Instant) -> bool {
+        while let Some(m) = core.poll_peer(peer, now) {
+            if let Err(e) = self.senders.try_send_to(peer, m) {
+                match e {
+                    glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(m))
+                    | glommio::GlommioError::Closed(glommio::ResourceType::Channel(m)) => {
+                        core.unpoll_peer(peer, m);
+                        return true;
+                    }
+                    other => {
+                        // Only a bad peer index fails otherwise; shard code never makes one.
+                        warn!(shard = self.id, "mailbox to shard {peer} failed: {other}");
+                        return false;
+                    }
+                }
+            }
+        }
+        false
+    }
+}
+
+/// A peer's mailbox was full: wait for room (the peer drains it on its own core), move what
+/// fits, repeat until the core has nothing more for that peer. While this runs it alone moves
+/// messages to that peer (`Shard::flushing`), so their order holds.
+async fn flusher(shard: Rc<Shard>, peer: ShardId) {
+    loop {
+        shard.flush_wake[peer].notified().await;
+        loop {
+            let m = shard.core.borrow_mut().poll_peer(peer, Instant::now());
+            let Some(m) = m else { break };
+            if shard.senders.send_to(peer, m).await.is_err() {
+                break; // the peer is gone (shutting down)
+            }
+            let blocked = {
+                let mut core = shard.core.borrow_mut();
+                shard.push_peer(&mut core, peer, Instant::now())
+            };
+            if !blocked {
+                break;
+            }
+        }
+        shard.flushing[peer].set(false);
+        shard.after_input();
+    }
+}
+
+/// Hand every message from `peer` to the core, a batch at a time.
+async fn receiver(
+    shard: Rc<Shard>,
+    peer: ShardId,
+    mut rx: glommio::channels::shared_channel::ConnectedReceiver<PeerMsg>,
+) {
+    loop {
+        let open = poll_fn(|cx| {
+            let mut handled = 0usize;
+            let mut core = shard.core.borrow_mut();
+            let now = Instant::now();
+            loop {
+                match Pin::new(&mut rx).poll_next(cx) {
+                    Poll::Ready(Some(m)) => {
+                        core.handle_peer(peer, m, now);
+                        handled += 1;
+                        // Bound the batch so one busy peer cannot starve the shard.
+                        if handled >= 256 {
+                            return Poll::Ready(true);
+                        }
+                    }
+                    Poll::Ready(None) => return Poll::Ready(false),
+                    Poll::Pending if handled > 0 => return Poll::Ready(true),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+        })
+        .await;
+        shard.after_input();
+        if !open {
+            break;
+        }
+    }
+}
+
+/// The shard's one timer: sleeps until the core's earliest deadline (or until woken because
+/// an earlier one appeared), then ticks the core.
+async fn timer_task(shard: Rc<Shard>) {
+    loop {
+        let next = shard.core.borrow().poll_timeout();
+        shard.timer_armed.set(next);
+        match next {
+            Some(t) => {
+                let now = Instant::now();
+                {
+                    // Even a deadline already due costs a real timer of MIN_TIMER: a deadline
+                    // that failed to move forward degrades into a slow poll, never into a task
+                    // that does not yield (glommio does not preempt).
+                    let left = t.saturating_duration_since(now).max(MIN_TIMER);
+                    let sleep = async {
+                        glommio::timer::sleep(left).await;
+                        true
+                    };
+                    let woken = async {
+                        shard.timer_wake.notified().await;
+                        false
+                    };
+                    if !future::or(sleep, woken).await {
+                        continue; // re-arm for the earlier deadline
+                    }
+                }
+            }
+            None => {
+                shard.timer_wake.notified().await;
+                continue;
+            }
+        }
+        let now = Instant::now();
+        shard.core.borrow_mut().handle_tick(now);
+        shard.after_input();
+    }
+}
+
+async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, idx: Option<usize>) {
+    let spec = idx.map(|i| shard.shared.listeners[i].clone());
+    let tls = spec.as_ref().and_then(|l| l.tls.clone());
+    // Handshakes in progress on this shard for this listener (see TlsListener).
+    let handshakes = tls.as_ref().map(|t| {
+        Rc::new(glommio::sync::Semaphore::new(
+            t.max_handshakes_in_progress as u64,
+        ))
+    });
+    loop {
+        let mut permit = None;
+        if let Some(sem) = &handshakes {
+            // Take a handshake slot before accepting: a reconnect storm queues in the kernel
+            // backlog instead of starving established clients.
+            let p = future::or(async { Some(sem.acquire_static_permit(1).await) }, async {
+                stop_wait(&shard).await;
+                None
+            })
+            .await;
+            match p {
+                Some(Ok(p)) => permit = Some(p),
+                _ => break,
+            }
+        }
+        let accepted = future::or(async { Some(listener.accept().await) }, async {
+            stop_wait(&shard).await;
+            None
+        })
+        .await;
+        let Some(res) = accepted else { break };
+        let stream = match res {
+            Ok(s) => s,
+            Err(_) if shard.stopping.get() => break, // the listener was shut down
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!(shard = shard.id, "accept failed: {e}");
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if let Err(e) = stream.set_nodelay(true) {
+            debug!("set_nodelay: {e}");
+        }
+        let peer = stream.peer_addr().ok();
+        if let (Some(i), Some(l)) = (idx, &spec) {
+            let n = shard.shared.connections[i].fetch_add(1, Ordering::AcqRel);
+            if l.max_connections != 0 && n >= l.max_connections {
+                shard.shared.connections[i].fetch_sub(1, Ordering::AcqRel);
+                debug!(shard = shard.id, "max_connections reached: refusing");
+                drop(stream);
+                continue;
+            }
+        }
+        let allow_anonymous = spec.as_ref().map(|l| l.allow_anonymous).unwrap_or(true);
+        let auth = conn::Auth {
+            allow_anonymous,
+            max_qos: spec.as_ref().map(|l| l.max_qos).unwrap_or(QoS::ExactlyOnce),
+            topic_alias_maximum: spec.as_ref().map(|l| l.topic_alias_maximum).unwrap_or(10),
+            rule: tls
+                .as_ref()
+                .map(|t| t.username_rule)
+                .unwrap_or(crate::tls::UsernameRule::FromClient),
+            identity: None,
+        };
+        // Separate task types for TLS and plain connections: each task is sized for its
+        // own future, so plain connections do not pay for TLS state.
+        match &tls {
+            Some(t) => {
+                let t = t.clone();
+                glommio::spawn_local(conn_task(
+                    shard.clone(),
+                    idx,
+                    async move |shard: Rc<Shard>| {
+                        let hs = Box::pin(super::tls::handshake(&shard, &t, stream, peer)).await;
+                        drop(permit);
+                        if let Some((io, identity)) = hs {
+                            conn::serve(shard, io, conn::Auth { identity, ..auth }, peer).await;
+                        }
+                    },
+                ))
+                .detach();
+            }
+            None => {
+                glommio::spawn_local(conn_task(
+                    shard.clone(),
+                    idx,
+                    async move |shard: Rc<Shard>| {
+                        conn::serve(shard, stream, auth, peer).await;
+                    },
+                ))
+                .detach();
+            }
+        }
+    }
+}
+
+pub(crate) async fn stop_wait(shard: &Shard) {
+    while !shard.stopping.get() {
+        shard.stop_notify.notified().await;
+    }
+}
+
+/// Run one connection's future with the shard's connection accounting around it.
+async fn conn_task<F, Fut>(shard: Rc<Shard>, idx: Option<usize>, f: F)
+where
+    F: FnOnce(Rc<Shard>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    shard.live_conns.set(shard.live_conns.get() + 1);
+    shard.counters().sockets.inc();
+    f(shard.clone()).await;
+    shard.live_conns.set(shard.live_conns.get() - 1);
+    shard.counters().sockets.dec();
+    if let Some(i) = idx {
+        shard.shared.connections[i].fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Bind a shard's listener. Like glommio's own `bind` (SO_REUSEPORT, so every shard has its
+/// own accept queue on the same port), plus SO_REUSEADDR so a restart is not refused while old
+/// connections sit in TIME_WAIT, and a deeper backlog for reconnect storms.
+/// Also returns a second descriptor of the socket, to stop listening at shutdown: the accept
+/// pending in io_uring keeps a dropped listener listening until the ring is torn down, and a
+/// broker restarted at once would share the port with the dead one.
+fn bind_reuseport(
+    addr: std::net::SocketAddr,
+) -> std::io::Result<(TcpListener, std::os::fd::OwnedFd)> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let sk = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sk.set_reuse_address(true)?;
+    sk.set_reuse_port(true)?;
+    sk.bind(&addr.into())?;
+    sk.listen(4096)?;
+    let second = sk.try_clone()?.into();
+    // SAFETY: the fd is a bound, listening TCP socket we own; glommio takes ownership.
+    Ok((
+        unsafe { TcpListener::from_raw_fd(sk.into_raw_fd()) },
+        second,
+    ))
+}
+
+type Ready = mpsc::Sender<Result<(usize, Option<std::net::SocketAddr>), StartError>>;
+
+pub(crate) async fn shard_main(
+    id: usize,
+    cpu: usize,
+    shared: Arc<Shared>,
+    mesh: MeshBuilder<PeerMsg, Full>,
+    control: Arc<Control>,
+    ready: Ready,
+) {
+    // Every shard must join, even one that then fails to bind, or the others wait forever.
+    let Ok((senders, mut receivers)) = mesh.join().await else {
+        let _ = ready.send(Err(StartError::Executor {
+            shard: id,
+            reason: "could not join the shard mesh".into(),
+        }));
+        return;
+    };
+    let core = ShardCore::new(id, shared.core_config(), shared.counters[id].clone());
+    let shard = Rc::new(Shard {
+        id,
+        shared: shared.clone(),
+        core: RefCell::new(core),
+        conns: RefCell::new(AHashMap::new()),
+        senders,
+        flush_wake: (0..shared.shards).map(|_| Notify::default()).collect(),
+        flushing: (0..shared.shards).map(|_| Cell::new(false)).collect(),
+        timer_wake: Notify::default(),
+        timer_armed: Cell::new(None),
+        stopping: Cell::new(false),
+        stop_notify: Notify::default(),
+        live_conns: Cell::new(0),
+        connecting: Cell::new(0),
+        scratch: RefCell::new(bytes::BytesMut::new()),
+    });
+
+    for (peer, rx) in receivers.streams() {
+        glommio::spawn_local(receiver(shard.clone(), peer, rx)).detach();
+    }
+    for peer in 0..shared.shards {
+        if peer != id {
+            glommio::spawn_local(flusher(shard.clone(), peer)).detach();
+        }
+    }
+    glommio::spawn_local(timer_task(shard.clone())).detach();
+
+    let mut bound = Vec::new();
+    let mut listen_fds = Vec::new();
+    for (i, l) in shared.listeners.iter().enumerate() {
+        match bind_reuseport(l.addr) {
+            Ok((listener, fd)) => {
+                bound.push((listener, Some(i)));
+                listen_fds.push(fd);
+            }
+            Err(e) => {
+                let _ = ready.send(Err(StartError::Bind {
+                    addr: l.addr,
+                    source: std::io::Error::other(e.to_string()),
+                }));
+                return;
+            }
+        }
+    }
+    let mut shard_addr = None;
+    if shared.cfg.shard_listeners {
+        match bind_reuseport(std::net::SocketAddr::from(([127, 0, 0, 1], 0))) {
+            Ok((listener, fd)) => {
+                shard_addr = listener.local_addr().ok();
+                bound.push((listener, None));
+                listen_fds.push(fd);
+            }
+            Err(e) => {
+                let _ = ready.send(Err(StartError::Executor {
+                    shard: id,
+                    reason: format!("shard listener: {e}"),
+                }));
+                return;
+            }
+        }
+    }
+    let addrs: Vec<String> = bound
+        .iter()
+        .filter_map(|(l, _)| l.local_addr().ok().map(|a| a.to_string()))
+        .collect();
+    info!(
+        "shard {id} on core {cpu}: listening on {}",
+        addrs.join(", ")
+    );
+    for (listener, idx) in bound {
+        glommio::spawn_local(accept_loop(shard.clone(), listener, idx)).detach();
+    }
+    let _ = ready.send(Ok((id, shard_addr)));
+
+    // Control: the shutdown flag (set from a signal thread) and `$SYS` (shard 0).
+    let started = Instant::now();
+    let mut next_sys = shared.cfg.sys_interval.map(|d| started + d);
+    loop {
+        glommio::timer::sleep(CONTROL_PERIOD).await;
+        if let Some(h) = &shared.cfg.stall_hook {
+            h.stall_here(id, &control);
+        }
+        if control.shutdown_requested() {
+            break;
+        }
+        let now = Instant::now();
+        if id == 0 && next_sys.is_some_and(|t| now >= t) {
+            super::sys::publish(&shard, started);
+            next_sys = shared.cfg.sys_interval.map(|d| now + d);
+        }
+    }
+    shard.stopping.set(true);
+    // Stop listening now, synchronously (see `bind_reuseport`).
+    for fd in &listen_fds {
+        use std::os::fd::AsRawFd;
+        // SAFETY: shutdown(2) on a socket descriptor we own; it only changes its state.
+        unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
+    }
+    shard.stop_notify.notify();
+    shard.core.borrow_mut().shutdown(Instant::now());
+    shard.after_input();
+    // Connections flush their DISCONNECT and close; bounded.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while shard.live_conns.get() > shard.connecting.get() && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+    shard.senders.close();
+    debug!("shard {id} stopped");
+}

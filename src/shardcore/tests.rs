@@ -1,0 +1,442 @@
+//! Unit tests of the shard core: a few cores wired by hand, every message delivered by the
+//! test in the order the case needs, so each race is reproduced on purpose (the simulator
+//! explores orders at random; these pin the ones that once lost data).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use bytestring::ByteString;
+
+use super::*;
+use crate::codec::{
+    Connect, ConnectProperties, Packet, ProtocolVersion, PubResp, Publish, QoS, Subscribe,
+    SubscriptionOptions, TopicFilter, TopicName,
+};
+use crate::metrics::DropCause;
+
+struct Net {
+    cores: Vec<ShardCore>,
+    /// [from][to]
+    mail: Vec<Vec<VecDeque<PeerMsg>>>,
+    now: Instant,
+}
+
+impl Net {
+    fn new(shards: usize, tweak: impl Fn(&mut CoreConfig)) -> Net {
+        let mut cfg = CoreConfig {
+            shards,
+            ..CoreConfig::default()
+        };
+        tweak(&mut cfg);
+        Net {
+            cores: (0..shards)
+                .map(|i| ShardCore::new(i, cfg.clone(), Arc::new(ShardCounters::default())))
+                .collect(),
+            mail: (0..shards)
+                .map(|_| (0..shards).map(|_| VecDeque::new()).collect())
+                .collect(),
+            now: Instant::now(),
+        }
+    }
+
+    /// Move every core's peer output into the mailboxes.
+    fn collect(&mut self) {
+        for s in 0..self.cores.len() {
+            for p in 0..self.cores.len() {
+                while let Some(m) = self.cores[s].poll_peer(p, self.now) {
+                    self.mail[s][p].push_back(m);
+                }
+            }
+        }
+    }
+
+    /// Deliver one message from `from` to `to`; false if none was waiting.
+    fn step(&mut self, from: usize, to: usize) -> bool {
+        self.collect();
+        let Some(m) = self.mail[from][to].pop_front() else {
+            return false;
+        };
+        self.cores[to].handle_peer(from, m, self.now);
+        self.collect();
+        true
+    }
+
+    /// Deliver everything, in a fixed round-robin order, until nothing moves.
+    fn settle(&mut self) {
+        loop {
+            self.collect();
+            let mut moved = false;
+            for f in 0..self.cores.len() {
+                for t in 0..self.cores.len() {
+                    while self.step(f, t) {
+                        moved = true;
+                    }
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    fn connect(&mut self, shard: usize, id: &str, clean: bool) -> ConnKey {
+        let key = self.cores[shard].next_conn_key();
+        let connect = Connect {
+            protocol: ProtocolVersion::V5,
+            clean_start: clean,
+            keep_alive: 60,
+            client_id: ByteString::from(id),
+            will: None,
+            username: None,
+            password: None,
+            properties: ConnectProperties {
+                session_expiry_interval: Some(if clean { 0 } else { u32::MAX }),
+                ..ConnectProperties::default()
+            },
+        };
+        let req = ConnectRequest {
+            client_id: ByteString::from(id),
+            connect: Box::new(connect),
+            config: self.cores[shard].cfg.session,
+            username: None,
+            peer: None,
+        };
+        self.cores[shard].handle_connect(key, req, self.now);
+        key
+    }
+
+    fn send(&mut self, key: ConnKey, p: Packet) {
+        let s = conn_shard(key);
+        self.cores[s].handle_packet(key, p, self.now);
+    }
+
+    fn out(&mut self, key: ConnKey) -> Vec<Packet> {
+        let s = conn_shard(key);
+        let mut v = Vec::new();
+        while let Some(p) = self.cores[s].poll_transmit(key, self.now) {
+            v.push(p);
+        }
+        v
+    }
+
+    fn close(&mut self, key: ConnKey) {
+        let s = conn_shard(key);
+        self.cores[s].handle_conn_closed(key, self.now);
+    }
+
+    fn tick(&mut self, by: Duration) {
+        self.now += by;
+        for c in &mut self.cores {
+            c.handle_tick(self.now);
+        }
+    }
+}
+
+fn subscribe(pid: u16, filter: &str, qos: QoS) -> Packet {
+    Packet::Subscribe(Subscribe {
+        packet_id: pid,
+        filters: vec![(
+            TopicFilter::new(filter.to_string()).unwrap(),
+            SubscriptionOptions {
+                qos,
+                ..SubscriptionOptions::default()
+            },
+        )],
+        properties: Default::default(),
+    })
+}
+
+fn publish(pid: u16, topic: &str, qos: QoS, body: &'static str) -> Packet {
+    Packet::Publish(Publish {
+        dup: false,
+        qos,
+        retain: false,
+        topic: TopicName::new(topic.to_string()).unwrap(),
+        packet_id: pid,
+        payload: Bytes::from_static(body.as_bytes()),
+        properties: Default::default(),
+    })
+}
+
+fn payloads(v: &[Packet]) -> Vec<String> {
+    v.iter()
+        .filter_map(|p| match p {
+            Packet::Publish(pb) => Some(String::from_utf8_lossy(&pb.payload).into_owned()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn kinds(v: &[Packet]) -> Vec<u8> {
+    v.iter().map(Packet::packet_type).collect()
+}
+
+/// The id's home shard in a 2-shard net, and a shard that is not it.
+fn homes(id: &str) -> (usize, usize) {
+    let h = home_shard(id, 2);
+    (h, 1 - h)
+}
+
+#[test]
+fn a_suback_waits_until_every_shard_applied_the_route() {
+    let mut n = Net::new(2, |_| {});
+    let sub = n.connect(0, "sub", true);
+    n.settle();
+    assert_eq!(kinds(&n.out(sub)), [2], "CONNACK");
+    n.send(sub, subscribe(1, "t/#", QoS::AtLeastOnce));
+    n.collect();
+    assert!(
+        n.out(sub).is_empty(),
+        "SUBACK before shard 1 applied the route"
+    );
+    assert!(n.step(0, 1), "the route delta");
+    assert!(n.out(sub).is_empty(), "SUBACK before the Applied came back");
+    assert!(n.step(1, 0), "Applied");
+    assert_eq!(kinds(&n.out(sub)), [9], "SUBACK once settled");
+}
+
+#[test]
+fn a_second_subscriber_waits_for_the_first_ones_route() {
+    // The route delta belongs to the first subscriber; the second SUBSCRIBE sends none, yet
+    // its SUBACK must wait for it just the same (a simulator seed found this).
+    let mut n = Net::new(2, |_| {});
+    let a = n.connect(0, "a", true);
+    let b = n.connect(0, "b", true);
+    n.settle();
+    n.out(a);
+    n.out(b);
+    n.send(a, subscribe(1, "t/#", QoS::AtLeastOnce));
+    n.send(b, subscribe(1, "t/#", QoS::AtLeastOnce));
+    n.collect();
+    assert!(n.out(b).is_empty(), "b's SUBACK before the route settled");
+    n.settle();
+    assert_eq!(kinds(&n.out(b)), [9]);
+}
+
+#[test]
+fn back_to_back_reconnects_keep_the_session() {
+    // The flapping-link race: a persistent session is offline on one shard; two CONNECTs with
+    // its id arrive on the other shard, the second before the first one's hand-over. The
+    // Takeover of the first reaches its shard before that shard got its Handover.
+    let id = "flappy";
+    let (home, other) = homes(id);
+    let mut n = Net::new(2, |_| {});
+    let old = n.connect(home, id, false);
+    n.settle();
+    n.out(old);
+    n.send(old, subscribe(1, "t", QoS::AtLeastOnce));
+    n.settle();
+    n.out(old);
+    n.close(old);
+    let publ = n.connect(home, "publisher", true);
+    n.settle();
+    for (i, body) in ["m1", "m2", "m3"].into_iter().enumerate() {
+        n.send(publ, publish(i as u16 + 1, "t", QoS::AtLeastOnce, body));
+    }
+    n.settle();
+    // Two connects on the other shard; their Registers reach the home shard in order.
+    let _first = n.connect(other, id, false);
+    let second = n.connect(other, id, false);
+    n.collect();
+    assert!(n.step(other, home), "Register first");
+    assert!(n.step(other, home), "Register second");
+    // The home shard's Takeover of the old session (local to it) runs first: the Handover for
+    // `first` now waits in the home→other mailbox, and the Takeover of `first` behind it.
+    // Deliver in the mailbox's order: Handover(first), then Takeover(first → second).
+    n.settle();
+    let got = n.out(second);
+    assert!(
+        matches!(got.first(), Some(Packet::ConnAck(a)) if a.session_present),
+        "the second connection resumes the session: {got:?}"
+    );
+    let mut bodies = payloads(&got);
+    // Anything the first connection was sent before being kicked goes again (DUP).
+    bodies.dedup();
+    assert_eq!(bodies, ["m1", "m2", "m3"]);
+}
+
+#[test]
+fn a_kicked_registration_passes_the_late_handover_on() {
+    // The exact order that lost the session in wave 1: the Takeover of a connection still
+    // waiting for its own Handover arrives first.
+    let id = "kicked";
+    let (home, other) = homes(id);
+    let mut n = Net::new(2, |_| {});
+    let old = n.connect(other, id, false);
+    n.settle();
+    n.out(old);
+    n.send(old, subscribe(1, "t", QoS::AtLeastOnce));
+    n.settle();
+    n.out(old);
+    n.close(old);
+    n.settle();
+    // first: on the home shard; second: on the other shard.
+    let first = n.connect(home, id, false); // Register is local: handled at once
+                                            // home registered `first` and sent Takeover(old → first) to `other`.
+    let second = n.connect(other, id, false);
+    assert!(n.step(other, home), "Register(second) reaches home");
+    // home now sends Takeover(first → second) to itself: `first` is kicked before its
+    // Handover (still in other→home, behind nothing: the old host has not run yet).
+    n.collect();
+    // Now the old host hands `old` over to `first` (arrives after the kick).
+    n.settle();
+    let got = n.out(second);
+    assert!(
+        matches!(got.first(), Some(Packet::ConnAck(a)) if a.session_present),
+        "the late hand-over reached the newest connection: {got:?}"
+    );
+    let _ = first;
+}
+
+#[test]
+fn a_clean_start_gets_nothing_of_the_old_session() {
+    let id = "cleaner";
+    let (home, other) = homes(id);
+    let mut n = Net::new(2, |_| {});
+    let old = n.connect(home, id, false);
+    n.settle();
+    n.out(old);
+    n.send(old, subscribe(1, "t", QoS::AtLeastOnce));
+    n.settle();
+    n.out(old);
+    n.close(old);
+    let publ = n.connect(other, "p", true);
+    n.settle();
+    n.send(publ, publish(1, "t", QoS::AtLeastOnce, "old"));
+    n.settle();
+    let fresh = n.connect(other, id, true);
+    n.settle();
+    let got = n.out(fresh);
+    assert!(matches!(got.first(), Some(Packet::ConnAck(a)) if !a.session_present));
+    assert!(
+        payloads(&got).is_empty(),
+        "old session's messages leaked: {got:?}"
+    );
+}
+
+#[test]
+fn a_full_subscriber_pauses_its_publisher_and_never_drops() {
+    let mut n = Net::new(1, |c| {
+        c.session.max_queued_messages = 4;
+        c.session.max_inflight = 2;
+        c.max_deferred_input = 4;
+    });
+    let sub = n.connect(0, "sub", true);
+    let publ = n.connect(0, "pub", true);
+    n.settle();
+    n.out(sub);
+    n.out(publ);
+    n.send(sub, subscribe(1, "t", QoS::AtLeastOnce));
+    n.out(sub);
+    let bodies: Vec<&'static str> = (0..20)
+        .map(|i| &*Box::leak(format!("m{i}").into_boxed_str()))
+        .collect();
+    let mut sent = 0;
+    while sent < bodies.len() && !n.cores[0].input_paused(publ) {
+        n.send(
+            publ,
+            publish(sent as u16 + 1, "t", QoS::AtLeastOnce, bodies[sent]),
+        );
+        sent += 1;
+    }
+    assert!(sent < bodies.len(), "the publisher was never paused");
+    let acks = n.out(publ).len();
+    assert!(
+        acks < sent,
+        "every publish acknowledged while the subscriber is full"
+    );
+    // The subscriber drains: acknowledge everything it gets until the publisher is done.
+    let mut got = Vec::new();
+    for _ in 0..200 {
+        let out = n.out(sub);
+        for p in &out {
+            if let Packet::Publish(pb) = p {
+                got.push(String::from_utf8_lossy(&pb.payload).into_owned());
+                n.send(sub, Packet::PubAck(PubResp::new(pb.packet_id)));
+            }
+        }
+        while sent < bodies.len() && !n.cores[0].input_paused(publ) {
+            n.send(
+                publ,
+                publish(sent as u16 + 1, "t", QoS::AtLeastOnce, bodies[sent]),
+            );
+            sent += 1;
+        }
+        n.out(publ);
+        if got.len() == bodies.len() {
+            break;
+        }
+    }
+    assert_eq!(got, bodies, "every message, in order");
+    assert_eq!(n.cores[0].counters.dropped_total(), 0);
+    assert!(n.cores[0].counters.pauses.get() >= 1);
+}
+
+#[test]
+fn a_stuck_subscriber_is_cut_loose_after_the_stall_timeout() {
+    let mut n = Net::new(1, |c| {
+        c.session.max_queued_messages = 4;
+        c.session.max_inflight = 2;
+        c.stall_timeout = Duration::from_secs(5);
+    });
+    let stuck = n.connect(0, "stuck", true);
+    let publ = n.connect(0, "pub", true);
+    n.settle();
+    n.out(stuck);
+    n.out(publ);
+    n.send(stuck, subscribe(1, "t", QoS::AtLeastOnce));
+    n.out(stuck);
+    let mut pid = 0u16;
+    while !n.cores[0].input_paused(publ) {
+        pid += 1;
+        n.send(publ, publish(pid, "t", QoS::AtLeastOnce, "x"));
+    }
+    assert!(n.cores[0].input_paused(publ));
+    n.tick(Duration::from_secs(4));
+    assert!(
+        n.cores[0].input_paused(publ),
+        "released before stall_timeout"
+    );
+    n.tick(Duration::from_secs(2));
+    assert!(
+        !n.cores[0].input_paused(publ),
+        "still paused after stall_timeout"
+    );
+    assert_eq!(n.cores[0].counters.stalls.get(), 1);
+    // From now on its overflow is dropped and counted, and the publisher flows.
+    for _ in 0..10 {
+        pid += 1;
+        n.send(publ, publish(pid, "t", QoS::AtLeastOnce, "y"));
+    }
+    assert!(n.cores[0].counters.dropped(DropCause::Stalled) >= 10);
+    assert!(!n.cores[0].input_paused(publ));
+}
+
+#[test]
+fn an_idle_connection_costs_one_timer_entry() {
+    let mut n = Net::new(1, |_| {});
+    let c = n.connect(0, "idle", true);
+    n.settle();
+    n.out(c);
+    // Keepalive 60 s: the grace is 90 s. A device that pings every 30 s stays connected, and
+    // its pings never add heap entries: the deadline moves forward without touching it.
+    for _ in 0..10 {
+        n.tick(Duration::from_secs(30));
+        n.send(c, Packet::PingReq);
+        assert_eq!(kinds(&n.out(c)), [13], "PINGRESP");
+        assert!(!n.cores[0].wants_close(c));
+        assert!(
+            n.cores[0].timer_entries() <= 2,
+            "{}",
+            n.cores[0].timer_entries()
+        );
+    }
+    // Silence: closed once the grace has passed, not before.
+    n.tick(Duration::from_secs(80));
+    assert!(!n.cores[0].wants_close(c));
+    n.tick(Duration::from_secs(20));
+    assert!(n.cores[0].wants_close(c), "keepalive timeout not enforced");
+    assert_eq!(n.cores[0].counters.keepalive_timeouts.get(), 1);
+}

@@ -1,0 +1,103 @@
+//! Every timer of a shard in one heap, so the driver arms one timer per shard.
+//!
+//! Owns: [`Timers`] (deadline-ordered entries naming what to check) and the dispatch of due
+//! entries to their owners. Must not touch: what each timer decides (the owner re-checks its
+//! own state: entries are hints and may be stale).
+//!
+//! Why one heap: a glommio timer is an io_uring submission (and a cancel when dropped), so a
+//! timer per connection re-armed on every packet costs on every message. Here a connection's
+//! keepalive deadline moves forward with each packet without touching the heap; when its old
+//! entry pops, the session reports its real deadline and one new entry goes in. An idle
+//! device costs one heap entry per keepalive period and nothing in between.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::time::Instant;
+
+use super::registry::ConnKey;
+use super::ShardCore;
+
+/// What a timer entry asks to re-check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum TimerKind {
+    /// A session's own timers: keepalive, will delay, session expiry.
+    Session(ConnKey),
+    /// A registration waiting for its home shard.
+    Register(ConnKey),
+    /// A connection's output waiting for peers to settle.
+    Gate(ConnKey),
+    /// A full subscriber's stall check.
+    Stall(ConnKey),
+    /// A parked (moved-away) session.
+    Park(ConnKey),
+    /// A session moving here, waiting for the switch to finish.
+    Switch(ConnKey),
+    /// A socket that stopped accepting bytes.
+    WriteStall(ConnKey),
+}
+
+#[derive(Default)]
+pub(crate) struct Timers {
+    heap: BinaryHeap<Reverse<(Instant, TimerKind)>>,
+}
+
+impl Timers {
+    pub fn push(&mut self, at: Instant, kind: TimerKind) {
+        self.heap.push(Reverse((at, kind)));
+    }
+
+    pub fn next(&self) -> Option<Instant> {
+        self.heap.peek().map(|Reverse((t, _))| *t)
+    }
+
+    fn pop_due(&mut self, now: Instant) -> Option<(Instant, TimerKind)> {
+        match self.heap.peek() {
+            Some(Reverse((t, _))) if *t <= now => self.heap.pop().map(|Reverse(e)| e),
+            _ => None,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.heap.len()
+    }
+}
+
+impl ShardCore {
+    pub(super) fn on_tick(&mut self, now: Instant) {
+        while let Some((at, kind)) = self.timers.pop_due(now) {
+            match kind {
+                TimerKind::Session(k) => self.session_timer(k, at, now),
+                TimerKind::Register(k) => self.check_register(k, now),
+                TimerKind::Gate(k) => self.check_gate(k, now),
+                TimerKind::Stall(k) => self.check_stall(k, now),
+                TimerKind::Park(k) => self.check_parked(k, now),
+                TimerKind::Switch(k) => self.check_switching(k, now),
+                TimerKind::WriteStall(k) => self.check_write_stall(k, now),
+            }
+        }
+    }
+
+    fn session_timer(&mut self, key: ConnKey, at: Instant, now: Instant) {
+        let Some(e) = self.sessions.get_mut(&key) else {
+            return;
+        };
+        if e.timer_armed != Some(at) {
+            return; // superseded by an earlier entry, which already ran or will run
+        }
+        e.timer_armed = None;
+        match e.session.poll_timeout() {
+            Some(t) if t <= now => {
+                e.session.handle_timeout(now);
+                self.pump(key, now);
+            }
+            _ => {}
+        }
+        // Re-arm at the session's real deadline (it moves forward with every packet).
+        self.after_session_input(key);
+    }
+
+    /// Heap entries, for tests that check idle connections cost nothing.
+    pub fn timer_entries(&self) -> usize {
+        self.timers.len()
+    }
+}
