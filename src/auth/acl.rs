@@ -482,6 +482,121 @@ impl Trie {
         acc
     }
 
+    /// Does one rule granting `bit` match every topic the filter `f` matches? (`dollar`: the
+    /// filter's first level is a literal starting with `$`, so are its topics' first levels:
+    /// the root's wildcard and name edges do not apply, as in [`Trie::lookup`]. A filter
+    /// whose first level is `+` or `#` matches no `$` topic [MQTT-4.7.2-1].) Sound, not
+    /// complete: `false` only means "check each message".
+    fn covers(&self, at: u32, f: &[&str], i: usize, s: &AclSubject, bit: u8, dollar: bool) -> bool {
+        let node = &self.nodes[at as usize];
+        let wild = !(i == 0 && dollar);
+        // `x/#` grants `x` and everything below it: whatever the filter's rest is.
+        if wild && node.hash.allow & bit != 0 {
+            return true;
+        }
+        if i == f.len() {
+            return node.end.allow & bit != 0;
+        }
+        let next = |c: u32| self.covers(c, f, i + 1, s, bit, dollar);
+        match f[i] {
+            // Only a `#` rule at this very node covers a `#` level (checked above).
+            "#" => false,
+            // Infinitely many levels: only a `+` rule covers them all.
+            "+" => wild && node.plus.is_some_and(next),
+            level => {
+                let h = level_hash(level);
+                node.literal.get(level, h).is_some_and(next)
+                    || (wild && node.plus.is_some_and(next))
+                    || (wild
+                        && s.username.as_ref().is_some_and(|u| u.is(level, h))
+                        && node.user.is_some_and(next))
+                    || (wild && s.client_id.is(level, h) && node.client.is_some_and(next))
+                    || node.mixed.iter().any(|(parts, c)| {
+                        let literal_dollar =
+                            matches!(parts.first(), Some(Part::Text(t)) if t.starts_with('$'));
+                        (wild || literal_dollar) && mixed_matches(parts, level, s) && next(*c)
+                    })
+            }
+        }
+    }
+
+    /// Could a `deny` rule match some topic the filter `f` matches? Sound, not complete:
+    /// `true` may be a false alarm (then each message is checked), `false` never is.
+    fn may_deny(&self, at: u32, f: &[&str], i: usize, s: &AclSubject, dollar: bool) -> bool {
+        let node = &self.nodes[at as usize];
+        let wild = !(i == 0 && dollar);
+        if wild && node.hash.deny {
+            return true;
+        }
+        if i == f.len() {
+            return node.end.deny;
+        }
+        let next = |c: u32| self.may_deny(c, f, i + 1, s, dollar);
+        match f[i] {
+            // The filter's `#` reaches this node's topic (checked above) and everything below.
+            "#" => self.any_deny_below(at, i == 0),
+            "+" => {
+                // `+` first matches no `$` level; below the root, any level.
+                let literals = match &node.literal {
+                    Literals::Small(v) => v
+                        .iter()
+                        .filter(|(_, k, _)| !(i == 0 && k.starts_with('$')))
+                        .any(|&(_, _, c)| next(c)),
+                    Literals::Map(m) => m
+                        .values()
+                        .flatten()
+                        .filter(|(k, _)| !(i == 0 && k.starts_with('$')))
+                        .any(|&(_, c)| next(c)),
+                };
+                literals
+                    || [node.plus, node.user, node.client]
+                        .into_iter()
+                        .flatten()
+                        .any(next)
+                    || node.mixed.iter().any(|(_, c)| next(*c))
+            }
+            level => {
+                let h = level_hash(level);
+                node.literal.get(level, h).is_some_and(next)
+                    || (wild && node.plus.is_some_and(next))
+                    || (wild
+                        && s.username.as_ref().is_some_and(|u| u.is(level, h))
+                        && node.user.is_some_and(next))
+                    || (wild && s.client_id.is(level, h) && node.client.is_some_and(next))
+                    || node.mixed.iter().any(|(parts, c)| {
+                        let literal_dollar =
+                            matches!(parts.first(), Some(Part::Text(t)) if t.starts_with('$'));
+                        (wild || literal_dollar) && mixed_matches(parts, level, s) && next(*c)
+                    })
+            }
+        }
+    }
+
+    /// Any `deny` rule in the subtree below `at` (`root`: skip first levels starting with
+    /// `$`, which a wildcard first level never reaches).
+    fn any_deny_below(&self, at: u32, root: bool) -> bool {
+        let node = &self.nodes[at as usize];
+        if node.end.deny || node.hash.deny {
+            return true;
+        }
+        let literals: Vec<(&str, u32)> = match &node.literal {
+            Literals::Small(v) => v.iter().map(|(_, k, c)| (&**k, *c)).collect(),
+            Literals::Map(m) => m.values().flatten().map(|(k, c)| (&**k, *c)).collect(),
+        };
+        literals
+            .into_iter()
+            .filter(|(k, _)| !(root && k.starts_with('$')))
+            .any(|(_, c)| self.any_deny_below(c, false))
+            || [node.plus, node.user, node.client]
+                .into_iter()
+                .flatten()
+                .any(|c| self.any_deny_below(c, false))
+            || node
+                .mixed
+                .iter()
+                .any(|(_, c)| self.any_deny_below(*c, false))
+    }
+
     fn is_empty(&self) -> bool {
         let r = &self.nodes[0];
         self.nodes.len() == 1 && r.end == Perm::default() && r.hash == Perm::default()
@@ -784,6 +899,45 @@ impl AclFile {
         } else {
             Decision::Deny(DenyReason::NoMatch)
         }
+    }
+
+    /// Does the subject have `access` to every topic the subscription filter `filter` (the
+    /// topic part, without `$share/group/`) can match? Then deliveries through that
+    /// subscription need no per-message check (until the file is reloaded: ask again).
+    ///
+    /// Sound, not complete: `true` means every matching topic passes
+    /// [`AclFile::check_subject`]; `false` only means "check each message". It is `true` when
+    /// no `deny` rule of the subject's section can match a topic of the filter and one rule
+    /// of the section covers the whole filter, or else (patterns in use, no wildcard in the
+    /// names) the same holds for the patterns. E.g. `pattern readwrite devices/%u/#` covers
+    /// `devices/dev1/#` and `devices/dev1/cmd` for user `dev1`, not `devices/+/cmd` or `#`.
+    pub fn grants_all(&self, subject: &AclSubject, access: Access, filter: &str) -> bool {
+        let f: SmallVec<[&str; 16]> = filter.split('/').collect();
+        let dollar = filter.starts_with('$');
+        let bit = access.bit();
+        let section = if subject.generation == self.generation {
+            subject.section
+        } else {
+            self.section_of(subject.username.as_ref().map(|n| &*n.text))
+        };
+        if let Some(i) = section {
+            let t = self.trie(i);
+            if t.may_deny(0, &f, 0, subject, dollar) {
+                return false;
+            }
+            if t.covers(0, &f, 0, subject, bit, dollar) {
+                return true;
+            }
+        }
+        if !self.has_patterns || subject.wildcard_name {
+            return false;
+        }
+        let t = if subject.username.is_some() {
+            &self.patterns
+        } else {
+            &self.patterns_anonymous
+        };
+        !t.may_deny(0, &f, 0, subject, dollar) && t.covers(0, &f, 0, subject, bit, dollar)
     }
 
     /// [`AclFile::check_subject`] for a one-off check (tests, tools): builds the subject and

@@ -406,6 +406,24 @@ impl AccessView {
         }
     }
 
+    /// No ACL and no other backend: only the fixed `$` rule applies (and the session applies
+    /// that one itself), so the per-message path can skip every check.
+    pub fn is_unrestricted(&self) -> bool {
+        matches!(self.backend, Backend::None)
+    }
+
+    /// Does the subject have `access` to every topic `filter` (a subscription's topic part,
+    /// without `$share/group/`) can match, in the version in force? Then its deliveries
+    /// need no per-message check until the next [`AccessView::refresh`] that returns true.
+    /// Another backend is never asked: `false` (check each message).
+    pub fn grants_all(&self, subject: &AclSubject, access: super::Access, filter: &str) -> bool {
+        match &self.backend {
+            Backend::None => true,
+            Backend::Acl(a) => a.grants_all(subject, access, filter),
+            Backend::Other(_) => false,
+        }
+    }
+
     /// May `client` do `action`? A one-off check (CONNECT's will, tests): makes the subject
     /// and splits the topic each time.
     pub fn authorize(&self, client: Client<'_>, action: &Action<'_>) -> Decision {

@@ -469,7 +469,7 @@ impl Builder {
     /// other than -1, `max_qos` other than 2, `require_certificate` /
     /// `use_identity_as_username` / `use_subject_as_username` true, or any of `cafile`,
     /// `capath`, `certfile`, `keyfile`, `ciphers`, `ciphers_tls13`, `crlfile`,
-    /// `dhparamfile`. Keys such as `max_topic_alias`, `tls_version`, `protocol mqtt` or
+    /// `dhparamfile`, and (with `per_listener_settings true`) `password_file`. Keys such as `max_topic_alias`, `tls_version`, `protocol mqtt` or
     /// `allow_anonymous` do not create it (mosquitto ignores them there).
     fn mosquitto_default_listener(&self) -> bool {
         let d = &self.default_listener;
@@ -491,6 +491,8 @@ impl Builder {
             || on(&t.require_certificate)
             || on(&t.use_identity_as_username)
             || on(&t.use_subject_as_username)
+            // `per_listener_settings true` puts it in the default listener's security options.
+            || d.password_file.is_some()
     }
 
     /// Apply one `key value` line.

@@ -668,3 +668,197 @@ fn nodes_with_many_children_use_the_map() {
     }
     assert!(!read(&a, anon("c"), "t/100/x"));
 }
+
+// ---- whole-filter grants (deliveries without a per-message check) ----------------------------
+
+fn grants(a: &AclFile, c: Client<'_>, access: Access, filter: &str) -> bool {
+    a.grants_all(&a.subject(c), access, filter)
+}
+
+#[test]
+fn the_fleet_pattern_grants_a_devices_own_tree_and_nothing_wider() {
+    let a = acl("pattern readwrite devices/%u/#\n");
+    let d = user("dev1", "c1");
+    for f in [
+        "devices/dev1/#",
+        "devices/dev1/cmd",
+        "devices/dev1/+/x",
+        "devices/dev1",
+    ] {
+        assert!(grants(&a, d, Access::Read, f), "{f}");
+    }
+    for f in [
+        "#",
+        "devices/+/cmd",
+        "devices/#",
+        "devices/dev2/#",
+        "$SYS/#",
+        "+/dev1/#",
+    ] {
+        assert!(!grants(&a, d, Access::Read, f), "{f}");
+    }
+    // Names with wildcards never get pattern grants; anonymous clients never get %u ones.
+    assert!(!grants(&a, user("d+", "c"), Access::Read, "devices/d+/#"));
+    assert!(!grants(&a, anon("c"), Access::Read, "devices/#"));
+}
+
+#[test]
+fn a_deny_that_may_match_part_of_the_filter_withholds_the_grant() {
+    let a = acl("user u\ntopic read a/#\ntopic deny a/secret\npattern read p/%c/#\n");
+    let u = user("u", "c1");
+    assert!(grants(&a, u, Access::Read, "a/public/#"));
+    assert!(!grants(&a, u, Access::Read, "a/#"));
+    assert!(!grants(&a, u, Access::Read, "a/+"));
+    assert!(!grants(&a, u, Access::Write, "a/public"));
+    // The section decides first: a section deny also withholds a pattern's grant.
+    assert!(grants(&a, u, Access::Read, "p/c1/#"));
+    let b = acl("user u\ntopic deny p/#\npattern read p/%c/#\n");
+    assert!(!grants(&b, u, Access::Read, "p/c1/#"));
+    // `#` first: a `$` deny is out of its reach, a plain one is not.
+    let c = acl("user u\ntopic read #\ntopic deny $SYS/#\n");
+    assert!(grants(&c, u, Access::Read, "#"));
+    assert!(!grants(&c, u, Access::Read, "$SYS/broker/uptime"));
+    let d = acl("user u\ntopic read #\ntopic deny x/+/y\n");
+    assert!(!grants(&d, u, Access::Read, "#"));
+    assert!(grants(&d, u, Access::Read, "z/#"));
+}
+
+/// Topics the filter matches, made by filling its wildcards with sample levels.
+fn instances(filter: &str) -> Vec<String> {
+    let mut out = vec![String::new()];
+    for (i, level) in filter.split('/').enumerate() {
+        let options: Vec<&str> = match level {
+            "+" => vec!["a", "", "c1", "zz"],
+            "#" => vec!["", "a", "a/b", "c1/%c"],
+            l => vec![l],
+        };
+        let mut next = Vec::new();
+        for prefix in &out {
+            for o in &options {
+                if level == "#" && o.is_empty() {
+                    // `x/#` also matches `x` itself.
+                    next.push(prefix.clone());
+                    if i == 0 {
+                        continue;
+                    }
+                }
+                if i == 0 {
+                    next.push(o.to_string());
+                } else {
+                    next.push(format!("{prefix}/{o}"));
+                }
+            }
+        }
+        out = next;
+    }
+    out.retain(|t| !t.is_empty());
+    out
+}
+
+fn sub_filter_strategy() -> impl Strategy<Value = String> {
+    (
+        prop::collection::vec(
+            prop::sample::select(vec!["a", "b", "ab", "", "c1", "$SYS", "xa", "+", "%c"]),
+            1..4,
+        ),
+        any::<bool>(),
+    )
+        .prop_map(|(mut v, hash)| {
+            if hash {
+                v.push("#");
+            }
+            v.join("/")
+        })
+        .prop_filter("non-empty filter", |f| !f.is_empty())
+}
+
+/// A whole-filter grant is never wrong: every topic the filter matches passes mosquitto's own
+/// check. (Run by hand, to also check that the cases exercised grants at all.)
+#[test]
+fn a_whole_filter_grant_holds_for_every_matching_topic() {
+    let strategy = (
+        prop::collection::vec(line_strategy(), 0..10),
+        prop::option::of(prop::sample::select(vec!["a", "b", "ab", "x+", ""])),
+        prop::sample::select(vec!["c1", "a", "c+", "xa"]),
+        1u8..3,
+        prop::collection::vec(sub_filter_strategy(), 1..8),
+        prop::collection::vec(topic_strategy(), 0..16),
+    );
+    let granted = std::cell::Cell::new(0usize);
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases: 600,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    });
+    runner
+        .run(
+            &strategy,
+            |(lines, username, id, access, filters, topics)| {
+                let (text, reference) = build(&lines);
+                let compiled = acl(&text);
+                let acc = if access == 1 {
+                    Access::Read
+                } else {
+                    Access::Write
+                };
+                let client = Client {
+                    client_id: id,
+                    username,
+                };
+                // Besides random filters, the rules' own filters (names filled in) and narrower
+                // forms of them: those are the ones a grant is likely for.
+                let mut candidates = filters;
+                for l in &lines {
+                    let (Line::Topic(_, f) | Line::Pattern(_, f)) = l else {
+                        continue;
+                    };
+                    let mut f = f.clone();
+                    if matches!(l, Line::Pattern(..)) {
+                        f = f.replace("%c", id);
+                        match username {
+                            Some(u) => f = f.replace("%u", u),
+                            None if f.contains("%u") => continue,
+                            None => {}
+                        }
+                    }
+                    candidates.push(f.replace('#', "ab/#"));
+                    candidates.push(f.replace('+', "a"));
+                    candidates.push(f);
+                }
+                for filter in candidates {
+                    if !grants(&compiled, client, acc, &filter) {
+                        continue;
+                    }
+                    granted.set(granted.get() + 1);
+                    let mut probe = instances(&filter);
+                    probe.extend(topics.iter().filter(|t| ref_matches(&filter, t)).cloned());
+                    for t in probe {
+                        prop_assert!(
+                            ref_matches(&filter, &t),
+                            "bad instance {:?} of {:?}",
+                            t,
+                            filter
+                        );
+                        prop_assert!(
+                        ref_check(&reference, username, id, access, &t),
+                        "file:\n{}\nuser {:?} id {:?} {:?}: {:?} granted whole, but {:?} is denied",
+                        text,
+                        username,
+                        id,
+                        acc,
+                        filter,
+                        t
+                    );
+                    }
+                }
+                Ok(())
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("{} whole-filter grants checked", granted.get());
+    assert!(
+        granted.get() > 300,
+        "only {} whole-filter grants in 600 cases: the test exercises too little",
+        granted.get()
+    );
+}
