@@ -35,11 +35,7 @@ pub fn tls_options(t: &TlsSettings) -> Result<TlsOptions, TlsError> {
 pub struct Prepared {
     pub runtime: RuntimeConfig,
     pub reloaders: Vec<Arc<TlsReloader>>,
-    /// Each listener's security policy, in `runtime.listeners` order. Not enforced yet: the
-    /// connection path does not consult it (main refuses to start with password or ACL
-    /// files until it does; see /work/notes/auth-integration.md).
-    pub security: Vec<ListenerSecurity>,
-    /// The password and ACL files behind `security`, for SIGHUP.
+    /// The password and ACL files of every listener's `ListenerSpec::security`, for SIGHUP.
     pub security_files: SecurityFiles,
 }
 
@@ -79,6 +75,7 @@ fn listener_spec(
     l: &ListenerConfig,
     shards: usize,
     reloaders: &mut Vec<Arc<TlsReloader>>,
+    security: ListenerSecurity,
 ) -> Result<ListenerSpec, TlsError> {
     let tls = match &l.tls {
         None => None,
@@ -105,6 +102,7 @@ fn listener_spec(
         max_qos: l.max_qos,
         topic_alias_maximum: l.max_topic_alias,
         tls,
+        security,
     })
 }
 
@@ -127,17 +125,12 @@ pub fn prepare(cfg: &Config) -> Result<Prepared, PrepareError> {
         ..SessionConfig::default()
     };
     let mut reloaders = Vec::new();
-    let listeners = cfg
-        .listeners
-        .iter()
-        .map(|l| listener_spec(l, cfg.shards, &mut reloaders))
-        .collect::<Result<Vec<_>, _>>()?;
     let mut security_files = SecurityFiles::new();
-    let security = cfg
-        .listeners
-        .iter()
-        .map(|l| listener_security(l, &mut security_files))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut listeners = Vec::with_capacity(cfg.listeners.len());
+    for l in &cfg.listeners {
+        let security = listener_security(l, &mut security_files)?;
+        listeners.push(listener_spec(l, cfg.shards, &mut reloaders, security)?);
+    }
     Ok(Prepared {
         runtime: RuntimeConfig {
             shards: cfg.shards,
@@ -152,7 +145,6 @@ pub fn prepare(cfg: &Config) -> Result<Prepared, PrepareError> {
             ..RuntimeConfig::default()
         },
         reloaders,
-        security,
         security_files,
     })
 }

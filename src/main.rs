@@ -62,10 +62,6 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if let Err(e) = cfg.refuse_unenforced_security() {
-        eprintln!("midge: configuration error: {e}");
-        return ExitCode::FAILURE;
-    }
     init_logging(&cfg.log);
     for w in &cfg.warnings {
         if w.info {

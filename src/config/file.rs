@@ -1348,15 +1348,6 @@ impl Builder {
                         );
                     }
                 }
-                self.warn(&f.origin, key, NOT_ENFORCED_NOTE, false);
-            }
-            if let Some(b) = &l.client_id_binding {
-                self.warn(
-                    &b.origin,
-                    "require_client_id_match_identity",
-                    NOT_ENFORCED_NOTE,
-                    false,
-                );
             }
         }
         match &self.check_retain_source {
@@ -1393,10 +1384,6 @@ impl Builder {
         Ok(())
     }
 }
-
-/// The note `--check-config` shows for settings that are validated but not enforced yet.
-const NOT_ENFORCED_NOTE: &str = "validated, but not enforced by this version of Midge yet: the \
-     broker refuses to start with it (see the start-up error)";
 
 /// `require_client_id_match_identity` / `client_id_identity_pattern` of one listener.
 fn finish_client_id_binding(

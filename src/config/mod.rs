@@ -44,8 +44,7 @@
 //!   - `allow_anonymous` not set at all: `false` on every listener, except in *local-only mode*.
 //!   - Both files are parsed at load (and by `--check-config`): a bad line is an error naming
 //!     the configuration line and `FILE:LINE` of the file (see the `auth` module for the
-//!     formats). The broker does not enforce them yet and refuses to start with them
-//!     ([`Config::refuse_unenforced_security`]).
+//!     formats). SIGHUP reloads them (a file that no longer parses keeps its old version).
 //! * `require_client_id_match_identity true` (Midge, per listener, needs `require_certificate
 //!   true`): the client id must be the certificate's common name (or its subject with
 //!   `use_subject_as_username`), through `client_id_identity_pattern` (default `%u`, the
@@ -452,50 +451,6 @@ impl Default for LogSettings {
             timestamp: true,
             timestamp_format: None,
         }
-    }
-}
-
-impl Config {
-    /// Refuse to run with security settings this version parses and validates but does not
-    /// enforce yet (`password_file`, `acl_file`, `require_client_id_match_identity`): a
-    /// security setting is never silently ignored. `--check-config` accepts them (and notes
-    /// that they are not enforced); starting the broker does not.
-    pub fn refuse_unenforced_security(&self) -> Result<(), ConfigError> {
-        for l in &self.listeners {
-            if let Some(f) = &l.password_file {
-                return Err(ConfigError::key(
-                    &f.origin,
-                    "password_file",
-                    format!(
-                        "{} is valid, but this version of Midge does not enforce password files \
-                         yet: it would admit clients the file refuses. Not starting; remove the \
-                         line to run without it (midge --check-config validates the file)",
-                        f.path.display()
-                    ),
-                ));
-            }
-            if let Some(f) = &l.acl_file {
-                return Err(ConfigError::key(
-                    &f.origin,
-                    "acl_file",
-                    format!(
-                        "{} is valid, but this version of Midge does not enforce ACLs yet: every \
-                         client could read and write every topic. Not starting; remove the line \
-                         only if that is acceptable (midge --check-config validates the file)",
-                        f.path.display()
-                    ),
-                ));
-            }
-            if let Some(b) = &l.client_id_binding {
-                return Err(ConfigError::key(
-                    &b.origin,
-                    "require_client_id_match_identity",
-                    "this version of Midge does not enforce it yet: a device could connect with \
-                     another device's client id. Not starting; remove the line to run without it",
-                ));
-            }
-        }
-        Ok(())
     }
 }
 

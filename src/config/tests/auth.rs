@@ -206,82 +206,6 @@ fn file_warnings_world_readable_and_acl_notes() {
 }
 
 #[test]
-fn check_config_accepts_the_files_but_the_broker_refuses_to_start() {
-    let f = Fixture::new();
-    let pw = f.passwd("pw");
-    let acl = f.acl("acl", ACL);
-    let c = f.ok(&format!(
-        "listener 1883\npassword_file {pw}\nacl_file {acl}\n"
-    ));
-    assert!(c
-        .warnings
-        .iter()
-        .any(|w| w.key == "password_file" && w.message.contains("not enforced")));
-    let e = c.refuse_unenforced_security().unwrap_err().to_string();
-    assert!(
-        e.starts_with(&format!(
-            "{}:2: key 'password_file': {pw} is valid, but this version of Midge does not enforce",
-            f.path("midge.conf").display()
-        )),
-        "{e}"
-    );
-    let c = f.ok(&format!("listener 1883\nacl_file {acl}\n"));
-    assert!(c
-        .refuse_unenforced_security()
-        .unwrap_err()
-        .to_string()
-        .contains("does not enforce ACLs yet"));
-    assert!(ok("listener 1883\nallow_anonymous true\n")
-        .refuse_unenforced_security()
-        .is_ok());
-    assert!(Config::default().refuse_unenforced_security().is_ok());
-}
-
-#[test]
-fn effective_configuration_round_trips_in_both_scopes() {
-    let f = Fixture::new();
-    let pw = f.passwd("pw");
-    let acl = f.acl("acl", ACL);
-    for text in [
-        format!("listener 1883\nlistener 1884 127.0.0.1\npassword_file {pw}\nacl_file {acl}\n"),
-        format!(
-            "per_listener_settings true\nlistener 1883\npassword_file {pw}\n\
-             listener 1884 127.0.0.1\nacl_file {acl}\nallow_anonymous true\n"
-        ),
-    ] {
-        let first = f.ok(&text);
-        let rendered = render_effective(&first);
-        assert!(
-            rendered.contains(&format!("\npassword_file {pw}\n")),
-            "{rendered}"
-        );
-        let second = f.ok(&rendered);
-        assert_eq!(normalized(first), normalized(second), "\n{rendered}");
-    }
-}
-
-#[test]
-fn check_retain_source() {
-    let f = Fixture::new();
-    let acl = f.acl("acl", ACL);
-    let e = f.err(&format!(
-        "check_retain_source true\nlistener 1883\nacl_file {acl}\n"
-    ));
-    assert!(
-        e.starts_with("FILE:1: key 'check_retain_source': not supported by Midge yet"),
-        "{e}"
-    );
-    assert!(has_warning(
-        &ok("check_retain_source true\n"),
-        "check_retain_source"
-    ));
-    let c = f.ok(&format!(
-        "check_retain_source false\nlistener 1883\nacl_file {acl}\n"
-    ));
-    assert!(has_warning(&c, "check_retain_source"));
-}
-
-#[test]
 fn client_ids_bound_to_certificates() {
     let f = Fixture::new();
     let (cert, key, ca) = f.pem();
@@ -293,7 +217,6 @@ fn client_ids_bound_to_certificates() {
     let b = c.listeners[0].client_id_binding.as_ref().expect("binding");
     assert_eq!(b.rule.pattern(), "%u");
     assert_eq!(b.rule.source(), crate::auth::IdentitySource::CommonName);
-    assert!(c.refuse_unenforced_security().is_err());
 
     let c = f.ok(&format!(
         "listener 8883\n{tls}require_certificate true\nuse_subject_as_username true\n\
