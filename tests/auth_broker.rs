@@ -299,12 +299,24 @@ impl Raw {
         user: Option<(&[u8], &[u8])>,
         will: Option<&str>,
     ) -> (Raw, Option<u8>) {
+        Raw::connect_with(port, v5, client_id, user, will, true)
+    }
+
+    /// [`Raw::connect`] with the clean-session flag (`false`: a persistent 3.1.1 session).
+    fn connect_with(
+        port: u16,
+        v5: bool,
+        client_id: &str,
+        user: Option<(&[u8], &[u8])>,
+        will: Option<&str>,
+        clean: bool,
+    ) -> (Raw, Option<u8>) {
         let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut b = Vec::new();
         utf8(&mut b, b"MQTT");
         b.push(if v5 { 5 } else { 4 });
-        let mut flags = 0x02;
+        let mut flags = if clean { 0x02 } else { 0 };
         if let Some((_, p)) = user {
             flags |= 0x80;
             if !p.is_empty() {
@@ -670,4 +682,80 @@ fn usernames_with_wildcards_nul_and_newline() {
     let (_c, code) = Raw::connect(port, true, "nul-1", Some((b"dev\x001", b"")), None);
     assert_eq!(code, None);
     assert_eq!(b.count_log(&["New client connected", "nul-1"]), 0);
+}
+
+#[test]
+fn reload_disconnects_changed_passwords_and_drops_queued_messages_no_longer_readable() {
+    let dir = tempfile::tempdir().unwrap();
+    let pw = passwd_file(dir.path());
+    let acl = dir.path().join("acl");
+    std::fs::write(&acl, ACL).unwrap();
+    let port = free_port();
+    let b = Broker::start(
+        dir.path(),
+        port,
+        &format!(
+            "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {pw}\nacl_file {}\n",
+            acl.display()
+        ),
+    );
+    // dev2 stays connected; dev1 leaves a persistent session with a queued message it may
+    // read now.
+    let (mut dev2, code) = Raw::connect(port, true, "dev2-live", Some((b"dev2", b"pw two")), None);
+    assert_eq!(code, Some(0));
+    let (mut dev1, code) = Raw::connect_with(
+        port,
+        false,
+        "dev1-p",
+        Some((b"dev1", b"pw-one")),
+        None,
+        false,
+    );
+    assert_eq!(code, Some(0));
+    dev1.subscribe("devices/dev1/#");
+    dev1.subscribe("marker/#");
+    dev1.s.write_all(&[0xe0, 0]).unwrap();
+    assert!(dev1.read().is_none(), "the broker closes after DISCONNECT");
+    let (mut admin, code) = Raw::connect(port, true, "admin-q", Some((b"admin", b"adm1n")), None);
+    assert_eq!(code, Some(0));
+    assert_eq!(admin.publish_qos1("devices/dev1/queued", 1), 0);
+
+    // One SIGHUP: dev2's password changes, dev1 loses its pattern.
+    mosquitto_passwd(&["-b", &pw, "dev2", "changed"]);
+    std::fs::write(
+        &acl,
+        "user admin\ntopic readwrite #\nuser dev1\ntopic read marker/#\n",
+    )
+    .unwrap();
+    b.reload_acl(1);
+    // dev2: DISCONNECT 0x98 (administrative action), then the connection closes.
+    let (k, body) = dev2.read().expect("DISCONNECT");
+    assert_eq!((k, body.first().copied()), (0xe0, Some(0x98)));
+    assert!(dev2.read().is_none());
+    // Its new password works, the old one no longer does.
+    assert_eq!(
+        pub_status(port, true, Some(("dev2", "changed")), "devices/dev2/x"),
+        Some(0)
+    );
+    assert_eq!(
+        pub_status(port, true, Some(("dev2", "pw two")), "devices/dev2/x"),
+        Some(135)
+    );
+    // dev1 was not password-changed: it resumes, and its queued message is dropped (it may
+    // no longer read it) while what it may read still arrives.
+    assert_eq!(admin.publish_qos1("marker/after", 2), 0);
+    let (mut dev1, code) = Raw::connect_with(
+        port,
+        false,
+        "dev1-p",
+        Some((b"dev1", b"pw-one")),
+        None,
+        false,
+    );
+    assert_eq!(code, Some(0));
+    assert_eq!(
+        dev1.topics_until("marker/after"),
+        vec!["marker/after".to_string()]
+    );
+    b.wait_count(&["queued message(s) of dev1-p dropped"], 1);
 }
