@@ -1,7 +1,8 @@
 //! The connection task: bytes in, packets to the core, packets out, bytes out.
 //!
 //! Owns: one client connection from accept to close: the CONNECT phase (timeout, version,
-//! anonymous policy, client-id rules), then the loop that reads into a buffer, decodes every
+//! authentication — `crate::auth` decides, PBKDF2 runs on the blocking pool —, the will's
+//! write check, client-id rules), then the loop that reads into a buffer, decodes every
 //! complete packet for the shard core, and writes everything the core releases for this
 //! connection in one write per wake-up. Must not touch: protocol rules beyond CONNECT
 //! admission (the session decides), routing or takeover (the core decides).

@@ -605,8 +605,10 @@ pub(crate) async fn shard_main(
         }
         let now = Instant::now();
         // Reloaded password/ACL files (SIGHUP): one atomic load per file when unchanged.
-        shard.core.borrow_mut().refresh_security(now);
-        shard.after_input();
+        let refreshed = shard.core.borrow_mut().refresh_security(now);
+        if refreshed {
+            shard.after_input();
+        }
         if id == 0 && next_sys.is_some_and(|t| now >= t) {
             super::sys::publish(&shard, started);
             next_sys = shared.cfg.sys_interval.map(|d| now + d);

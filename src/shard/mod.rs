@@ -66,7 +66,9 @@ pub struct RuntimeConfig {
     /// Capacity of each cross-shard queue.
     pub mailbox_capacity: usize,
     /// Diagnostics: each shard also listens on its own ephemeral loopback port, so tests and
-    /// operators can reach a chosen shard regardless of the kernel's REUSEPORT hash.
+    /// operators can reach a chosen shard regardless of the kernel's REUSEPORT hash. No
+    /// password or ACL file applies there (anonymous, unrestricted): tests only; the
+    /// configuration file cannot turn it on.
     pub shard_listeners: bool,
     /// Per-session limits (inflight, queues, packet size, keepalive, ...).
     pub session: crate::session::SessionConfig,

@@ -21,8 +21,13 @@
 //! * Resumed session: queued and not yet received in-flight messages re-checked with the new
 //!   connection's identity, failures dropped (src/handle_connect.c `connection_check_acl`).
 //! * Will: checked when published (src/context.c); denied → not published, counted.
-//! * SUBSCRIBE: granted, as mosquitto 2.0's acl_file does (the read check per message decides
-//!   what arrives); see the `auth` module docs for why.
+//! * SUBSCRIBE: granted, as mosquitto 2.0's acl_file does (src/security_default.c returns
+//!   success for `MOSQ_ACL_SUBSCRIBE`); the read check per message decides what arrives.
+//!   Refusing "filters no message could ever be read through" was not chosen: fleets
+//!   subscribe to broad filters (`#`, `devices/+/cmd`) and expect their own messages, so such
+//!   filters are rare; deciding it needs a filter-versus-rules intersection that changes on
+//!   every reload (a refused subscription would stay refused after access is granted); and
+//!   mosquitto users' clients rely on the grant.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -256,7 +261,7 @@ impl ShardCore {
     /// changed get new subjects (every later check uses the new rules: a revoked client
     /// stops receiving at the next message); live clients whose password entry changed or
     /// was removed are disconnected with 0x98, as mosquitto's `mosquitto_security_apply`.
-    pub fn refresh_security(&mut self, now: Instant) {
+    pub fn refresh_security(&mut self, now: Instant) -> bool {
         let mut acl_changed = vec![false; self.views.len()];
         for (i, v) in self.views.iter_mut().enumerate() {
             acl_changed[i] = v.refresh();
@@ -272,7 +277,7 @@ impl ShardCore {
             }
         }
         if !acl_changed.contains(&true) && pw_changed.iter().all(Option::is_none) {
-            return;
+            return false;
         }
         for (i, changed) in acl_changed.iter().enumerate() {
             if *changed {
@@ -325,5 +330,6 @@ impl ShardCore {
             self.pump(key, now);
             self.after_session_input(key);
         }
+        true
     }
 }
