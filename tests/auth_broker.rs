@@ -759,3 +759,60 @@ fn reload_disconnects_changed_passwords_and_drops_queued_messages_no_longer_read
     );
     b.wait_count(&["queued message(s) of dev1-p dropped"], 1);
 }
+
+#[test]
+fn a_will_is_checked_again_when_published() {
+    let dir = tempfile::tempdir().unwrap();
+    let pw = passwd_file(dir.path());
+    let acl = dir.path().join("acl");
+    std::fs::write(&acl, ACL).unwrap();
+    let port = free_port();
+    let b = Broker::start(
+        dir.path(),
+        port,
+        &format!(
+            "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {pw}\nacl_file {}\n",
+            acl.display()
+        ),
+    );
+    let (mut admin, code) =
+        Raw::connect(port, true, "admin-will", Some((b"admin", b"adm1n")), None);
+    assert_eq!(code, Some(0));
+    admin.subscribe("devices/#");
+    // Allowed at CONNECT and still allowed: published when the connection is lost.
+    let (w, code) = Raw::connect(
+        port,
+        true,
+        "dev1-w1",
+        Some((b"dev1", b"pw-one")),
+        Some("devices/dev1/lwt1"),
+    );
+    assert_eq!(code, Some(0));
+    drop(w);
+    assert_eq!(
+        admin.topics_until("devices/dev1/lwt1"),
+        vec!["devices/dev1/lwt1".to_string()]
+    );
+    // Allowed at CONNECT, revoked by a reload before the connection is lost: not published.
+    let (w, code) = Raw::connect(
+        port,
+        true,
+        "dev1-w2",
+        Some((b"dev1", b"pw-one")),
+        Some("devices/dev1/lwt2"),
+    );
+    assert_eq!(code, Some(0));
+    std::fs::write(
+        &acl,
+        "user admin\ntopic readwrite #\nuser dev1\ntopic read marker/#\n",
+    )
+    .unwrap();
+    b.reload_acl(1);
+    drop(w);
+    b.wait_count(&["will of dev1-w2 to 'devices/dev1/lwt2' not published"], 1);
+    assert_eq!(admin.publish_qos1("devices/admin/marker", 1), 0);
+    assert_eq!(
+        admin.topics_until("devices/admin/marker"),
+        vec!["devices/admin/marker".to_string()]
+    );
+}
