@@ -391,6 +391,30 @@ impl Raw {
         body.get(2).copied().unwrap_or(0)
     }
 
+    /// PUBLISH QoS 2; returns the PUBREC's reason code (0 in 3.1.1) and, if the flow goes
+    /// on (reason below 0x80), completes it with PUBREL → PUBCOMP.
+    fn publish_qos2(&mut self, topic: &str, id: u16) -> u8 {
+        let mut b = Vec::new();
+        utf8(&mut b, topic.as_bytes());
+        b.extend_from_slice(&id.to_be_bytes());
+        if self.v5 {
+            b.push(0);
+        }
+        b.extend_from_slice(b"payload");
+        self.s.write_all(&packet(0x34, &b)).unwrap();
+        let (k, body) = self.read().expect("PUBREC");
+        assert_eq!(k >> 4, 5, "expected PUBREC, got {k:#x}");
+        assert_eq!(&body[..2], &id.to_be_bytes());
+        let reason = body.get(2).copied().unwrap_or(0);
+        if reason < 0x80 {
+            let [h, l] = id.to_be_bytes();
+            self.s.write_all(&[0x62, 2, h, l]).unwrap();
+            let (k, body) = self.read().expect("PUBCOMP");
+            assert_eq!((k >> 4, &body[..2]), (7, &id.to_be_bytes()[..]), "PUBCOMP");
+        }
+        reason
+    }
+
     fn subscribe(&mut self, filter: &str) {
         let mut b = vec![0, 1];
         if self.v5 {
@@ -401,6 +425,33 @@ impl Raw {
         self.s.write_all(&packet(0x82, &b)).unwrap();
         let (k, _) = self.read().expect("SUBACK");
         assert_eq!(k >> 4, 9, "expected SUBACK");
+    }
+
+    /// Reads PUBLISHes until one on `topic` carries a number of at least `n` (a `$SYS`
+    /// counter, republished every `sys_interval`); the read timeout bounds each wait.
+    fn wait_counter(&mut self, topic: &str, n: u64) -> u64 {
+        loop {
+            let (k, body) = self.read().expect("a $SYS update");
+            if k >> 4 != 3 {
+                continue;
+            }
+            let len = u16::from_be_bytes([body[0], body[1]]) as usize;
+            let mut at = 2 + len;
+            if (k >> 1) & 3 != 0 {
+                let id = [body[at], body[at + 1]];
+                self.s.write_all(&[0x40, 2, id[0], id[1]]).unwrap();
+                at += 2;
+            }
+            if self.v5 {
+                at += 1 + body[at] as usize; // property length < 128 here
+            }
+            if &body[2..2 + len] == topic.as_bytes() {
+                let v: u64 = std::str::from_utf8(&body[at..]).unwrap().parse().unwrap();
+                if v >= n {
+                    return v;
+                }
+            }
+        }
     }
 
     /// The topics of PUBLISHes received until one with `marker` in its topic.
@@ -509,7 +560,8 @@ fn the_acl_governs_publish_delivery_retained_and_wills_and_reloads_for_connected
         dir.path(),
         port,
         &format!(
-            "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {pw}\nacl_file {}\n",
+            "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {pw}\nacl_file {}\n\
+             sys_interval 1\n",
             acl.display()
         ),
     );
@@ -530,6 +582,12 @@ fn the_acl_governs_publish_delivery_retained_and_wills_and_reloads_for_connected
             c.publish_qos1("$SYS/broker/x", 3),
             if v5 { 0x87 } else { 0 }
         );
+        // QoS 2: v5 PUBREC 0x87 ends the flow; 3.1.1 PUBREC, PUBREL, PUBCOMP as if accepted.
+        assert_eq!(
+            c.publish_qos2("devices/dev2/cmd", 4),
+            if v5 { 0x87 } else { 0 }
+        );
+        assert_eq!(c.publish_qos2("devices/dev1/up", 5), 0);
     }
     // Retained: one the reader may read, one it may not (set by admin).
     publish_retained(port, admin, "devices/dev1/state", "mine");
@@ -613,7 +671,7 @@ fn the_acl_governs_publish_delivery_retained_and_wills_and_reloads_for_connected
     // Reload revokes: the pattern is gone, dev1 keeps only marker/#.
     std::fs::write(
         &acl,
-        "user admin\ntopic readwrite #\nuser dev1\ntopic read marker/#\n",
+        "user admin\ntopic readwrite #\ntopic read $SYS/#\nuser dev1\ntopic read marker/#\n",
     )
     .unwrap();
     b.reload_acl(2);
@@ -622,6 +680,18 @@ fn the_acl_governs_publish_delivery_retained_and_wills_and_reloads_for_connected
     let got = sub.until("m5");
     assert!(!got.iter().any(|l| l.contains("revoked-1")), "{got:?}");
     assert!(b.count_log(&["Denied PUBLISH", "devices/dev2/cmd"]) >= 1);
+    // Counted: 2 denied QoS 1/2 publishes per protocol version; skipped subscribers.
+    let (mut sys, code) = Raw::connect(port, false, "admin-sys", Some((b"admin", b"adm1n")), None);
+    assert_eq!(code, Some(0));
+    sys.subscribe("$SYS/broker/publish/messages/dropped/+");
+    sys.wait_counter(
+        "$SYS/broker/publish/messages/dropped/publish_not_authorized",
+        4,
+    );
+    sys.wait_counter(
+        "$SYS/broker/publish/messages/dropped/read_not_authorized",
+        3,
+    );
 }
 
 fn publish_retained(port: u16, user: (&str, &str), topic: &str, msg: &str) {
