@@ -1,11 +1,13 @@
 //! Glue from a validated [`Config`] to a running broker.
 //!
 //! Owns: mapping configuration onto the runtime's settings (session limits, listeners, TLS
-//! material loaded and validated once at start-up), and the reload of TLS material on SIGHUP.
+//! material loaded and validated once at start-up, each listener's security policy with its
+//! password and ACL files), and the reload of TLS material and those files on SIGHUP.
 //! Must not touch: parsing (that is `config`), sockets and shards (that is `shard`).
 
 use std::sync::Arc;
 
+use crate::auth::{AuthFileError, ListenerSecurity, SecurityFiles};
 use crate::config::{Config, ListenerConfig, TlsSettings};
 use crate::session::SessionConfig;
 use crate::shard::{ListenerSpec, RuntimeConfig, TlsListener};
@@ -33,12 +35,47 @@ pub fn tls_options(t: &TlsSettings) -> Result<TlsOptions, TlsError> {
 pub struct Prepared {
     pub runtime: RuntimeConfig,
     pub reloaders: Vec<Arc<TlsReloader>>,
+    /// The password and ACL files of every listener's `ListenerSpec::security`, for SIGHUP.
+    pub security_files: SecurityFiles,
+}
+
+/// Why the broker cannot be prepared.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PrepareError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Auth(#[from] AuthFileError),
+}
+
+/// One listener's security policy; loads its files into `files` (shared by path).
+pub fn listener_security(
+    l: &ListenerConfig,
+    files: &mut SecurityFiles,
+) -> Result<ListenerSecurity, AuthFileError> {
+    let password_file = match &l.password_file {
+        Some(f) => Some(files.password_file(&f.path)?),
+        None => None,
+    };
+    let acl_file = match &l.acl_file {
+        Some(f) => Some(files.acl_file(&f.path)?),
+        None => None,
+    };
+    let client_id_rule = l.client_id_binding.as_ref().map(|b| b.rule.clone());
+    Ok(ListenerSecurity {
+        allow_anonymous: l.allow_anonymous,
+        password_file,
+        acl_file,
+        client_id_rule,
+    })
 }
 
 fn listener_spec(
     l: &ListenerConfig,
     shards: usize,
     reloaders: &mut Vec<Arc<TlsReloader>>,
+    security: ListenerSecurity,
 ) -> Result<ListenerSpec, TlsError> {
     let tls = match &l.tls {
         None => None,
@@ -65,12 +102,13 @@ fn listener_spec(
         max_qos: l.max_qos,
         topic_alias_maximum: l.max_topic_alias,
         tls,
+        security,
     })
 }
 
-/// Turn the configuration into runtime settings; reads and validates TLS material (blocking:
-/// call before the shards start).
-pub fn prepare(cfg: &Config) -> Result<Prepared, TlsError> {
+/// Turn the configuration into runtime settings; reads and validates TLS material and the
+/// password and ACL files (blocking: call before the shards start).
+pub fn prepare(cfg: &Config) -> Result<Prepared, PrepareError> {
     let lim = &cfg.limits;
     let session = SessionConfig {
         max_inflight: lim.max_inflight_messages,
@@ -87,11 +125,12 @@ pub fn prepare(cfg: &Config) -> Result<Prepared, TlsError> {
         ..SessionConfig::default()
     };
     let mut reloaders = Vec::new();
-    let listeners = cfg
-        .listeners
-        .iter()
-        .map(|l| listener_spec(l, cfg.shards, &mut reloaders))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut security_files = SecurityFiles::new();
+    let mut listeners = Vec::with_capacity(cfg.listeners.len());
+    for l in &cfg.listeners {
+        let security = listener_security(l, &mut security_files)?;
+        listeners.push(listener_spec(l, cfg.shards, &mut reloaders, security)?);
+    }
     Ok(Prepared {
         runtime: RuntimeConfig {
             shards: cfg.shards,
@@ -106,7 +145,19 @@ pub fn prepare(cfg: &Config) -> Result<Prepared, TlsError> {
             ..RuntimeConfig::default()
         },
         reloaders,
+        security_files,
     })
+}
+
+/// Re-read every password and ACL file; each keeps its old version if the new one does not
+/// parse (the log line names FILE:LINE and why). Runs on the signal thread, never on a shard.
+pub fn reload_security(files: &SecurityFiles) {
+    for outcome in files.reload() {
+        match &outcome.result {
+            Ok(_) => tracing::info!("{outcome}"),
+            Err(_) => tracing::error!("{outcome}"),
+        }
+    }
 }
 
 /// Re-read every TLS listener's material; each listener keeps its old material if its new

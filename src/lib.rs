@@ -2,6 +2,7 @@
 //!
 //! Layering: `codec`, `session`, `routing` and `shardcore` are sans-IO and must not import
 //! glommio or rustls; `shard` is the only module that imports glommio; `tls` owns rustls.
+pub mod auth;
 pub mod broker;
 pub mod codec;
 pub mod config;

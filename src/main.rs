@@ -16,6 +16,16 @@ fn main() -> ExitCode {
                 }
             };
         }
+        Some(Command::Passwd(args)) => {
+            let mut prompt = midge::auth::passwd_cmd::TerminalPrompt;
+            return match midge::auth::passwd_cmd::run(args, &mut prompt) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("midge passwd: Error: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Some(Command::Reload(args)) => {
             return match config::run_reload(args) {
                 Ok(pid) => {
@@ -74,8 +84,10 @@ fn main() -> ExitCode {
         }
     }
     let reloaders = prepared.reloaders;
+    let security_files = prepared.security_files;
     let result = midge::shard::run_until_signalled(prepared.runtime, move || {
-        midge::broker::reload_tls(&reloaders)
+        midge::broker::reload_tls(&reloaders);
+        midge::broker::reload_security(&security_files);
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

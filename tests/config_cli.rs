@@ -44,13 +44,13 @@ fn check_config_report_or_error() {
     assert!(out.lines().any(|l| l == "listener 1883 127.0.0.1"), "{out}");
     assert_eq!(config::run_check_config(&cli), 0);
 
-    let bad = conf("listener 1883\nacl_file /etc/mosquitto/acl\n");
+    let bad = conf("listener 1883\nacl_file /nonexistent/midge/acl\n");
     let cli = Cli::try_parse_from(["midge", "-c", bad.path().to_str().expect("utf-8 path")])
         .expect("argv");
     let e = config::check_config_report(&cli).unwrap_err().to_string();
     assert!(
         e.starts_with(&format!(
-            "{}:2: key 'acl_file': not supported by Midge",
+            "{}:2: key 'acl_file': /nonexistent/midge/acl: cannot read ACL file",
             bad.path().display()
         )),
         "{e}"

@@ -45,7 +45,13 @@ fn offenders(paths: &[&str], forbidden: &[&str]) -> Vec<String> {
 #[test]
 fn sans_io_layers_do_not_import_glommio_or_rustls() {
     let bad = offenders(
-        &["src/codec", "src/session", "src/routing", "src/message.rs"],
+        &[
+            "src/codec",
+            "src/session",
+            "src/routing",
+            "src/auth",
+            "src/message.rs",
+        ],
         &["glommio", "rustls", "futures_rustls", "std::net", "socket2"],
     );
     assert!(
@@ -92,6 +98,7 @@ fn only_the_shard_module_imports_glommio() {
             "src/codec",
             "src/session",
             "src/routing",
+            "src/auth",
             "src/shardcore",
             "src/metrics",
             "src/config",

@@ -1356,3 +1356,176 @@ fn an_expired_crl_refuses_every_client_also_through_resumed_sessions() {
         );
     }
 }
+
+/// The fleet set-up of issue 12: client certificates, `use_identity_as_username`, one ACL
+/// pattern `readwrite devices/%u/#`. Device A reads and writes its own tree only, reads no
+/// `$SYS` without a `$SYS` rule, and cannot leave a will on B's tree; on a second listener
+/// `require_client_id_match_identity` binds the client id to the certificate.
+/// "Not received" is shown with a marker A may read, sent after the denied message by the
+/// same publisher (per-publisher order), never by waiting.
+#[test]
+fn fleet_acl_with_certificate_identities() {
+    need_tools();
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::midge(&tmp.path().join("pki"));
+    let a = pki.midge_client("dev-a");
+    let b_dev = pki.midge_client("dev-b");
+    let admin = pki.midge_client("ops");
+    let acl = tmp.path().join("acl");
+    std::fs::write(
+        &acl,
+        "user ops\ntopic readwrite #\ntopic read $SYS/#\n\npattern readwrite devices/%u/#\n",
+    )
+    .unwrap();
+    let port = free_port();
+    let bound = free_port();
+    let conf = format!(
+        "acl_file {acl}\n{}\nlistener {bound} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n\
+         require_certificate true\nuse_identity_as_username true\nallow_anonymous false\n\
+         require_client_id_match_identity true\n",
+        tls_conf(
+            port,
+            &pki,
+            "use_identity_as_username true\nallow_anonymous false\nsys_interval 1\n"
+        ),
+        pki.ca.display(),
+        pki.server_cert.display(),
+        pki.server_key.display(),
+        acl = acl.display(),
+    );
+    let path = tmp.path().join("fleet.conf");
+    std::fs::write(&path, conf).unwrap();
+    let b = Broker::start(
+        &[
+            "-c".into(),
+            path.display().to_string(),
+            "--shards".into(),
+            "2".into(),
+        ],
+        &[port, bound],
+    );
+
+    // A subscribes to everything (granted, as mosquitto 2.0): it gets its own tree only.
+    let mut sub_a = Sub::start(port, &pki.ca, Some(&a), "#", &["-V", "mqttv5", "-v"])
+        .unwrap_or_else(|o| panic!("A not admitted: {o}"));
+    let mut sub_ops = Sub::start(port, &pki.ca, Some(&admin), "devices/#", &["-v"])
+        .unwrap_or_else(|o| panic!("ops not admitted: {o}"));
+    publish_ok(
+        port,
+        &pki.ca,
+        &b_dev,
+        "devices/dev-b/telemetry",
+        "b-secret",
+        &[],
+    );
+    publish_ok(port, &pki.ca, &a, "devices/dev-a/telemetry", "a-own", &[]);
+    sub_a.expect_message("devices/dev-a/telemetry a-own");
+    // A writes into B's tree: refused (v5 0x87; mosquitto_pub reports it), never delivered.
+    let out = publish(
+        port,
+        &pki.ca,
+        Some(&a),
+        "devices/dev-b/cmd",
+        "a-forged",
+        &["-V", "mqttv5"],
+    );
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains("authorized"),
+        "mosquitto_pub -V 5 must see 0x87: {said}"
+    );
+    publish_ok(port, &pki.ca, &a, "devices/dev-a/marker", "a-marker", &[]);
+    sub_ops.expect_message("devices/dev-b/telemetry b-secret");
+    sub_ops.expect_message("devices/dev-a/marker a-marker");
+    publish_ok(
+        port,
+        &pki.ca,
+        &admin,
+        "devices/dev-a/marker2",
+        "ops-marker",
+        &[],
+    );
+    sub_a.expect_message("devices/dev-a/marker2 ops-marker");
+    // $SYS: A's subscription is granted, but A has no `$SYS` rule and gets nothing, while
+    // ops (with one) sees two rounds (published every second, to both in the same fan-out).
+    let mut a_sys = Sub::start(port, &pki.ca, Some(&a), "$SYS/broker/uptime", &["-v"])
+        .unwrap_or_else(|o| panic!("A not admitted: {o}"));
+    let mut ops_sys = Sub::start(port, &pki.ca, Some(&admin), "$SYS/broker/uptime", &["-v"])
+        .unwrap_or_else(|o| panic!("ops not admitted: {o}"));
+    for _ in 0..2 {
+        assert!(
+            ops_sys.wait_line(
+                |l| l.starts_with("$SYS/broker/uptime "),
+                Duration::from_secs(5)
+            ),
+            "ops got no $SYS round: {:?}",
+            ops_sys.seen
+        );
+    }
+    while let Ok(l) = a_sys.lines.try_recv() {
+        a_sys.seen.push(l);
+    }
+    assert!(
+        !a_sys.seen.iter().any(|l| l.starts_with("$SYS/")),
+        "A must not read $SYS: {:?}",
+        a_sys.seen
+    );
+    for l in &sub_a.seen {
+        assert!(!l.contains("b-secret") && !l.contains("a-forged"), "{l}");
+        assert!(!l.starts_with("$SYS"), "A must not read $SYS: {l}");
+    }
+    for l in &sub_ops.seen {
+        assert!(!l.contains("a-forged"), "{l}");
+    }
+
+    // A will on B's tree: refused at CONNECT (3.1.1 return code 5), so never published.
+    let out = publish(
+        port,
+        &pki.ca,
+        Some(&a),
+        "devices/dev-a/x",
+        "x",
+        &[
+            "--will-topic",
+            "devices/dev-b/cmd",
+            "--will-payload",
+            "a-will",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    b.wait_log(&["refused: will topic 'devices/dev-b/cmd'"]);
+
+    // require_client_id_match_identity: the id must be the CN (3.1.1: 2, v5: 0x85 = 133).
+    let out = publish(
+        bound,
+        &pki.ca,
+        Some(&a),
+        "devices/dev-a/x",
+        "x",
+        &["-i", "dev-a"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let out = publish(
+        bound,
+        &pki.ca,
+        Some(&a),
+        "devices/dev-b/x",
+        "x",
+        &["-i", "dev-b"],
+    );
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let out = publish(
+        bound,
+        &pki.ca,
+        Some(&a),
+        "devices/dev-b/x",
+        "x",
+        &["-i", "dev-b", "-V", "mqttv5"],
+    );
+    assert_eq!(out.status.code(), Some(133), "{out:?}");
+    assert!(sub_a.is_running());
+}

@@ -85,6 +85,8 @@ pub enum Command {
     /// Make and manage certificates: CA, server, device clients, revocation (CRL).
     #[command(subcommand)]
     Certs(crate::tls::certs::CertsCommand),
+    /// Manage a password file, as mosquitto_passwd does (same flags, same $7$ format).
+    Passwd(crate::auth::passwd_cmd::PasswdArgs),
 }
 
 /// `midge reload`: which process to signal.

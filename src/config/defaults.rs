@@ -7,6 +7,10 @@
 //! | `port` / `bind_address`       | 1883 / `0.0.0.0`                 | legacy default listener |
 //! | `allow_anonymous`             | `false` once any listener is configured | mosquitto 2.0 |
 //! | `per_listener_settings`       | `false`                          | |
+//! | `password_file` / `acl_file`  | none                             | global, or per listener with `per_listener_settings true`; reloaded on SIGHUP |
+//! | `check_retain_source`         | `false`                          | mosquitto 2.0's code default; `true` with an `acl_file` is refused |
+//! | `require_client_id_match_identity` | `false`                     | per listener, Midge; needs `require_certificate true` |
+//! | `client_id_identity_pattern`  | `%u`                             | per listener, Midge; `%u` = the certificate identity |
 //! | `shards`                      | number of CPUs available          | Midge |
 //! | `max_connections`             | `-1` (unlimited)                 | per listener |
 //! | `max_qos`                     | `2`                              | per listener |

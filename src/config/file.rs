@@ -11,9 +11,10 @@ use super::value::{
     parse_bool, parse_host, parse_mosquitto_duration, parse_number, parse_port, parse_seconds,
 };
 use super::{
-    defaults, Config, ConfigError, ConfigWarning, KxGroup, Limits, ListenerConfig, LogDest,
-    LogSettings, Origin, Protocol, TlsSettings, TlsVersion,
+    defaults, ClientIdBinding, Config, ConfigError, ConfigWarning, KxGroup, Limits, ListenerConfig,
+    LogDest, LogSettings, Origin, Protocol, SecurityFile, TlsSettings, TlsVersion,
 };
+use crate::auth::{ClientIdRule, IdentitySource};
 use crate::codec::packet::QoS;
 
 /// Keys accepted with a warning because ignoring them cannot weaken security or change
@@ -30,10 +31,6 @@ pub static HARMLESS_KEYS: &[(&str, &str)] = &[
         "Midge has no WebSockets listener",
     ),
     ("packet_buffer_size", "Midge sizes its read buffers itself"),
-    (
-        "check_retain_source",
-        "it only matters with ACLs, which Midge does not have",
-    ),
     ("allow_duplicate_messages", "deprecated since mosquitto 2.0"),
     ("autosave_on_changes", "persistence is off"),
     ("persistence_file", "persistence is off"),
@@ -55,35 +52,90 @@ pub static HARMLESS_KEYS: &[(&str, &str)] = &[
 /// Known mosquitto keys that Midge refuses because ignoring them could weaken security or
 /// change delivery: `(key, explanation and what to do)`.
 static UNSUPPORTED_KEYS: &[(&str, &str)] = &[
-    ("password_file", "Midge has no username/password authentication; authenticate clients with certificates (require_certificate true + use_identity_as_username true), or remove it"),
-    ("acl_file", "Midge has no ACLs; remove it only if every client may read and write every topic"),
-    ("psk_file", "pre-shared-key TLS is not supported; use certificates"),
-    ("psk_hint", "pre-shared-key TLS is not supported; use certificates"),
+    (
+        "psk_file",
+        "pre-shared-key TLS is not supported; use certificates",
+    ),
+    (
+        "psk_hint",
+        "pre-shared-key TLS is not supported; use certificates",
+    ),
     ("auth_plugin", "plugins are not supported"),
     ("plugin", "plugins are not supported"),
     ("global_plugin", "plugins are not supported"),
-    ("auth_plugin_deny_special_chars", "plugins are not supported"),
-    ("allow_zero_length_clientid", "Midge applies the MQTT rules for empty client ids itself; remove it"),
-    ("clientid_prefixes", "it restricts which clients may connect"),
+    (
+        "auth_plugin_deny_special_chars",
+        "plugins are not supported",
+    ),
+    (
+        "allow_zero_length_clientid",
+        "Midge applies the MQTT rules for empty client ids itself; remove it",
+    ),
+    (
+        "clientid_prefixes",
+        "it restricts which clients may connect",
+    ),
     ("use_username_as_clientid", "it changes client identity"),
     ("mount_point", "it rewrites topics"),
-    ("max_inflight_bytes", "it changes delivery; use max_inflight_messages"),
-    ("memory_limit", "Midge has no global heap limit; bound queues with max_queued_messages / max_queued_bytes"),
+    (
+        "max_inflight_bytes",
+        "it changes delivery; use max_inflight_messages",
+    ),
+    (
+        "memory_limit",
+        "Midge has no global heap limit; bound queues with max_queued_messages / max_queued_bytes",
+    ),
     ("global_max_clients", "use max_connections on each listener"),
-    ("global_max_connections", "use max_connections on each listener"),
-    ("max_topic_alias_broker", "topic alias limits are not configurable"),
-    ("retain_expiry_interval", "it changes retained-message lifetime"),
-    ("accept_protocol_versions", "Midge accepts MQTT 3.1, 3.1.1 and 5.0 on every listener"),
-    ("bind_interface", "bind an address instead: listener PORT ADDRESS"),
-    ("socket_domain", "Midge binds exactly the address given: listener PORT ADDRESS (IPv4 or IPv6)"),
-    ("enable_proxy_protocol", "the PROXY protocol is not supported"),
-    ("proxy_protocol_v2_require_tls", "the PROXY protocol is not supported"),
+    (
+        "global_max_connections",
+        "use max_connections on each listener",
+    ),
+    (
+        "max_topic_alias_broker",
+        "topic alias limits are not configurable",
+    ),
+    (
+        "retain_expiry_interval",
+        "it changes retained-message lifetime",
+    ),
+    (
+        "accept_protocol_versions",
+        "Midge accepts MQTT 3.1, 3.1.1 and 5.0 on every listener",
+    ),
+    (
+        "bind_interface",
+        "bind an address instead: listener PORT ADDRESS",
+    ),
+    (
+        "socket_domain",
+        "Midge binds exactly the address given: listener PORT ADDRESS (IPv4 or IPv6)",
+    ),
+    (
+        "enable_proxy_protocol",
+        "the PROXY protocol is not supported",
+    ),
+    (
+        "proxy_protocol_v2_require_tls",
+        "the PROXY protocol is not supported",
+    ),
     ("http_dir", "Midge serves no HTTP"),
     ("websockets_origin", "MQTT over WebSockets is not supported"),
-    ("tls_engine", "OpenSSL engines are not supported; use a PEM keyfile"),
-    ("tls_engine_kpass_sha1", "OpenSSL engines are not supported; use a PEM keyfile"),
-    ("tls_keyform", "OpenSSL engines are not supported; use a PEM keyfile"),
-    ("disable_client_cert_date_checks", "Midge always checks certificate validity dates"),
+    (
+        "tls_engine",
+        "OpenSSL engines are not supported; use a PEM keyfile",
+    ),
+    (
+        "tls_engine_kpass_sha1",
+        "OpenSSL engines are not supported; use a PEM keyfile",
+    ),
+    (
+        "tls_keyform",
+        "OpenSSL engines are not supported; use a PEM keyfile",
+    ),
+    (
+        "disable_client_cert_date_checks",
+        "Midge always checks certificate validity dates",
+    ),
     ("mptcp", "Multipath TCP is not supported"),
     ("enable_control_api", "the $CONTROL API is not supported"),
     ("connection", "bridges are not supported"),
@@ -129,6 +181,12 @@ pub(crate) struct RawListener {
     pub(crate) max_qos: QoS,
     pub(crate) max_topic_alias: u16,
     pub(crate) tls: RawTls,
+    /// `password_file` / `acl_file` in this section with `per_listener_settings true`.
+    pub(crate) password_file: At<PathBuf>,
+    pub(crate) acl_file: At<PathBuf>,
+    /// Midge's `require_client_id_match_identity` and `client_id_identity_pattern`.
+    pub(crate) require_client_id_match_identity: At<bool>,
+    pub(crate) client_id_identity_pattern: At<String>,
 }
 
 /// A setting with where it was written.
@@ -185,6 +243,10 @@ impl RawListener {
             max_qos: QoS::ExactlyOnce,
             max_topic_alias: defaults::MAX_TOPIC_ALIAS,
             tls: RawTls::default(),
+            password_file: None,
+            acl_file: None,
+            require_client_id_match_identity: None,
+            client_id_identity_pattern: None,
         }
     }
 }
@@ -204,9 +266,14 @@ pub(crate) struct Builder {
     autosave_interval: Duration,
     pid_file: Option<PathBuf>,
     per_listener_settings: bool,
-    /// First `allow_anonymous` line: `per_listener_settings true` must precede it.
+    /// First security line (`allow_anonymous`, `password_file`, `acl_file`,
+    /// `check_retain_source`): `per_listener_settings true` must precede it.
     security_seen: Option<Origin>,
     global_allow_anonymous: Option<bool>,
+    /// `password_file` / `acl_file` with `per_listener_settings false`: every listener's.
+    global_password_file: At<PathBuf>,
+    global_acl_file: At<PathBuf>,
+    check_retain_source: At<bool>,
     /// mosquitto's default listener (`port`, `bind_address`, per-listener keys before the
     /// first `listener` line, or `-p`/`--bind`).
     pub(crate) default_listener: RawListener,
@@ -279,6 +346,9 @@ impl Builder {
             per_listener_settings: false,
             security_seen: None,
             global_allow_anonymous: None,
+            global_password_file: None,
+            global_acl_file: None,
+            check_retain_source: None,
             default_listener: RawListener::new(None, None, Origin::Default),
             default_from_file: false,
             default_keys: None,
@@ -399,7 +469,7 @@ impl Builder {
     /// other than -1, `max_qos` other than 2, `require_certificate` /
     /// `use_identity_as_username` / `use_subject_as_username` true, or any of `cafile`,
     /// `capath`, `certfile`, `keyfile`, `ciphers`, `ciphers_tls13`, `crlfile`,
-    /// `dhparamfile`. Keys such as `max_topic_alias`, `tls_version`, `protocol mqtt` or
+    /// `dhparamfile`, and (with `per_listener_settings true`) `password_file`. Keys such as `max_topic_alias`, `tls_version`, `protocol mqtt` or
     /// `allow_anonymous` do not create it (mosquitto ignores them there).
     fn mosquitto_default_listener(&self) -> bool {
         let d = &self.default_listener;
@@ -421,6 +491,8 @@ impl Builder {
             || on(&t.require_certificate)
             || on(&t.use_identity_as_username)
             || on(&t.use_subject_as_username)
+            // `per_listener_settings true` puts it in the default listener's security options.
+            || d.password_file.is_some()
     }
 
     /// Apply one `key value` line.
@@ -541,25 +613,72 @@ impl Builder {
             // --- authentication ----------------------------------------------------------
             "per_listener_settings" => {
                 let v = boolean(value)?;
-                // mosquitto's rule: it cannot be switched on once allow_anonymous was read
-                // under the global meaning.
+                // mosquitto's rule (conf.c): it cannot be switched on once a security setting
+                // was read under the global meaning.
                 if let (true, Some(first)) = (v, &self.security_seen) {
                     return Err(ConfigError::key(
                         origin,
                         key,
                         format!(
-                            "must be set before any allow_anonymous line (first one at {first}), \
-                             because it changes what that line applies to"
+                            "must be set before any allow_anonymous, password_file, acl_file or \
+                             check_retain_source line (first one at {first}), because it changes \
+                             what that line applies to"
                         ),
                     ));
                 }
                 self.per_listener_settings = v;
             }
+            "password_file" | "acl_file" => {
+                let p = path_value(key, value, origin)?;
+                self.security_line(origin);
+                let password = key == "password_file";
+                let slot = if self.per_listener_settings {
+                    // As in mosquitto: before the first `listener` line this is the default
+                    // listener's. A password_file brings that listener into existence (it is
+                    // in mosquitto's list of keys that do); an acl_file does not, and one that
+                    // ends up applying to no listener is refused at the end.
+                    let l = if password || self.current.is_some() {
+                        self.cur(key, origin)
+                    } else {
+                        &mut self.default_listener
+                    };
+                    if password {
+                        &mut l.password_file
+                    } else {
+                        &mut l.acl_file
+                    }
+                } else if password {
+                    &mut self.global_password_file
+                } else {
+                    &mut self.global_acl_file
+                };
+                if let Some((_, first)) = slot {
+                    return Err(ConfigError::key(
+                        origin,
+                        key,
+                        format!(
+                            "duplicate {key} (already set at {first}); mosquitto refuses this too"
+                        ),
+                    ));
+                }
+                *slot = here(p, origin);
+            }
+            "check_retain_source" => {
+                let v = boolean(value)?;
+                self.security_line(origin);
+                self.check_retain_source = here(v, origin);
+            }
+            "require_client_id_match_identity" => {
+                let v = boolean(value)?;
+                self.cur(key, origin).require_client_id_match_identity = here(v, origin);
+            }
+            "client_id_identity_pattern" => {
+                let v = split_value(key, value, origin)?.to_string();
+                self.cur(key, origin).client_id_identity_pattern = here(v, origin);
+            }
             "allow_anonymous" => {
                 let v = boolean(value)?;
-                if self.security_seen.is_none() {
-                    self.security_seen = Some(origin.clone());
-                }
+                self.security_line(origin);
                 if self.per_listener_settings {
                     if self.current.is_none() {
                         // Applies to the default listener only, as in mosquitto; whether that
@@ -898,6 +1017,13 @@ impl Builder {
         Ok(())
     }
 
+    /// Remember the first security line (see `per_listener_settings`).
+    fn security_line(&mut self, origin: &Origin) {
+        if self.security_seen.is_none() {
+            self.security_seen = Some(origin.clone());
+        }
+    }
+
     fn touch_default(&mut self, origin: &Origin) {
         if !self.default_from_file {
             self.default_from_file = true;
@@ -1008,6 +1134,20 @@ impl Builder {
                 d.port = Some(defaults::PORT);
             }
             raw.push(d);
+        } else if let (true, Some((_, o))) =
+            (self.per_listener_settings, &self.default_listener.acl_file)
+        {
+            // mosquitto would attach it to a default listener that does not exist and leave
+            // every real listener without an ACL: a security setting silently protecting
+            // nothing.
+            return Err(ConfigError::key(
+                o,
+                "acl_file",
+                "with per_listener_settings true, an acl_file before the first `listener` line \
+                 applies only to the default listener (port/bind_address), which is not \
+                 configured, so it would protect no listener; move it into the listener sections \
+                 it is for",
+            ));
         } else if self.per_listener_settings && self.default_listener.allow_anonymous.is_some() {
             self.warnings.push(ConfigWarning {
                 origin: Origin::Default,
@@ -1046,6 +1186,16 @@ impl Builder {
                 });
             }
             let tls = finish_tls(&l.tls, &l.origin, addr, &mut self.warnings)?;
+            let (password_file, acl_file) = if self.per_listener_settings {
+                (l.password_file.clone(), l.acl_file.clone())
+            } else {
+                (
+                    self.global_password_file.clone(),
+                    self.global_acl_file.clone(),
+                )
+            };
+            let client_id_binding =
+                finish_client_id_binding(l, tls.as_ref(), addr, &mut self.warnings)?;
             let lc = ListenerConfig {
                 addr,
                 allow_anonymous,
@@ -1054,6 +1204,9 @@ impl Builder {
                 max_topic_alias: l.max_topic_alias,
                 protocol: Protocol::Mqtt,
                 tls,
+                password_file: password_file.map(|(path, origin)| SecurityFile { path, origin }),
+                acl_file: acl_file.map(|(path, origin)| SecurityFile { path, origin }),
+                client_id_binding,
                 origin: l.origin.clone(),
             };
             if !lc.can_authenticate() {
@@ -1062,8 +1215,9 @@ impl Builder {
                     key: "allow_anonymous".into(),
                     message: format!(
                         "listener {addr} denies anonymous clients and takes no username from client \
-                         certificates; Midge has no password_file, so no client can connect. Set \
-                         allow_anonymous true, or require_certificate true with use_identity_as_username true"
+                         certificates and has no password_file, so no client can connect. Set \
+                         allow_anonymous true, a password_file, or require_certificate true with \
+                         use_identity_as_username true"
                     ),
                     info: false,
                 });
@@ -1071,6 +1225,7 @@ impl Builder {
             listeners.push(lc);
         }
         check_overlaps(&listeners)?;
+        self.check_security_files(&listeners)?;
 
         let limits = self.limits.clone();
         if limits.max_queued_messages == 0 && limits.max_queued_bytes == 0 {
@@ -1137,6 +1292,141 @@ impl Builder {
             warnings: self.warnings,
         })
     }
+}
+
+impl Builder {
+    /// Parse every password and ACL file a listener uses (each once), so a bad file is a
+    /// start-up and `--check-config` error naming its FILE:LINE; collect their warnings.
+    fn check_security_files(&mut self, listeners: &[ListenerConfig]) -> Result<(), ConfigError> {
+        let mut seen: Vec<&Path> = Vec::new();
+        let mut any_acl = false;
+        for l in listeners {
+            for (key, file) in [
+                ("password_file", &l.password_file),
+                ("acl_file", &l.acl_file),
+            ] {
+                let Some(f) = file else { continue };
+                any_acl |= key == "acl_file";
+                if seen.contains(&f.path.as_path()) {
+                    continue;
+                }
+                seen.push(&f.path);
+                let fail =
+                    |e: crate::auth::AuthFileError| ConfigError::key(&f.origin, key, e.to_string());
+                if key == "password_file" {
+                    crate::auth::PasswordFile::load(&f.path).map_err(fail)?;
+                    if let Ok(m) = std::fs::metadata(&f.path) {
+                        use std::os::unix::fs::PermissionsExt;
+                        if m.permissions().mode() & 0o007 != 0 {
+                            self.warn(
+                                &f.origin,
+                                key,
+                                format!(
+                                    "{} is readable by other users (mosquitto 2.0.16+ warns too): \
+                                     chmod o-rwx it",
+                                    f.path.display()
+                                ),
+                                false,
+                            );
+                        }
+                    }
+                } else {
+                    let acl = crate::auth::AclFile::load(&f.path).map_err(fail)?;
+                    for w in acl.warnings() {
+                        self.warn(&f.origin, key, w.to_string(), false);
+                    }
+                    if acl.grants_nothing() {
+                        self.warn(
+                            &f.origin,
+                            key,
+                            format!(
+                                "{} grants nothing: every publish and every delivery is denied \
+                                 (as in mosquitto)",
+                                f.path.display()
+                            ),
+                            false,
+                        );
+                    }
+                }
+            }
+        }
+        match &self.check_retain_source {
+            Some((true, o)) if any_acl => {
+                return Err(ConfigError::key(
+                    o,
+                    "check_retain_source",
+                    "not supported by Midge yet: retained messages are checked against the \
+                     reader's ACL only, not again against their publisher's; remove it or set it \
+                     to false",
+                ))
+            }
+            Some((true, o)) => {
+                let o = o.clone();
+                self.warn(
+                    &o,
+                    "check_retain_source",
+                    "accepted and ignored: it only matters with an acl_file",
+                    false,
+                );
+            }
+            Some((false, o)) => {
+                let o = o.clone();
+                self.warn(
+                    &o,
+                    "check_retain_source",
+                    "false is Midge's behaviour (and mosquitto 2.0's, whose documented default \
+                     of true is not what its code does); the line can be removed",
+                    true,
+                );
+            }
+            None => {}
+        }
+        Ok(())
+    }
+}
+
+/// `require_client_id_match_identity` / `client_id_identity_pattern` of one listener.
+fn finish_client_id_binding(
+    l: &RawListener,
+    tls: Option<&TlsSettings>,
+    addr: SocketAddr,
+    warnings: &mut Vec<ConfigWarning>,
+) -> Result<Option<ClientIdBinding>, ConfigError> {
+    let pattern = l.client_id_identity_pattern.as_ref();
+    let Some((true, origin)) = &l.require_client_id_match_identity else {
+        if let Some((_, o)) = pattern {
+            warnings.push(ConfigWarning {
+                origin: o.clone(),
+                key: "client_id_identity_pattern".into(),
+                message: "has no effect without require_client_id_match_identity true".into(),
+                info: false,
+            });
+        }
+        return Ok(None);
+    };
+    let Some(t) = tls.filter(|t| t.require_certificate) else {
+        return Err(ConfigError::key(
+            origin,
+            "require_client_id_match_identity",
+            format!(
+                "needs require_certificate true on listener {addr} (a TLS listener): the client id \
+                 is bound to the verified client certificate"
+            ),
+        ));
+    };
+    let source = if t.use_subject_as_username && !t.use_identity_as_username {
+        IdentitySource::Subject
+    } else {
+        IdentitySource::CommonName
+    };
+    let rule = ClientIdRule::new(source, pattern.map(|p| p.0.as_str())).map_err(|e| {
+        let o = pattern.map(|p| &p.1).unwrap_or(origin);
+        ConfigError::key(o, "client_id_identity_pattern", e)
+    })?;
+    Ok(Some(ClientIdBinding {
+        rule,
+        origin: origin.clone(),
+    }))
 }
 
 fn is_root() -> bool {

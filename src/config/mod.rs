@@ -28,15 +28,27 @@
 //!   Midge's `tls_*` keys) do not create it; Midge warns that they have no effect there.
 //! * `include_dir DIR` (main file only) reads `DIR/*.conf` in mosquitto's order (case-sensitive
 //!   alphabetical, upper case before lower case of the same letter).
-//! * `allow_anonymous` and `per_listener_settings`, as mosquitto 2.0:
-//!   - With `per_listener_settings false` (the default) `allow_anonymous` is global: it applies
-//!     to every listener wherever the line appears.
-//!   - With `per_listener_settings true` it applies to the listener section it appears in
-//!     (before the first `listener` line: to the default listener); a listener without its own
-//!     value denies anonymous clients. `per_listener_settings true` must come before any
-//!     `allow_anonymous` line (mosquitto refuses it otherwise, and so does Midge).
-//!   - `listener_allow_anonymous` (mosquitto 2.1) overrides both for its listener.
-//!   - Not set at all: `false` on every listener, except in *local-only mode*.
+//! * `allow_anonymous`, `password_file`, `acl_file` and `per_listener_settings`, as mosquitto
+//!   2.0 (src/conf.c `conf__set_cur_security_options`):
+//!   - With `per_listener_settings false` (the default) they are global: each applies to every
+//!     listener wherever the line appears; a second `password_file` or `acl_file` line is an
+//!     error (mosquitto: "Duplicate … value").
+//!   - With `per_listener_settings true` each applies to the listener section it appears in
+//!     (before the first `listener` line: to the default listener, which a `password_file`
+//!     brings into existence, as in mosquitto). A listener without its own `allow_anonymous`
+//!     denies anonymous clients; one without its own `password_file` / `acl_file` has none.
+//!   - `per_listener_settings true` must come before any `allow_anonymous`, `password_file`,
+//!     `acl_file` or `check_retain_source` line (mosquitto refuses it otherwise, and so does
+//!     Midge).
+//!   - `listener_allow_anonymous` (mosquitto 2.1) overrides `allow_anonymous` for its listener.
+//!   - `allow_anonymous` not set at all: `false` on every listener, except in *local-only mode*.
+//!   - Both files are parsed at load (and by `--check-config`): a bad line is an error naming
+//!     the configuration line and `FILE:LINE` of the file (see the `auth` module for the
+//!     formats). SIGHUP reloads them (a file that no longer parses keeps its old version).
+//! * `require_client_id_match_identity true` (Midge, per listener, needs `require_certificate
+//!   true`): the client id must be the certificate's common name (or its subject with
+//!   `use_subject_as_username`), through `client_id_identity_pattern` (default `%u`, the
+//!   identity itself; e.g. `%u-ota`). See `auth::identity`.
 //! * Local-only mode (mosquitto 2.0's "no listener configured" behaviour): when neither the
 //!   file nor the command line defines any listener, Midge listens on 127.0.0.1:1883 and allows
 //!   anonymous clients there (unless the file says `allow_anonymous false`). `-p PORT` without
@@ -44,9 +56,9 @@
 //!   never enabled implicitly on a non-loopback address.
 //! * Keys are sorted into: supported (validated, stored here), harmless (accepted with a
 //!   warning in [`Config::warnings`], listed in [`HARMLESS_KEYS`]), and everything else — any
-//!   key that could change security or delivery (`password_file`, `acl_file`, `psk_file`,
-//!   plugins, bridges, `persistence true`, …) or that Midge does not know — which is a startup
-//!   error naming the file, line and key.
+//!   key that could change security or delivery (`psk_file`, plugins, bridges, `persistence
+//!   true`, `check_retain_source true` with an `acl_file`, …) or that Midge does not know —
+//!   which is a startup error naming the file, line and key.
 //!
 //! Command-line flags override the file.
 //!
@@ -67,6 +79,10 @@
 //! * In local-only mode an explicit `allow_anonymous false` is honoured.
 //! * `-p PORT` together with file listeners adds the default listener (on 127.0.0.1 unless
 //!   `--bind` or `bind_address` says otherwise) beside them.
+//! * With `per_listener_settings true`, an `acl_file` before the first `listener` line when no
+//!   default listener exists is an error (mosquitto attaches it to no listener and so protects
+//!   nothing).
+//! * A password file readable by other users is a warning (as in mosquitto 2.0.16+).
 
 mod cli;
 pub mod defaults;
@@ -123,10 +139,8 @@ pub struct Config {
 pub struct ListenerConfig {
     /// Address to bind.
     pub addr: SocketAddr,
-    /// Whether a client may connect without a username. Midge has no `password_file`, so on a
-    /// listener where this is `false` the only accepted identity is one taken from a verified
-    /// client certificate (`use_identity_as_username` / `use_subject_as_username`); see
-    /// [`ListenerConfig::can_authenticate`].
+    /// Whether a client may connect without a username (`allow_anonymous`, resolved for this
+    /// listener; see [`ListenerConfig::can_authenticate`]).
     pub allow_anonymous: bool,
     /// `max_connections`; `None` = unlimited (mosquitto's `-1`).
     pub max_connections: Option<u32>,
@@ -138,15 +152,40 @@ pub struct ListenerConfig {
     pub protocol: Protocol,
     /// Certificate-based TLS; `Some` when `certfile` and `keyfile` are set.
     pub tls: Option<TlsSettings>,
+    /// `password_file` for this listener: the global one, or with `per_listener_settings
+    /// true` the one in this listener's section. Parsed and validated at load.
+    pub password_file: Option<SecurityFile>,
+    /// `acl_file` for this listener, scoped like `password_file`.
+    pub acl_file: Option<SecurityFile>,
+    /// `require_client_id_match_identity true` (Midge): client ids bound to the certificate.
+    pub client_id_binding: Option<ClientIdBinding>,
     /// Where the listener was declared, for messages.
     pub origin: Origin,
 }
 
+/// A password or ACL file, and the configuration line that named it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SecurityFile {
+    pub path: PathBuf,
+    pub origin: Origin,
+}
+
+/// `require_client_id_match_identity true` on a listener, with its `client_id_identity_pattern`
+/// (see `auth::identity`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientIdBinding {
+    /// The identity source (common name, or the subject with `use_subject_as_username`) and
+    /// the pattern (`%u` standing for the identity; default `%u`).
+    pub rule: crate::auth::ClientIdRule,
+    pub origin: Origin,
+}
+
 impl ListenerConfig {
-    /// True if some client can be admitted: anonymous clients are allowed, or a verified client
-    /// certificate supplies the username.
+    /// True if some client can be admitted: anonymous clients are allowed, a password file can
+    /// admit users, or a verified client certificate supplies the username.
     pub fn can_authenticate(&self) -> bool {
         self.allow_anonymous
+            || self.password_file.is_some()
             || self.tls.as_ref().is_some_and(|t| {
                 t.require_certificate && (t.use_identity_as_username || t.use_subject_as_username)
             })
@@ -370,6 +409,9 @@ impl Default for Config {
                 max_topic_alias: defaults::MAX_TOPIC_ALIAS,
                 protocol: Protocol::Mqtt,
                 tls: None,
+                password_file: None,
+                acl_file: None,
+                client_id_binding: None,
                 origin: Origin::Default,
             }],
             limits: Limits::default(),

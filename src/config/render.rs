@@ -31,6 +31,12 @@ pub fn render_effective(config: &Config) -> String {
     let _ = writeln!(s, "\n# general");
     let _ = writeln!(s, "shards {}", config.shards);
     let _ = writeln!(s, "per_listener_settings {}", config.per_listener_settings);
+    if !config.per_listener_settings {
+        // Global: every listener has the same files; write them once, before any listener.
+        if let Some(l) = config.listeners.first() {
+            render_security_files(&mut s, l);
+        }
+    }
     if let Some(p) = &config.pid_file {
         let _ = writeln!(s, "pid_file {}", p.display());
     }
@@ -88,9 +94,18 @@ pub fn render_effective(config: &Config) -> String {
     let _ = writeln!(s, "queue_qos0_messages {}", l.queue_qos0_messages);
 
     for listener in &config.listeners {
-        render_listener(&mut s, listener);
+        render_listener(&mut s, listener, config.per_listener_settings);
     }
     s
+}
+
+fn render_security_files(s: &mut String, l: &ListenerConfig) {
+    if let Some(f) = &l.password_file {
+        let _ = writeln!(s, "password_file {}", f.path.display());
+    }
+    if let Some(f) = &l.acl_file {
+        let _ = writeln!(s, "acl_file {}", f.path.display());
+    }
 }
 
 fn log_types(level: LevelFilter) -> &'static [&'static str] {
@@ -109,7 +124,7 @@ fn log_types(level: LevelFilter) -> &'static [&'static str] {
     }
 }
 
-fn render_listener(s: &mut String, l: &ListenerConfig) {
+fn render_listener(s: &mut String, l: &ListenerConfig, per_listener_settings: bool) {
     let origin = match &l.origin {
         Origin::Default => "built-in default (no listener configured: local-only mode)".to_string(),
         o => format!("declared at {o}"),
@@ -125,6 +140,13 @@ fn render_listener(s: &mut String, l: &ListenerConfig) {
     );
     let _ = writeln!(s, "max_qos {}", l.max_qos as u8);
     let _ = writeln!(s, "max_topic_alias {}", l.max_topic_alias);
+    if per_listener_settings {
+        render_security_files(s, l);
+    }
+    if let Some(b) = &l.client_id_binding {
+        let _ = writeln!(s, "require_client_id_match_identity true");
+        let _ = writeln!(s, "client_id_identity_pattern {}", b.rule.pattern());
+    }
     let Some(t) = &l.tls else {
         return;
     };

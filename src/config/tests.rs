@@ -282,8 +282,9 @@ fn per_listener_settings_scopes_allow_anonymous() {
 fn per_listener_settings_must_come_first() {
     assert_eq!(
         err("allow_anonymous true\nlistener 1883\nper_listener_settings true\n"),
-        "FILE:3: key 'per_listener_settings': must be set before any allow_anonymous line \
-         (first one at FILE:1), because it changes what that line applies to"
+        "FILE:3: key 'per_listener_settings': must be set before any allow_anonymous, \
+         password_file, acl_file or check_retain_source line (first one at FILE:1), because it \
+         changes what that line applies to"
     );
     // As in mosquitto, listener lines before it and `false` after allow_anonymous are fine.
     let c = ok("listener 1883\nper_listener_settings true\nallow_anonymous true\n");
@@ -712,8 +713,6 @@ fn log_type_maps_to_a_level() {
 #[test]
 fn security_and_delivery_keys_are_errors() {
     for line in [
-        "password_file /etc/mosquitto/passwd",
-        "acl_file /etc/mosquitto/acl",
         "psk_file /etc/mosquitto/psk",
         "allow_zero_length_clientid false",
         "allow_zero_length_clientid true",
@@ -765,6 +764,8 @@ fn harmless_keys_are_accepted_with_a_warning() {
     for key in [
         "password_file",
         "acl_file",
+        "check_retain_source",
+        "require_client_id_match_identity",
         "psk_file",
         "allow_zero_length_clientid",
         "auth_plugin",
@@ -1079,6 +1080,15 @@ fn normalized(mut c: Config) -> Config {
     c.source = None;
     for l in &mut c.listeners {
         l.origin = Origin::Default;
+        for f in [&mut l.password_file, &mut l.acl_file]
+            .into_iter()
+            .flatten()
+        {
+            f.origin = Origin::Default;
+        }
+        if let Some(b) = &mut l.client_id_binding {
+            b.origin = Origin::Default;
+        }
     }
     c
 }
@@ -1298,3 +1308,5 @@ fn capath_is_a_directory_of_cas() {
         "{e}"
     );
 }
+
+mod auth;

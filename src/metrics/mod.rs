@@ -82,10 +82,15 @@ pub enum DropCause {
     OverSizeLimit,
     /// A client published to `$SYS/...` (acknowledged, never routed, as mosquitto).
     SysTopic,
+    /// A client published (or its will would go) to a topic its ACL does not let it write
+    /// (acknowledged as mosquitto does, never routed).
+    PublishNotAuthorized,
+    /// A subscriber was skipped because its ACL does not let it read the topic.
+    ReadNotAuthorized,
 }
 
 impl DropCause {
-    pub const ALL: [DropCause; 8] = [
+    pub const ALL: [DropCause; 10] = [
         DropCause::QueueFull,
         DropCause::Stalled,
         DropCause::Qos0Slow,
@@ -94,6 +99,8 @@ impl DropCause {
         DropCause::Expired,
         DropCause::OverSizeLimit,
         DropCause::SysTopic,
+        DropCause::PublishNotAuthorized,
+        DropCause::ReadNotAuthorized,
     ];
 
     /// A stable lowercase name, for `$SYS` topics and metric labels.
@@ -107,6 +114,8 @@ impl DropCause {
             DropCause::Expired => "expired",
             DropCause::OverSizeLimit => "over_size_limit",
             DropCause::SysTopic => "sys_topic",
+            DropCause::PublishNotAuthorized => "publish_not_authorized",
+            DropCause::ReadNotAuthorized => "read_not_authorized",
         }
     }
 }
@@ -120,7 +129,7 @@ pub struct ShardCounters {
     pub deliveries: Counter,
     /// Forwards sent to other shards.
     pub forwards_out: Counter,
-    drops: [Counter; 8],
+    drops: [Counter; DropCause::ALL.len()],
     /// Connections that completed CONNECT and were handed a session.
     pub connects: Counter,
     /// Sessions taken over by a newer connection with the same client id.

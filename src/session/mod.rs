@@ -56,6 +56,13 @@
 //!   had started).
 //! * PUBACK/PUBREC are sent as soon as a PUBLISH is accepted (before routing); a v5 PUBACK
 //!   never says 0x10 "no matching subscribers".
+//! * Authorization is not the session's: [`Session::handle_packet_checked`] asks a
+//!   [`PublishCheck`] (a pure hook the shard core answers from its ACL) once per PUBLISH,
+//!   after topic aliases are resolved and before anything is acknowledged. A refused
+//!   PUBLISH is answered as mosquitto 2.0.11 answers it (src/handle_publish.c
+//!   `process_bad_message`): QoS 0 dropped; QoS 1 PUBACK, QoS 2 PUBREC, with 0x87 in v5 and
+//!   plain in 3.1.1 (which has no reason codes; a 3.1.1 PUBREL then gets its PUBCOMP); never
+//!   routed, retained or remembered.
 //!
 //! Reason strings are only ever put on the DISCONNECT of a protocol violation (the spec allows
 //! that whatever Request Problem Information says [MQTT-3.1.2-29]), so that property needs no
@@ -126,6 +133,23 @@ pub const MAX_PENDING_TRANSMIT: usize = 1000;
 /// there is never published.
 pub fn is_broker_only_topic(topic: &str) -> bool {
     topic.starts_with("$SYS") || topic.starts_with("$share")
+}
+
+/// Whether this client may publish to a topic: the shard core's authorization, asked by the
+/// session once per PUBLISH (topic alias resolved, before any acknowledgement). A pure hook:
+/// it answers from memory and must not call back into the session.
+pub trait PublishCheck {
+    fn allow_publish(&mut self, topic: &TopicName, qos: QoS, retain: bool) -> bool;
+}
+
+/// The check that allows everything ([`Session::handle_packet`]).
+pub struct AllowAll;
+
+impl PublishCheck for AllowAll {
+    #[inline]
+    fn allow_publish(&mut self, _: &TopicName, _: QoS, _: bool) -> bool {
+        true
+    }
 }
 
 /// Server-side limits, one copy per listener (mosquitto option names in brackets).
@@ -750,13 +774,24 @@ impl Session {
 
     /// Handles one packet from the client. See the module doc for what `Err` means.
     pub fn handle_packet(&mut self, packet: Packet, now: Instant) -> Result<(), ProtocolViolation> {
+        self.handle_packet_checked(packet, now, &mut AllowAll)
+    }
+
+    /// [`Session::handle_packet`], asking `check` whether a PUBLISH may be accepted (see the
+    /// module doc for how a refusal is answered).
+    pub fn handle_packet_checked<C: PublishCheck>(
+        &mut self,
+        packet: Packet,
+        now: Instant,
+        check: &mut C,
+    ) -> Result<(), ProtocolViolation> {
         let Some(conn) = self.conn.as_mut() else {
             return Ok(());
         };
         // Any packet counts for keepalive (MQTT 5 §3.1.2.10).
         conn.last_rx = now;
         let result = match packet {
-            Packet::Publish(p) => self.on_publish(p, now),
+            Packet::Publish(p) => self.on_publish(p, now, check),
             Packet::PubAck(r) => {
                 self.on_puback(r.packet_id, now);
                 Ok(())
@@ -1180,7 +1215,12 @@ impl Session {
         }
     }
 
-    fn on_publish(&mut self, mut p: Publish, now: Instant) -> Result<(), ProtocolViolation> {
+    fn on_publish<C: PublishCheck>(
+        &mut self,
+        mut p: Publish,
+        now: Instant,
+        check: &mut C,
+    ) -> Result<(), ProtocolViolation> {
         let Some(conn) = self.conn.as_mut() else {
             return Ok(());
         };
@@ -1237,7 +1277,8 @@ impl Session {
         }
 
         let v5 = conn.version.is_v5();
-        if is_broker_only_topic(p.topic.as_str()) {
+        let broker_only = is_broker_only_topic(p.topic.as_str());
+        if broker_only || !check.allow_publish(&p.topic, p.qos, p.retain) {
             // mosquitto's answer: acknowledged as not authorized (3.1.1 has no reason code,
             // so a plain acknowledgement), neither routed nor retained, and not remembered
             // for QoS 2 (the error PUBREC ends the v5 flow; a 3.1.1 PUBREL still gets its
@@ -1252,10 +1293,12 @@ impl Session {
                 QoS::AtLeastOnce => self.transmit.push_back(Packet::PubAck(refused)),
                 QoS::ExactlyOnce => self.transmit.push_back(Packet::PubRec(refused)),
             }
-            self.events
-                .push_back(SessionEvent::Notice(Notice::BrokerOnlyTopic {
-                    topic: p.topic.detached(),
-                }));
+            if broker_only {
+                self.events
+                    .push_back(SessionEvent::Notice(Notice::BrokerOnlyTopic {
+                        topic: p.topic.detached(),
+                    }));
+            }
             return Ok(());
         }
         match p.qos {

@@ -177,6 +177,29 @@ impl SessionState {
         Some(super::will_message(&self.client_id, *pw.will, now))
     }
 
+    /// Keep only the outgoing messages `keep` accepts (the shard core re-checks a resumed
+    /// session's messages against the new connection's read access, as mosquitto's
+    /// `connection_check_acl` does); returns how many were dropped. Call before the state is
+    /// resumed. Queued messages and in-flight ones the client has not received yet (awaiting
+    /// PUBACK or PUBREC) are checked; a QoS 2 message the client already acknowledged with
+    /// PUBREC is with the client, so only its PUBREL is left and it stays (mosquitto drops it
+    /// too, leaving the client's packet id hanging).
+    pub fn retain_outgoing(&mut self, mut keep: impl FnMut(&Message) -> bool) -> usize {
+        let before = self.queue.len() + self.inflight.len();
+        let mut freed = 0;
+        self.queue.retain(|o| {
+            let k = keep(&o.msg);
+            if !k {
+                freed += o.msg.queued_size();
+            }
+            k
+        });
+        self.queued_bytes -= freed;
+        self.inflight
+            .retain(|f| f.state == InflightState::AwaitingPubComp || keep(&f.out.msg));
+        before - self.queue.len() - self.inflight.len()
+    }
+
     /// Drop queued messages whose expiry passed [MQTT-3.3.2-5]; returns how many.
     pub(crate) fn purge_expired(&mut self, now: Instant) -> usize {
         let before = self.queue.len();

@@ -1,7 +1,8 @@
 //! The connection task: bytes in, packets to the core, packets out, bytes out.
 //!
 //! Owns: one client connection from accept to close: the CONNECT phase (timeout, version,
-//! anonymous policy, client-id rules), then the loop that reads into a buffer, decodes every
+//! authentication — `crate::auth` decides, PBKDF2 runs on the blocking pool —, the will's
+//! write check, client-id rules), then the loop that reads into a buffer, decodes every
 //! complete packet for the shard core, and writes everything the core releases for this
 //! connection in one write per wake-up. Must not touch: protocol rules beyond CONNECT
 //! admission (the session decides), routing or takeover (the core decides).
@@ -17,6 +18,7 @@ use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::Instant;
 
@@ -24,14 +26,15 @@ use bytes::{Buf, BytesMut};
 use bytestring::ByteString;
 use futures_lite::future;
 use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::driver::{ConnHandle, Shard};
+use crate::auth::{ConnectCredentials, ConnectStep, ListenerSecurity, PasswordFile};
 use crate::codec::{
     self, ConnAck, ConnAckProperties, Connect, DecodeError, Limits, Packet, ProtocolVersion,
     ReasonCode,
 };
-use crate::shardcore::{ConnKey, ConnectRequest};
+use crate::shardcore::{ConnAuth, ConnKey, ConnectRequest};
 use crate::tls::{resolve_username, ClientIdentity, UsernameOutcome, UsernameRule};
 
 /// Bytes asked of the socket per read in the session loop (the shard's read scratch size).
@@ -126,6 +129,9 @@ pub(crate) struct Auth {
     pub rule: UsernameRule,
     /// The verified client certificate's identity, if the client sent one.
     pub identity: Option<ClientIdentity>,
+    /// Index of the configured listener (`None`: a shard's diagnostic listener, which has
+    /// no security files).
+    pub listener: Option<usize>,
 }
 
 /// Serve one accepted connection until it closes.
@@ -392,27 +398,30 @@ async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
         ..shard.shared.cfg.session
     };
 
-    // Admission: identity and anonymous policy (mosquitto's rules), limits, client-id rules.
-    let username = match resolve_username(
+    // Admission: identity, password and anonymous policy (mosquitto's rules, crate::auth),
+    // limits, client-id rules.
+    let security = auth
+        .listener
+        .and_then(|i| shard.shared.listeners.get(i))
+        .map(|l| &l.security);
+    let (username, password) = match resolve_username(
         auth.rule,
         auth.identity.as_ref(),
         connect.username.as_deref(),
     ) {
-        Ok(UsernameOutcome::Certificate(name)) => Some(name),
-        Ok(UsernameOutcome::Client(name)) => {
-            // Midge has no password database: on a listener that does not allow anonymous
-            // clients, only a certificate identity admits a client.
-            if !auth.allow_anonymous {
-                let r = Refused::ConnAck(
-                    version,
-                    ReasonCode::NOT_AUTHORIZED,
-                    "anonymous clients are not allowed on this listener",
-                );
-                refuse(io, &mut wbuf, r).await;
+        Ok(outcome) => match authenticate(shard, security, &auth, &connect, &outcome).await {
+            Ok(password) => {
+                let name = match outcome {
+                    UsernameOutcome::Certificate(name) => Some(name),
+                    UsernameOutcome::Client(name) => name.map(str::to_owned),
+                };
+                (name, password)
+            }
+            Err(why) => {
+                refuse(io, &mut wbuf, Refused::ConnAck(version, why.0, why.1)).await;
                 return None;
             }
-            name.map(str::to_owned)
-        }
+        },
         Err(e) => {
             // The error quotes the certificate's subject: peer-chosen text.
             warn!(
@@ -456,6 +465,38 @@ async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
         // Copied: the id lives as long as the session and must not pin the read buffer.
         ByteString::from(&*connect.client_id)
     };
+    // The will, with the id actually used: a client whose will could never be published is
+    // told at once (mosquitto checks only at publication, which the core does too).
+    if let (Some(sec), Some(w)) = (security, &connect.will) {
+        let view = sec.access_view();
+        let action = crate::auth::Action::Will {
+            topic: w.topic.as_str(),
+            qos: w.qos,
+            retain: w.retain,
+        };
+        let client = crate::auth::Client {
+            client_id: &client_id,
+            username: username.as_deref(),
+        };
+        if let crate::auth::Decision::Deny(reason) = view.authorize(client, &action) {
+            if sec.acl_file.is_some() {
+                info!(
+                    peer = ?peer,
+                    "connection of {} (u'{}') refused: will topic '{}': {reason}",
+                    crate::logging::escape(&client_id),
+                    crate::logging::escape(username.as_deref().unwrap_or("")),
+                    crate::logging::escape(w.topic.as_str())
+                );
+                let r = Refused::ConnAck(
+                    version,
+                    ReasonCode::NOT_AUTHORIZED,
+                    "will topic not authorized",
+                );
+                refuse(io, &mut wbuf, r).await;
+                return None;
+            }
+        }
+    }
 
     let req = ConnectRequest {
         connect,
@@ -463,6 +504,9 @@ async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
         config: *cfg,
         username: username.map(ByteString::from),
         peer,
+        auth: auth
+            .listener
+            .map(|listener| ConnAuth { listener, password }),
     };
     let handle = shard.register_conn(key);
     shard
@@ -476,6 +520,111 @@ async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
         max_packet_size: cfg.max_packet_size,
         handle,
     })
+}
+
+/// The CONNACK reason and the log text of a refused login.
+struct LoginRefused(ReasonCode, &'static str);
+
+/// Decide the login (crate::auth::policy): `Ok(password file)` if admitted (the file version a
+/// password was checked against, for the reload re-check). PBKDF2 runs on the blocking pool,
+/// at most `MAX_VERIFYING` per shard; a success is cached per shard.
+async fn authenticate(
+    shard: &Shard,
+    security: Option<&ListenerSecurity>,
+    auth: &Auth,
+    connect: &Connect,
+    outcome: &UsernameOutcome<'_>,
+) -> Result<Option<Arc<PasswordFile>>, LoginRefused> {
+    let Some(sec) = security else {
+        // A diagnostic shard listener: only the anonymous rule.
+        return if auth.allow_anonymous || matches!(outcome, UsernameOutcome::Certificate(_)) {
+            Ok(None)
+        } else {
+            Err(LoginRefused(
+                ReasonCode::NOT_AUTHORIZED,
+                "anonymous clients are not allowed on this listener",
+            ))
+        };
+    };
+    let (credentials, username) = match outcome {
+        UsernameOutcome::Certificate(name) => (
+            ConnectCredentials::Certificate { username: name },
+            name.as_str(),
+        ),
+        UsernameOutcome::Client(name) => (
+            ConnectCredentials::Client {
+                username: *name,
+                password: connect.password.as_deref(),
+            },
+            name.unwrap_or(""),
+        ),
+    };
+    let identity = auth
+        .identity
+        .as_ref()
+        .map(|i| crate::auth::identity::CertIdentity {
+            common_name: i.common_name.as_deref(),
+            subject: &i.subject,
+        });
+    // Recorded before the check: if a reload lands in between, the re-check compares against
+    // the older version and at worst disconnects a client whose entry changed anyway.
+    let file = match credentials {
+        ConnectCredentials::Client {
+            username: Some(_), ..
+        } => sec.password_file.as_ref().map(|f| f.current()),
+        _ => None,
+    };
+    let step = sec.begin_connect(
+        &connect.client_id,
+        credentials,
+        identity,
+        &mut shard.verify_cache.borrow_mut(),
+    );
+    let step = match step {
+        ConnectStep::Verify(job) => {
+            let verify = async {
+                let _slot = shard.verify_slots.acquire_permit(1).await.ok()?;
+                Some(glommio::executor().spawn_blocking(move || job.run()).await)
+            };
+            // Bounded like the CONNECT itself: a backlog of checks refuses instead of waiting.
+            let verified = future::or(verify, async {
+                glommio::timer::sleep(shard.shared.cfg.connect_timeout).await;
+                None
+            })
+            .await;
+            let Some(verified) = verified else {
+                warn!(
+                    shard = shard.id,
+                    "connection of {} refused (0x88): password checks backed up past the \
+                     connect timeout",
+                    crate::logging::escape(&connect.client_id)
+                );
+                return Err(LoginRefused(
+                    ReasonCode::SERVER_UNAVAILABLE,
+                    "password check not done in time",
+                ));
+            };
+            verified.finish(&mut shard.verify_cache.borrow_mut())
+        }
+        step => step,
+    };
+    match step {
+        ConnectStep::Accept => Ok(file),
+        ConnectStep::Refuse(r) => {
+            info!(
+                shard = shard.id,
+                "connection of {} (u'{}') refused ({}): {r}",
+                crate::logging::escape(&connect.client_id),
+                crate::logging::escape(username),
+                r.reason_code()
+            );
+            Err(LoginRefused(r.reason_code(), "not authorized"))
+        }
+        ConnectStep::Verify(_) => Err(LoginRefused(
+            ReasonCode::UNSPECIFIED_ERROR,
+            "unexpected verification step",
+        )),
+    }
 }
 
 async fn refuse<S: AsyncWrite + Unpin>(io: &mut S, wbuf: &mut BytesMut, refused: Refused) {

@@ -49,8 +49,12 @@ const TIMER_SLACK: Duration = Duration::from_millis(100);
 /// Shortest wait of the shard timer (see `timer_task`).
 const MIN_TIMER: Duration = Duration::from_millis(1);
 
-/// How often the control task looks at the shutdown flag (set from a signal thread).
+/// How often the control task looks at the shutdown flag (set from a signal thread) and at
+/// reloaded password and ACL files.
 const CONTROL_PERIOD: Duration = Duration::from_millis(200);
+
+/// Password checks (PBKDF2 on the blocking pool) in progress or queued per shard.
+const MAX_VERIFYING: u64 = 64;
 
 /// Broker-wide read-only settings plus the few atomics shards share.
 pub(crate) struct Shared {
@@ -92,6 +96,7 @@ impl Shared {
             register_timeout: c.peer_timeout,
             settle_timeout: c.peer_timeout,
             peer_control_high_water: c.control_backlog_limit,
+            security: self.listeners.iter().map(|l| l.security.clone()).collect(),
             ..CoreConfig::default()
         }
     }
@@ -175,6 +180,11 @@ pub(crate) struct Shard {
     /// bytes that arrived are copied to the connection's own buffer, so a wake-up that finds
     /// nothing to read allocates and clears nothing.
     pub read_scratch: RefCell<Box<[u8]>>,
+    /// Successful password checks, for reconnect storms (this shard's only).
+    pub verify_cache: RefCell<crate::auth::VerifyCache>,
+    /// Password checks running or queued on the blocking pool: a storm of logins waits here
+    /// (each within its connect timeout) instead of queueing unbounded work.
+    pub verify_slots: glommio::sync::Semaphore,
 }
 
 impl Shard {
@@ -411,6 +421,7 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, idx: Option<usize>
                 .map(|t| t.username_rule)
                 .unwrap_or(crate::tls::UsernameRule::FromClient),
             identity: None,
+            listener: idx,
         };
         // Separate task types for TLS and plain connections: each task is sized for its
         // own future, so plain connections do not pay for TLS state.
@@ -525,6 +536,8 @@ pub(crate) async fn shard_main(
         connecting: Cell::new(0),
         scratch: RefCell::new(bytes::BytesMut::new()),
         read_scratch: RefCell::new(vec![0; super::conn::READ_CHUNK].into_boxed_slice()),
+        verify_cache: RefCell::new(crate::auth::VerifyCache::default()),
+        verify_slots: glommio::sync::Semaphore::new(MAX_VERIFYING),
     });
 
     for (peer, rx) in receivers.streams() {
@@ -596,6 +609,11 @@ pub(crate) async fn shard_main(
             break;
         }
         let now = Instant::now();
+        // Reloaded password/ACL files (SIGHUP): one atomic load per file when unchanged.
+        let refreshed = shard.core.borrow_mut().refresh_security(now);
+        if refreshed {
+            shard.after_input();
+        }
         if id == 0 && next_sys.is_some_and(|t| now >= t) {
             super::sys::publish(&shard, started);
             next_sys = shared.cfg.sys_interval.map(|d| now + d);

@@ -36,6 +36,9 @@ pub struct ListenerSpec {
     pub topic_alias_maximum: u16,
     /// Mutual TLS (or server-only TLS) on this listener.
     pub tls: Option<Arc<TlsListener>>,
+    /// Password and ACL files and the client-id rule (`crate::auth`); its `allow_anonymous`
+    /// is replaced by the field above at start.
+    pub security: crate::auth::ListenerSecurity,
 }
 
 /// A TLS listener's shared parts: the hot-reloadable rustls config and the policies the
@@ -63,7 +66,9 @@ pub struct RuntimeConfig {
     /// Capacity of each cross-shard queue.
     pub mailbox_capacity: usize,
     /// Diagnostics: each shard also listens on its own ephemeral loopback port, so tests and
-    /// operators can reach a chosen shard regardless of the kernel's REUSEPORT hash.
+    /// operators can reach a chosen shard regardless of the kernel's REUSEPORT hash. No
+    /// password or ACL file applies there (anonymous, unrestricted): tests only; the
+    /// configuration file cannot turn it on.
     pub shard_listeners: bool,
     /// Per-session limits (inflight, queues, packet size, keepalive, ...).
     pub session: crate::session::SessionConfig,
@@ -139,6 +144,7 @@ impl Default for RuntimeConfig {
                 max_qos: crate::codec::QoS::ExactlyOnce,
                 topic_alias_maximum: 10,
                 tls: None,
+                security: crate::auth::ListenerSecurity::default(),
             }],
             connect_timeout: Duration::from_secs(10),
             mailbox_capacity: 1024,
@@ -274,7 +280,9 @@ pub fn start(cfg: RuntimeConfig) -> Result<Broker, StartError> {
     let mut resolved = Vec::with_capacity(cfg.listeners.len());
     for l in &cfg.listeners {
         let addr = probe_listener(l.addr)?;
-        resolved.push(ListenerSpec { addr, ..l.clone() });
+        let mut spec = ListenerSpec { addr, ..l.clone() };
+        spec.security.allow_anonymous = spec.allow_anonymous;
+        resolved.push(spec);
     }
     let cpus = shard_cpus();
     let control = Arc::new(Control::default());

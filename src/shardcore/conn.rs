@@ -39,6 +39,8 @@ pub(crate) struct Entry {
     pub flow: Option<Box<SubFlow>>,
     /// The earliest session timer currently armed for it (dedups timer entries).
     pub timer_armed: Option<Instant>,
+    /// Who the session is to the ACL (`None`: its listener has no security files).
+    pub authz: Option<Box<super::Authz>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -245,7 +247,7 @@ impl ShardCore {
                 e.session.refuse_subscribe(&s, ReasonCode::QUOTA_EXCEEDED);
             }
             packet => {
-                if let Err(v) = e.session.handle_packet(packet, now) {
+                if let Err(v) = self.session_input(key, packet, now) {
                     debug!(shard = self.id, "protocol violation: {v}");
                 }
             }
@@ -302,12 +304,13 @@ impl ShardCore {
         &mut self,
         key: ConnKey,
         session: &mut Session,
+        authz: Option<&super::Authz>,
         now: Instant,
     ) {
         while let Some(ev) = session.poll_event() {
             match ev {
                 SessionEvent::Publish(msg) => self.route(msg, key, now),
-                SessionEvent::Will(msg) => self.route(msg, 0, now),
+                SessionEvent::Will(msg) => self.route_will(authz, msg, now),
                 SessionEvent::Unsubscribe { filter } => {
                     self.drop_routes(key, std::slice::from_ref(&filter))
                 }
@@ -322,7 +325,13 @@ impl ShardCore {
     fn handle_event(&mut self, key: ConnKey, ev: SessionEvent, now: Instant) {
         match ev {
             SessionEvent::Publish(msg) => self.route(msg, key, now),
-            SessionEvent::Will(msg) => self.route(msg, 0, now),
+            SessionEvent::Will(msg) => {
+                let authz = self.sessions.get_mut(&key).and_then(|e| e.authz.take());
+                self.route_will(authz.as_deref(), msg, now);
+                if let Some(e) = self.sessions.get_mut(&key) {
+                    e.authz = authz;
+                }
+            }
             SessionEvent::Subscribe {
                 filter,
                 options,
@@ -657,6 +666,10 @@ impl ShardCore {
             self.retained.match_filter(&filter, now, buf);
             let ids: SmallVec<[u32; 1]> = id.into_iter().collect();
             for m in buf.drain(..) {
+                let authz = e.authz.as_deref();
+                if !Self::may_read(&self.views, &self.counters, authz, &m, &mut None) {
+                    continue;
+                }
                 e.session.deliver_retained(&m, options, &ids, now);
             }
         }

@@ -199,6 +199,8 @@ impl ShardCore {
         if n_plain > 1 {
             buf[..n_plain].sort_unstable_by_key(|(k, _)| *k);
         }
+        // Split once, on the first subscriber that needs a read check.
+        let mut levels = None;
         let mut i = 0;
         while i < n_plain {
             let key = buf[i].0;
@@ -219,11 +221,31 @@ impl ShardCore {
                 j += 1;
             }
             i = j;
-            self.deliver_to(key, from, msg, opts, ids, false, publisher, now);
+            self.deliver_to(
+                key,
+                from,
+                msg,
+                opts,
+                ids,
+                false,
+                publisher,
+                &mut levels,
+                now,
+            );
         }
         for &(key, s) in &buf[n_plain..] {
             let ids: SmallVec<[u32; 2]> = s.subscription_id.into_iter().collect();
-            self.deliver_to(key, from, msg, s.options, ids, true, publisher, now);
+            self.deliver_to(
+                key,
+                from,
+                msg,
+                s.options,
+                ids,
+                true,
+                publisher,
+                &mut levels,
+                now,
+            );
         }
         buf.clear();
         self.scratch.matches = buf;
@@ -233,15 +255,16 @@ impl ShardCore {
     /// Offer one message to the session of `key` (or to what stands for it while it moves).
     /// `via_group`: this shard was chosen to serve a share group (no other shard got it).
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn deliver_to(
+    pub(super) fn deliver_to<'m>(
         &mut self,
         key: ConnKey,
         from: ShardId,
-        msg: &Message,
+        msg: &'m Message,
         opts: crate::codec::SubscriptionOptions,
         ids: SmallVec<[u32; 2]>,
         via_group: bool,
         publisher: ConnKey,
+        levels: &mut Option<crate::auth::TopicLevels<'m>>,
         now: Instant,
     ) {
         if let Some(sw) = self.switching.get_mut(&key) {
@@ -259,6 +282,12 @@ impl ShardCore {
             self.park_message(key, from, msg, opts, ids, via_group);
             return;
         };
+        // The read check (mosquitto's src/subs.c): a denied subscriber is skipped, nothing
+        // queued. A share-group pick that is denied is not given to another member (as
+        // mosquitto, which picks the member before checking).
+        if !Self::may_read(&self.views, &self.counters, e.authz.as_deref(), msg, levels) {
+            return;
+        }
         if msg.qos.min(opts.qos) == QoS::AtMostOnce
             && e.session.pending_transmit() >= self.cfg.max_pending_transmit
         {

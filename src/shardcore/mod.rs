@@ -49,6 +49,7 @@
 //! * Every wait on a peer has a bound (register, settle, park, switch timeouts) with a clear
 //!   outcome for the client.
 
+mod authz;
 mod conn;
 mod fanout;
 mod flow;
@@ -73,6 +74,7 @@ use crate::metrics::ShardCounters;
 use crate::routing::{self, LocalSubscriptions, RetainedLimits, RetainedStore, RoutingReplica};
 use crate::session::SessionConfig;
 
+pub use authz::{Authz, ConnAuth};
 pub use msg::{ParkedMsg, PeerMsg, Transfer};
 pub use registry::{conn_key, conn_shard, home_shard, ConnKey, ShardId};
 
@@ -95,6 +97,7 @@ use timers::Timers;
 /// | `park_timeout` | 5 s | a session move not confirmed by every shard is finished anyway |
 /// | `stall_timeout` | 10 s | a subscriber with a full queue and no progress is cut loose |
 /// | `write_timeout` | 30 s | a socket that accepts no bytes is closed |
+/// | `security` | none | listeners without password or ACL files: nothing is checked |
 #[derive(Debug, Clone)]
 pub struct CoreConfig {
     pub shards: usize,
@@ -114,6 +117,8 @@ pub struct CoreConfig {
     pub park_timeout: Duration,
     pub stall_timeout: Duration,
     pub write_timeout: Duration,
+    /// Each listener's password and ACL files, indexed by [`ConnAuth::listener`].
+    pub security: Vec<crate::auth::ListenerSecurity>,
 }
 
 impl Default for CoreConfig {
@@ -132,6 +137,7 @@ impl Default for CoreConfig {
             park_timeout: Duration::from_secs(5),
             stall_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(30),
+            security: Vec::new(),
         }
     }
 }
@@ -149,6 +155,8 @@ pub struct ConnectRequest {
     pub username: Option<ByteString>,
     /// For the connect log line.
     pub peer: Option<SocketAddr>,
+    /// How admission authenticated it (`None`: a listener without security files).
+    pub auth: Option<ConnAuth>,
 }
 
 /// One shard's core. See the module doc for the contract.
@@ -194,6 +202,11 @@ pub struct ShardCore {
     pub(crate) dirty: Vec<ConnKey>,
 
     pub(crate) scratch: fanout::Scratch,
+
+    /// This shard's view of each listener's ACL (see `authz.rs`).
+    pub(crate) views: Vec<crate::auth::AccessView>,
+    /// Per listener, the password file generation last applied.
+    pub(crate) password_generations: Vec<u64>,
 }
 
 impl ShardCore {
@@ -223,6 +236,8 @@ impl ShardCore {
             resumable: Vec::new(),
             dirty: Vec::new(),
             scratch: fanout::Scratch::default(),
+            views: authz::views(&cfg.security),
+            password_generations: authz::password_generations(&cfg.security),
             cfg: CoreConfig { shards, ..cfg },
         }
     }

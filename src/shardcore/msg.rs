@@ -23,6 +23,8 @@ use crate::session::SessionState;
 pub struct Transfer {
     pub from: ConnKey,
     pub state: Box<SessionState>,
+    /// The session's identity on its old host (for its will if the new host discards it).
+    pub authz: Option<Box<super::Authz>>,
 }
 
 /// A message kept for a moving session, with the options and subscription ids it matched.

@@ -137,7 +137,7 @@ impl ShardCore {
             e.session.disconnect(ReasonCode::SESSION_TAKEN_OVER, now);
         }
         // The session's last events (will, close) run with the session out of the map.
-        self.drain_detached_events(previous, &mut e.session, now);
+        self.drain_detached_events(previous, &mut e.session, e.authz.as_deref(), now);
         self.detach_conn(previous, &mut e.session);
         let Some(mut state) = e.session.into_state() else {
             self.send(conn_shard(conn), PeerMsg::Handover { conn, state: None });
@@ -147,7 +147,7 @@ impl ShardCore {
         if clean {
             // The new connection starts clean: the old session ends here and now.
             if let Some(will) = state.take_pending_will(now) {
-                self.route(will, 0, now);
+                self.route_will(e.authz.as_deref(), will, now);
             }
             self.drop_routes(previous, &filters);
             self.send(conn_shard(conn), PeerMsg::Handover { conn, state: None });
@@ -168,6 +168,7 @@ impl ShardCore {
         let t = Transfer {
             from: previous,
             state: Box::new(state),
+            authz: e.authz.take(),
         };
         self.send(
             conn_shard(conn),
@@ -221,7 +222,7 @@ impl ShardCore {
     fn discard_transfer(&mut self, t: Transfer, now: Instant) {
         let mut state = *t.state;
         if let Some(will) = state.take_pending_will(now) {
-            self.route(will, 0, now);
+            self.route_will(t.authz.as_deref(), will, now);
         }
         self.send(conn_shard(t.from), PeerMsg::ParkAbandon { old: t.from });
     }
@@ -239,12 +240,18 @@ impl ShardCore {
             Some(t) => (Some(t.from), Some(*t.state)),
             None => (None, None),
         };
+        let authz = self.make_authz(req.auth.as_ref(), &req.client_id, req.username.as_deref());
+        let mut prev = prev;
+        if let Some(state) = prev.as_mut() {
+            self.recheck_resumed(authz.as_deref(), state);
+        }
         let session = Session::accept(&req.config, &req.connect, req.client_id.clone(), prev, now);
         let mut entry = Entry {
             session: Box::new(session),
             live: !abandoned,
             flow: None,
             timer_armed: None,
+            authz,
         };
         entry.session.set_queue_overflow(!abandoned);
         self.sessions.insert(conn, entry);
@@ -302,6 +309,7 @@ impl ShardCore {
                 live: false,
                 flow: None,
                 timer_armed: None,
+                authz: t.authz,
             },
         );
         self.counters.offline_sessions.inc();
@@ -471,7 +479,7 @@ impl ShardCore {
     ) {
         // Bypass the switching filter: these are exactly the messages it held back.
         let sw = self.switching.remove(&key);
-        self.deliver_to(key, from, msg, opts, ids, false, 0, now);
+        self.deliver_to(key, from, msg, opts, ids, false, 0, &mut None, now);
         if let Some(sw) = sw {
             self.switching.insert(key, sw);
         }

@@ -102,6 +102,7 @@ impl Net {
             config: self.cores[shard].cfg.session,
             username: None,
             peer: None,
+            auth: None,
         };
         self.cores[shard].handle_connect(key, req, self.now);
         key

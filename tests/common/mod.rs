@@ -33,6 +33,7 @@ impl TestBroker {
                 max_qos: midge::codec::QoS::ExactlyOnce,
                 topic_alias_maximum: 10,
                 tls: None,
+                security: Default::default(),
             }],
             shard_listeners: true,
             ..RuntimeConfig::default()

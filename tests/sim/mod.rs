@@ -956,6 +956,7 @@ impl World {
             },
             username: None,
             peer: None,
+            auth: None,
         };
         let now = self.now;
         self.cores[shard].handle_connect(key, req, now);
