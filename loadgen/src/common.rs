@@ -8,10 +8,11 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 use midge::codec::ProtocolVersion;
+use serde::{Deserialize, Serialize};
 
 use crate::net::Target;
 use crate::tls::{IdentitySource, TlsOptions, TlsSetup};
@@ -63,19 +64,75 @@ fn parse_cores(s: &str) -> Result<Vec<usize>, String> {
     Ok(v)
 }
 
+/// The CPUs this process may use (honours taskset), read once before any thread is pinned:
+/// pinning the orchestrating thread would otherwise shrink what later runs (compare rounds,
+/// fleet workers) see. A Mutex, not a OnceLock: a fleet worker process replaces the value
+/// (clap computes `--cores` defaults, and so this, while parsing any subcommand).
+static ALLOWED_CPUS: std::sync::Mutex<Option<Vec<usize>>> = std::sync::Mutex::new(None);
+
+pub fn allowed_cpus() -> Vec<usize> {
+    let mut g = ALLOWED_CPUS.lock().unwrap_or_else(|e| e.into_inner());
+    g.get_or_insert_with(|| {
+        core_affinity::get_core_ids()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|c| c.id)
+            .collect()
+    })
+    .clone()
+}
+
+/// A fleet worker process: widen this thread's CPU mask back to the coordinator's (it
+/// inherited the mask of the pinned thread that spawned it) and remember it.
+pub fn set_allowed_cpus(cpus: &[usize]) {
+    if cpus.is_empty() {
+        return;
+    }
+    // SAFETY: zeroed cpu_set_t is the empty set; CPU_SET on indices below CPU_SETSIZE.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for &c in cpus.iter().filter(|c| **c < libc::CPU_SETSIZE as usize) {
+            libc::CPU_SET(c, &mut set);
+        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+    *ALLOWED_CPUS.lock().unwrap_or_else(|e| e.into_inner()) = Some(cpus.to_vec());
+}
+
 fn default_cores() -> String {
-    // The CPUs this process may use (honours taskset). With several, take the last one: on a
-    // 2-core machine the broker gets CPU 0 and the loadgen CPU 1.
-    let ids: Vec<usize> = core_affinity::get_core_ids()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|c| c.id)
-        .collect();
-    ids.last().map_or("0".into(), |c| c.to_string())
+    // With several CPUs, take the last one: on a 2-core machine the broker gets CPU 0 and
+    // the loadgen CPU 1.
+    allowed_cpus().last().map_or("0".into(), |c| c.to_string())
+}
+
+/// How a connection hands MQTT packets to the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum WriteMode {
+    /// Exactly one write syscall per MQTT packet (one TLS record per packet with TLS), as
+    /// device libraries do (rumqttc, paho, mosquitto_pub, MQTT.js never coalesce packets of
+    /// different messages into one write).
+    #[default]
+    PerPacket,
+    /// Everything due at once (catch-up publishes, the acknowledgements of one read) in one
+    /// write of up to 64 KiB: cheaper for the loadgen and the broker, not how devices send.
+    Coalesced,
+}
+
+impl WriteMode {
+    pub fn label(self) -> &'static str {
+        match self {
+            WriteMode::PerPacket => "per-packet writes",
+            WriteMode::Coalesced => "coalesced writes",
+        }
+    }
+    pub fn per_packet(self) -> bool {
+        self == WriteMode::PerPacket
+    }
 }
 
 /// Options every scenario takes.
-#[derive(Args, Debug, Clone)]
+#[derive(Args, Debug, Clone, Serialize, Deserialize)]
 pub struct CommonArgs {
     /// Broker host. Non-loopback addresses are refused unless --allow-remote.
     #[arg(long, default_value = "127.0.0.1")]
@@ -96,9 +153,10 @@ pub struct CommonArgs {
     /// Connect / TLS handshake / CONNACK timeout.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
-    /// Keep-alive seconds sent in CONNECT (0 disables; the loadgen sends no PINGREQ).
-    #[arg(long, default_value_t = 0)]
-    pub keepalive: u16,
+    /// Keep-alive seconds sent in CONNECT (0 disables). Default 0, where the loadgen sends
+    /// no PINGREQ; `fleet` defaults to 30 and its devices send PINGREQ when idle that long.
+    #[arg(long)]
+    pub keepalive: Option<u16>,
     /// Client id prefix; ids are PREFIX-p<N> / PREFIX-s<N> / PREFIX-c<N>.
     #[arg(long, default_value = "lg")]
     pub client_prefix: String,
@@ -177,11 +235,7 @@ impl CommonArgs {
             ));
         }
         let cores = parse_cores(&self.cores)?;
-        let avail: Vec<usize> = core_affinity::get_core_ids()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|c| c.id)
-            .collect();
+        let avail = allowed_cpus();
         for c in &cores {
             if !avail.is_empty() && !avail.contains(c) {
                 return Err(format!(
@@ -227,7 +281,7 @@ impl CommonArgs {
                 addr,
                 version,
                 timeout: self.connect_timeout,
-                keep_alive: self.keepalive,
+                keep_alive: self.keepalive.unwrap_or(0),
                 server_name: tls.as_ref().map(|t| t.server_name.clone()),
             },
             cores,
@@ -237,22 +291,42 @@ impl CommonArgs {
     }
 }
 
-/// The run's clock: nanoseconds since a base `Instant` shared by all cores, so intended send
-/// times written by one core are comparable with receive times on another.
+/// CLOCK_MONOTONIC in nanoseconds: one time line for every process on the machine (what
+/// `Instant` reads on Linux), so a worker process's intended send times compare with another
+/// process's receive times.
+pub fn monotonic_ns() -> u64 {
+    // SAFETY: zeroed timespec is valid; clock_gettime writes into it.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer, CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The run's clock: nanoseconds since a base instant of CLOCK_MONOTONIC shared by all cores
+/// (and by the worker processes of a `fleet --procs` run), so intended send times written by
+/// one core are comparable with receive times on another.
 #[derive(Clone, Copy)]
 pub struct Clock {
-    base: Instant,
+    base_ns: u64,
 }
 
 impl Clock {
     pub fn new() -> Self {
+        // Never 0 ns, so "time 0" can mean "not set" in the atomics that carry times.
         Clock {
-            base: Instant::now(),
+            base_ns: monotonic_ns().saturating_sub(1_000_000),
         }
+    }
+    /// A clock sharing another process's base (its `base_ns()`).
+    pub fn with_base(base_ns: u64) -> Self {
+        Clock { base_ns }
+    }
+    pub fn base_ns(&self) -> u64 {
+        self.base_ns
     }
     #[inline]
     pub fn now_ns(&self) -> u64 {
-        self.base.elapsed().as_nanos() as u64
+        monotonic_ns().saturating_sub(self.base_ns)
     }
     /// Sleep until the clock reads `t_ns` (returns at once if already past).
     pub async fn sleep_until(&self, t_ns: u64) {
@@ -320,6 +394,18 @@ mod tests {
         assert_eq!(parse_duration("1.5").unwrap(), Duration::from_millis(1500));
         assert!(parse_duration("fast").is_err());
         assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn a_worker_process_replaces_the_inherited_cpu_list() {
+        // clap computes the defaults (and so the list) before a worker knows the
+        // coordinator's CPUs: setting them must win over the value already computed.
+        let before = allowed_cpus();
+        assert!(!before.is_empty());
+        set_allowed_cpus(&before[..1]);
+        assert_eq!(allowed_cpus(), before[..1].to_vec());
+        set_allowed_cpus(&before);
+        assert_eq!(allowed_cpus(), before);
     }
 
     #[test]

@@ -8,6 +8,8 @@ mod common;
 mod compare;
 mod connect;
 mod cpu;
+mod fleet;
+mod limits;
 mod net;
 mod payload;
 mod pubsub;
@@ -43,6 +45,13 @@ enum Cmd {
     Capacity(capacity::CapacityArgs),
     /// N devices drop and reconnect at once: time until all are back, latency meanwhile.
     Storm(storm::StormArgs),
+    /// A device fleet: N devices (own certificates, mutual TLS) ramp up, idle on keep-alives,
+    /// publish QoS 1 telemetry with jitter to backend consumers and receive commands; broker
+    /// CPU per message, idle CPU, RSS per device, handshake and end-to-end latency.
+    Fleet(fleet::FleetArgs),
+    /// (internal) A `fleet --procs` worker process: spec and commands on stdin.
+    #[command(hide = true)]
+    FleetWorker,
     /// Run one scenario against several brokers (pinned with taskset), alternating, and write
     /// a markdown report with ratios.
     Compare(compare::CompareArgs),
@@ -103,6 +112,24 @@ fn run(cli: Cli) -> Result<(), String> {
             }
             Ok(())
         }
+        Cmd::Fleet(a) => {
+            let r = fleet::run(&a)?;
+            print!("{}", fleet::table(&r));
+            if let Some(p) = &a.common.json {
+                report::write_json(p, &r)?;
+            }
+            report::fleet_files(&r, a.common.hgrm.as_deref(), a.common.plot.as_deref())?;
+            if r.connected == 0 {
+                return Err("no device connected".into());
+            }
+            if r.failed > 0 || !r.errors.is_empty() {
+                return Err(
+                    "devices failed to connect or lost their connection (see above)".into(),
+                );
+            }
+            Ok(())
+        }
+        Cmd::FleetWorker => fleet::child_main(),
         Cmd::Capacity(a) => capacity::run(&a),
         Cmd::Compare(a) => compare::run(&a),
         Cmd::Storm(a) => {

@@ -6,7 +6,7 @@
 //! scenario logic or statistics.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -133,6 +133,69 @@ pub fn decode_err(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
+/// First source address of [`source_addr`]: 127.0.0.1 is left to everything else.
+pub const FIRST_SOURCE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+/// Addresses from 127.0.0.2 to 127.255.255.254.
+pub const MAX_SOURCE_ADDRS: u32 = 0x7fff_fffe - 0x7f00_0002 + 1;
+
+/// Source address of connection `i` spread round robin over `n` loopback addresses from
+/// 127.0.0.2: each source address has its own ephemeral port range towards the broker's
+/// address and port, so `n` addresses hold `n` times the connections one address can.
+/// `None` when `n` is 0 (let the kernel choose, i.e. 127.0.0.1).
+pub fn source_addr(i: u64, n: u32) -> Option<Ipv4Addr> {
+    if n == 0 {
+        return None;
+    }
+    let n = n.min(MAX_SOURCE_ADDRS);
+    Some(Ipv4Addr::from(
+        u32::from(FIRST_SOURCE) + (i % u64::from(n)) as u32,
+    ))
+}
+
+/// TCP connect from `src` (bind before connect). IP_BIND_ADDRESS_NO_PORT defers the choice of
+/// the source port to connect, where the kernel only needs the whole 4-tuple to be unique;
+/// a plain bind to port 0 would reserve the port for every destination and exhaust the range
+/// at ~28k connections whatever the source address.
+async fn tcp_connect_from(addr: SocketAddr, src: Ipv4Addr, d: Duration) -> io::Result<TcpStream> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+    let sock = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt on a socket we own with a valid c_int option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            &one as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    sock.bind(&SocketAddr::new(src.into(), 0).into())
+        .map_err(|e| io::Error::new(e.kind(), format!("bind {src}: {e}")))?;
+    sock.set_nonblocking(true)?;
+    match sock.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    // SAFETY: the descriptor is a valid TCP socket whose ownership moves to the stream.
+    let mut s = unsafe { TcpStream::from_raw_fd(sock.into_raw_fd()) };
+    // A zero-length send fails with EAGAIN until the connection is established (glommio then
+    // waits for POLLOUT), returns 0 once it is, and reports the connect error if it failed.
+    match with_timeout(d, s.write(&[])).await {
+        None => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "connection timed out",
+        )),
+        Some(Err(e)) => Err(e),
+        Some(Ok(_)) => Ok(s),
+    }
+}
+
 /// Open TCP (+TLS) and complete CONNECT/CONNACK.
 pub async fn connect(
     t: &Target,
@@ -140,9 +203,26 @@ pub async fn connect(
     client_id: &str,
     clean_start: bool,
 ) -> Result<(Conn, Timings), ConnError> {
+    connect_from(t, tls, client_id, clean_start, None).await
+}
+
+/// [`connect`] from source address `src` (None: the kernel's choice).
+pub async fn connect_from(
+    t: &Target,
+    tls: Option<Arc<ClientConfig>>,
+    client_id: &str,
+    clean_start: bool,
+    src: Option<Ipv4Addr>,
+) -> Result<(Conn, Timings), ConnError> {
     let mut tm = Timings::default();
     let t0 = Instant::now();
-    let tcp = match TcpStream::connect_timeout(t.addr, t.timeout).await {
+    let tcp = match src {
+        None => TcpStream::connect_timeout(t.addr, t.timeout)
+            .await
+            .map_err(io::Error::from),
+        Some(src) => tcp_connect_from(t.addr, src, t.timeout).await,
+    };
+    let tcp = match tcp {
         Ok(s) => s,
         Err(e) => {
             let msg = e.to_string();
@@ -221,6 +301,35 @@ fn short_io(msg: &str) -> String {
         "connection refused".into()
     } else {
         msg.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_addresses_spread_round_robin_from_127_0_0_2() {
+        assert_eq!(source_addr(5, 0), None);
+        assert_eq!(source_addr(0, 3), Some(Ipv4Addr::new(127, 0, 0, 2)));
+        assert_eq!(source_addr(1, 3), Some(Ipv4Addr::new(127, 0, 0, 3)));
+        assert_eq!(source_addr(2, 3), Some(Ipv4Addr::new(127, 0, 0, 4)));
+        assert_eq!(source_addr(3, 3), Some(Ipv4Addr::new(127, 0, 0, 2)));
+        // Past one octet: 127.0.0.2 + 300 = 127.0.1.46.
+        assert_eq!(source_addr(300, 1000), Some(Ipv4Addr::new(127, 0, 1, 46)));
+        // Every address of 127/8 but .0.0.0, .0.0.1 and the broadcast, never past it.
+        assert_eq!(
+            source_addr(u64::MAX, u32::MAX),
+            source_addr(u64::MAX % u64::from(MAX_SOURCE_ADDRS), MAX_SOURCE_ADDRS)
+        );
+        assert_eq!(
+            source_addr(u64::from(MAX_SOURCE_ADDRS) - 1, MAX_SOURCE_ADDRS),
+            Some(Ipv4Addr::new(127, 255, 255, 254))
+        );
+        for i in 0..10_000u64 {
+            let a = source_addr(i * 7919, 40_000).unwrap();
+            assert!(a.is_loopback() && a != Ipv4Addr::new(127, 0, 0, 1), "{a}");
+        }
     }
 }
 

@@ -24,7 +24,9 @@ use midge::codec::{
 };
 use serde::Serialize;
 
-use crate::common::{parse_duration, thread_cpu, Clock, Common, CommonArgs, MAX_CONNECTIONS};
+use crate::common::{
+    parse_duration, thread_cpu, Clock, Common, CommonArgs, WriteMode, MAX_CONNECTIONS,
+};
 use crate::common::{spawn_cores, MAX_DURATION, MAX_MESSAGES};
 use crate::net::{self, Conn, RecvError};
 use crate::payload;
@@ -95,6 +97,11 @@ pub struct LoadArgs {
     /// Broker pid: report its CPU-seconds per million delivered messages (/proc/PID/stat).
     #[arg(long)]
     pub broker_pid: Option<u32>,
+    /// per-packet: one write syscall per MQTT packet (one TLS record each), as device
+    /// libraries send; coalesced: everything due at once in one write (catch-up publishes, the
+    /// acknowledgements of one read), the loadgen's old behaviour.
+    #[arg(long, value_enum, default_value = "per-packet")]
+    pub write_mode: WriteMode,
 }
 
 /// A validated, `Send + Sync` description of the traffic.
@@ -114,6 +121,7 @@ pub struct Plan {
     pub drain_ns: u64,
     pub topic: String,
     pub broker_pid: Option<u32>,
+    pub write_mode: WriteMode,
 }
 
 impl LoadArgs {
@@ -182,6 +190,7 @@ impl LoadArgs {
             drain_ns: self.drain.as_nanos() as u64,
             topic: self.topic.clone(),
             broker_pid: self.broker_pid,
+            write_mode: self.write_mode,
         })
     }
 }
@@ -342,6 +351,8 @@ pub struct Interval {
 #[derive(Serialize)]
 pub struct PubsubReport {
     pub plan: Plan,
+    /// "per-packet" or "coalesced" (also in `plan`): how packets were handed to the kernel.
+    pub write_mode: WriteMode,
     pub mqtt: String,
     pub tls: bool,
     pub cores: Vec<usize>,
@@ -381,6 +392,11 @@ pub struct PubsubReport {
     pub broker_cpu_seconds: Option<f64>,
     /// Broker CPU-seconds per million delivered messages.
     pub broker_cpu_s_per_million: Option<f64>,
+    /// Broker CPU over the measured window only (after warm-up, before the drain; None when
+    /// a message cap ended the run first), and per million deliveries of the messages whose
+    /// intended send time is in that window.
+    pub broker_cpu_window_seconds: Option<f64>,
+    pub broker_cpu_window_s_per_million: Option<f64>,
     pub warnings: Vec<String>,
     #[serde(skip)]
     pub lat_hist: Lat,
@@ -478,6 +494,9 @@ pub fn run(c: &Common, plan: &Plan) -> Result<PubsubReport, String> {
     if plan.broker_pid.is_some() && bcpu0.is_none() {
         shared.fail("--broker-pid: cannot read /proc/PID/stat".into());
     }
+    // The broker's CPU at the measured window's edges (warm-up and drain excluded).
+    let (win_from, win_to) = (start + plan.warmup_ns, run_end);
+    let (mut bw0, mut bw1): (Option<Duration>, Option<Duration>) = (None, None);
     while !shared.stopped() {
         while let Ok((_core, s)) = rx.recv_timeout(Duration::from_millis(10)) {
             let sec = s.sec;
@@ -509,6 +528,13 @@ pub fn run(c: &Common, plan: &Plan) -> Result<PubsubReport, String> {
             }
         }
         let now = clock.now_ns();
+        if plan.broker_pid.is_some() && start != 0 {
+            if bw0.is_none() && now >= win_from {
+                bw0 = plan.broker_pid.and_then(crate::cpu::proc_cpu);
+            } else if bw0.is_some() && bw1.is_none() && now >= win_to {
+                bw1 = plan.broker_pid.and_then(crate::cpu::proc_cpu);
+            }
+        }
         if start == 0 || now > hard_end {
             shared.stop.store(true, Ordering::SeqCst);
             break;
@@ -562,7 +588,7 @@ pub fn run(c: &Common, plan: &Plan) -> Result<PubsubReport, String> {
         results,
         intervals,
         cpu_all,
-        (bcpu, bwait),
+        (bcpu, bwait, bw0.zip(bw1).map(|(a, b)| b.saturating_sub(a))),
         start,
     ))
 }
@@ -599,7 +625,8 @@ fn merge(
     intervals: Vec<Interval>,
     cpu_all: Duration,
     // Broker CPU used and fraction of the run it waited for a CPU (given --broker-pid).
-    (bcpu, bwait): (Option<Duration>, Option<f64>),
+    // … and its CPU over the measured window only.
+    (bcpu, bwait, bwin): (Option<Duration>, Option<f64>, Option<Duration>),
     start_ns: u64,
 ) -> PubsubReport {
     let mut lat = Lat::new();
@@ -742,6 +769,7 @@ fn merge(
     }
     PubsubReport {
         plan: plan.clone(),
+        write_mode: plan.write_mode,
         mqtt: c.args.mqtt.clone(),
         tls: c.tls.is_some(),
         cores: c.cores.clone(),
@@ -767,6 +795,10 @@ fn merge(
         loadgen_cpu_us_per_msg: cpu_all.as_secs_f64() * 1e6 / recv.max(1) as f64,
         broker_cpu_seconds: bcpu.map(|d| d.as_secs_f64()),
         broker_cpu_s_per_million: bcpu.map(|d| d.as_secs_f64() * 1e6 / recv.max(1) as f64),
+        broker_cpu_window_seconds: bwin.map(|d| d.as_secs_f64()),
+        broker_cpu_window_s_per_million: bwin
+            .filter(|_| recv_m > 0)
+            .map(|d| d.as_secs_f64() * 1e6 / recv_m as f64),
         warnings,
         lat_hist: lat,
     }
@@ -920,6 +952,7 @@ async fn core_main(ctx: Ctx) -> CoreResult {
         for (j, c) in subs {
             tasks.push(glommio::spawn_local(subscriber(
                 c,
+                plan.write_mode.per_packet(),
                 plan.sub_key(j),
                 e2e.get(&j).cloned(),
                 start + plan.warmup_ns,
@@ -1003,8 +1036,10 @@ async fn core_main(ctx: Ctx) -> CoreResult {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn subscriber(
     conn: Conn,
+    per_packet: bool,
     key: u32,
     e2e: Option<Rc<Semaphore>>,
     measure_from: u64,
@@ -1022,6 +1057,7 @@ async fn subscriber(
     let clock = shared.clock;
     let mut tmp = vec![0u8; shared.read_buf];
     let mut out = BytesMut::with_capacity(4096);
+    let mut ends: Vec<usize> = Vec::new();
     let limits = Limits::default();
     loop {
         let n = match stream.read(&mut tmp).await {
@@ -1067,6 +1103,9 @@ async fn subscriber(
                                 &mut out,
                             ),
                         }
+                        if p.qos != QoS::AtMostOnce {
+                            ends.push(out.len());
+                        }
                         let h = match payload::read(&p.payload) {
                             Some(h) if h.nonce == nonce => h,
                             _ => {
@@ -1094,11 +1133,14 @@ async fn subscriber(
                             from_pair += 1;
                         }
                     }
-                    Packet::PubRel(r) => codec::encode(
-                        &Packet::PubComp(PubResp::new(r.packet_id)),
-                        version,
-                        &mut out,
-                    ),
+                    Packet::PubRel(r) => {
+                        codec::encode(
+                            &Packet::PubComp(PubResp::new(r.packet_id)),
+                            version,
+                            &mut out,
+                        );
+                        ends.push(out.len());
+                    }
                     Packet::Disconnect(d) => {
                         s.error(format!("subscriber: DISCONNECT from broker: {}", d.reason));
                         return;
@@ -1113,16 +1155,12 @@ async fn subscriber(
             }
         }
         if !out.is_empty() {
-            // flush: TLS may keep the tail of a record buffered until flushed.
-            let r = match stream.write_all(&out).await {
-                Ok(()) => stream.flush().await,
-                e => e,
-            };
-            if let Err(e) = r {
+            if let Err(e) = write_packets(&mut stream, &out, &ends, per_packet).await {
                 st.borrow_mut().error(format!("subscriber write: {e}"));
                 return;
             }
             out.clear();
+            ends.clear();
         }
     }
 }
@@ -1238,6 +1276,7 @@ async fn publisher(
     // writers and the half is taken out while written so no RefCell borrow spans an await.
     let w: Rc<RefCell<Option<WHalf>>> = Rc::new(RefCell::new(Some(w)));
     let wlock = Rc::new(Semaphore::new(1));
+    let per_packet = plan.write_mode.per_packet();
     let reader = if qos != QoS::AtMostOnce {
         Some(glommio::spawn_local(ack_reader(
             r,
@@ -1247,6 +1286,7 @@ async fn publisher(
             w.clone(),
             wlock.clone(),
             st.clone(),
+            per_packet,
         )))
     } else {
         None
@@ -1274,7 +1314,9 @@ async fn publisher(
         } else if clock.now_ns() >= end {
             break;
         }
-        for g in &gates {
+        // Fast path: every window has room (no timer armed per message).
+        let have_all = try_acquire_all(&gates);
+        for g in gates.iter().filter(|_| !have_all) {
             // An end-to-end window leaks a permit for every message the broker drops, so a
             // stalled wait is bounded: after 1 s the oldest message is presumed lost.
             // (Acknowledgement windows wait in 1 s slices so a stop is noticed.)
@@ -1333,6 +1375,10 @@ async fn publisher(
             n += 1;
             if intended >= measure_from {
                 measured += 1;
+            }
+            // A device writes each packet on its own.
+            if per_packet {
+                break;
             }
             // Batch overdue messages (catch-up) or, closed loop, as many as fit, while the
             // in-flight window allows.
@@ -1403,6 +1449,7 @@ async fn write_locked(
     r
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn ack_reader(
     mut r: futures_lite::io::ReadHalf<net::Stream>,
     mut rbuf: BytesMut,
@@ -1411,9 +1458,11 @@ async fn ack_reader(
     w: Rc<RefCell<Option<WHalf>>>,
     wlock: Rc<Semaphore>,
     st: Rc<RefCell<CoreState>>,
+    per_packet: bool,
 ) {
     let mut tmp = vec![0u8; 2048];
     let mut out = BytesMut::with_capacity(1024);
+    let mut ends: Vec<usize> = Vec::new();
     let limits = Limits::default();
     loop {
         let n = match r.read(&mut tmp).await {
@@ -1429,11 +1478,14 @@ async fn ack_reader(
         loop {
             match codec::decode(&mut rbuf, version, &limits) {
                 Ok(Some(Packet::PubAck(_))) | Ok(Some(Packet::PubComp(_))) => freed += 1,
-                Ok(Some(Packet::PubRec(p))) => codec::encode(
-                    &Packet::PubRel(PubResp::new(p.packet_id)),
-                    version,
-                    &mut out,
-                ),
+                Ok(Some(Packet::PubRec(p))) => {
+                    codec::encode(
+                        &Packet::PubRel(PubResp::new(p.packet_id)),
+                        version,
+                        &mut out,
+                    );
+                    ends.push(out.len());
+                }
                 Ok(Some(Packet::Disconnect(d))) => {
                     st.borrow_mut()
                         .error(format!("publisher: DISCONNECT from broker: {}", d.reason));
@@ -1455,12 +1507,40 @@ async fn ack_reader(
             win.signal(freed);
         }
         if !out.is_empty() {
-            if write_locked(&w, &wlock, &out).await.is_err() {
-                win.close();
-                return;
+            let mut from = 0;
+            let segments: &[usize] = if per_packet { &ends } else { &[out.len()] };
+            for &to in segments {
+                if write_locked(&w, &wlock, &out[from..to]).await.is_err() {
+                    win.close();
+                    return;
+                }
+                from = to;
             }
             out.clear();
+            ends.clear();
         }
+    }
+}
+
+/// Write `buf`, packets ending at the offsets in `ends`: one write each (per-packet), or all
+/// in one write (coalesced). Flushed, so a TLS stream sends its records now.
+pub async fn write_packets<W: futures_lite::AsyncWrite + Unpin>(
+    w: &mut W,
+    buf: &[u8],
+    ends: &[usize],
+    per_packet: bool,
+) -> std::io::Result<()> {
+    if per_packet {
+        let mut from = 0;
+        for &to in ends {
+            w.write_all(&buf[from..to]).await?;
+            w.flush().await?;
+            from = to;
+        }
+        Ok(())
+    } else {
+        w.write_all(buf).await?;
+        w.flush().await
     }
 }
 
@@ -1538,6 +1618,7 @@ mod tests {
             drain: Duration::from_secs(1),
             topic: "fleet/%d/telemetry".into(),
             broker_pid: None,
+            write_mode: WriteMode::PerPacket,
         }
     }
 

@@ -44,7 +44,7 @@ pub fn pubsub_table(r: &PubsubReport) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "pubsub {:?}: {} publishers → {} subscribers, QoS {}, {} B payload, MQTT {}{}, {}",
+        "pubsub {:?}: {} publishers → {} subscribers, QoS {}, {} B payload, MQTT {}{}, {}, {}",
         p.mode,
         p.publishers,
         p.subscribers,
@@ -63,7 +63,8 @@ pub fn pubsub_table(r: &PubsubReport) -> String {
             "closed loop (bounded by TCP only)".to_string()
         } else {
             format!("closed loop (in-flight ≤ {})", p.inflight)
-        }
+        },
+        r.write_mode.label()
     );
     let _ = writeln!(
         o,
@@ -114,6 +115,15 @@ pub fn pubsub_table(r: &PubsubReport) -> String {
             "  broker CPU    {b:.2}s: {m:.2} CPU-s per million delivered messages ({:.2} µs/msg); waited for a CPU: {:.0}%",
             m,
             r.broker_runqueue_wait.unwrap_or(0.0) * 100.0
+        );
+    }
+    if let (Some(b), Some(m)) = (
+        r.broker_cpu_window_seconds,
+        r.broker_cpu_window_s_per_million,
+    ) {
+        let _ = writeln!(
+            o,
+            "  broker CPU    {b:.2}s in the measured window: {m:.2} µs per delivery of a message sent in it"
         );
     }
     for (e, n) in &r.errors {
@@ -413,6 +423,27 @@ pub fn pubsub_files(
                 ("p99", x(|i| i.latency.p99_us)),
                 ("max", x(|i| i.latency.max_us)),
             ],
+        )?;
+    }
+    Ok(())
+}
+
+/// Files for a fleet run: telemetry and connect latency distributions and chart.
+pub fn fleet_files(
+    r: &crate::fleet::FleetReport,
+    hgrm: Option<&Path>,
+    plot: Option<&Path>,
+) -> Result<(), String> {
+    if let Some(d) = hgrm {
+        write_hgrm(d, "fleet_telemetry_latency", &r.lat_hist)?;
+        write_hgrm(d, "fleet_connect_total", &r.connect_hist)?;
+    }
+    if let Some(d) = plot {
+        std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+        plot_percentiles_log(
+            &d.join("fleet_latency_percentiles.svg"),
+            "fleet: telemetry end-to-end and connect latency by percentile",
+            &[("telemetry", &r.lat_hist), ("connect", &r.connect_hist)],
         )?;
     }
     Ok(())

@@ -5,8 +5,9 @@
 //! received) whatever the arrival order, and duplicates are exact (a bit already set). Must not
 //! touch: I/O. Memory: one bit per sequence number; the loadgen caps messages per run.
 
-/// What one receiver saw of one publisher's stream.
-#[derive(Debug, Clone, Default)]
+/// What one receiver saw of one publisher's stream. Serializable so that worker processes
+/// of a `fleet --procs` run hand their views to the coordinator, which merges them.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct SeqTracker {
     bits: Vec<u64>,
     /// Highest sequence number seen so far (+1), for reorder detection.

@@ -147,7 +147,13 @@ impl TlsSetup {
         Ok(s)
     }
 
-    fn config(
+    /// The CA certificate and key PEM devices are minted from (`--mint-ca-*`), if any.
+    pub fn mint_ca(&self) -> Option<(&str, &str)> {
+        self.mint.as_ref().map(|(c, k)| (c.as_str(), k.as_str()))
+    }
+
+    /// A config presenting this identity.
+    pub fn config(
         &self,
         identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
     ) -> Result<Arc<ClientConfig>, String> {
@@ -190,6 +196,96 @@ impl TlsSetup {
             return self.config(Some((chain, key)));
         }
         Ok(self.fixed[(i % self.fixed.len() as u64) as usize].clone())
+    }
+}
+
+/// A device identity: certificate chain and private key.
+pub type Identity = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
+
+/// Minted identities kept on disk and reused across runs, so a fleet of 15,000 devices is
+/// minted once, not on every run: `ROOT/ca-<hash of the CA certificate>/NAME.crt|.key`, NAME
+/// the client id (also the certificate's CN). A different CA gets a different directory; a
+/// file that does not parse is minted again. Files are written to a temporary name and
+/// renamed, so concurrent worker processes never read half a file.
+pub struct IdentityCache {
+    dir: PathBuf,
+    minter: Minter,
+}
+
+/// FNV-1a: a stable file-name key for a CA certificate (not a security boundary: the cache
+/// only saves minting time, and the broker verifies every certificate it is shown).
+fn fnv64(data: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in data {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// Client ids become file names: letters, digits, `.`, `_` and `-` only, no leading dot.
+pub fn safe_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('.')
+        && name.len() <= 200
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+}
+
+/// Where minted identities are cached by default: `$XDG_CACHE_HOME/midge-loadgen/identities`
+/// or `$HOME/.cache/midge-loadgen/identities` (else the temporary directory).
+pub fn default_cache_root() -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|v| !v.is_empty())
+                .map(|h| PathBuf::from(h).join(".cache"))
+        })
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("midge-loadgen").join("identities")
+}
+
+impl IdentityCache {
+    pub fn open(root: &Path, ca_cert_pem: &str, ca_key_pem: &str) -> Result<Self, String> {
+        let minter = Minter::new(ca_cert_pem, ca_key_pem)?;
+        let dir = root.join(format!("ca-{:016x}", fnv64(ca_cert_pem.as_bytes())));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        Ok(IdentityCache { dir, minter })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The identity for `name`, from the cache or minted now (and stored). The bool says
+    /// whether it was minted.
+    pub fn get(&self, name: &str) -> Result<(Identity, bool), String> {
+        if !safe_name(name) {
+            return Err(format!(
+                "{name:?}: client ids used as certificate file names may only hold letters, digits, '.', '_' and '-'"
+            ));
+        }
+        let crt = self.dir.join(format!("{name}.crt"));
+        let key = self.dir.join(format!("{name}.key"));
+        if crt.exists() && key.exists() {
+            if let (Ok(c), Ok(k)) = (load_certs(&crt), load_key(&key)) {
+                return Ok(((c, k), false));
+            }
+        }
+        let (c_pem, k_pem) = self.minter.mint_pem(name)?;
+        let write = |p: &Path, s: &str| {
+            let tmp = p.with_extension(format!("tmp{}", std::process::id()));
+            std::fs::write(&tmp, s)
+                .and_then(|_| std::fs::rename(&tmp, p))
+                .map_err(|e| format!("{}: {e}", p.display()))
+        };
+        // Key first: a reader that finds the certificate then finds its key.
+        write(&key, &k_pem)?;
+        write(&crt, &c_pem)?;
+        Ok(((load_certs(&crt)?, load_key(&key)?), true))
     }
 }
 
@@ -291,6 +387,33 @@ mod tests {
         // id-kp-clientAuth OID 1.3.6.1.5.5.7.3.2
         let oid = [0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x02];
         assert!(der.windows(8).any(|w| w == oid));
+    }
+
+    #[test]
+    fn identity_cache_mints_once_and_reuses_across_opens() {
+        let (ca, ca_key, _, _) = make_test_pki(&["localhost"]).unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let c = IdentityCache::open(d.path(), &ca, &ca_key).unwrap();
+        let ((chain, _), minted) = c.get("lg-d7").unwrap();
+        assert!(minted);
+        let der: &[u8] = chain[0].as_ref();
+        assert!(der.windows(5).any(|w| w == b"lg-d7"), "CN is the client id");
+        // A second cache on the same root and CA (another run) loads the same certificate.
+        let c2 = IdentityCache::open(d.path(), &ca, &ca_key).unwrap();
+        let ((chain2, _), minted2) = c2.get("lg-d7").unwrap();
+        assert!(!minted2);
+        assert_eq!(chain, chain2);
+        // A corrupt file is minted again; a different CA uses its own directory.
+        std::fs::write(c.dir().join("lg-d7.crt"), "garbage").unwrap();
+        assert!(c.get("lg-d7").unwrap().1);
+        let (ca_b, ca_b_key, _, _) = make_test_pki(&["localhost"]).unwrap();
+        let c3 = IdentityCache::open(d.path(), &ca_b, &ca_b_key).unwrap();
+        assert_ne!(c3.dir(), c.dir());
+        assert!(c3.get("lg-d7").unwrap().1);
+        // Names are file names: no path tricks.
+        for bad in ["../x", "a/b", ".hidden", ""] {
+            assert!(c.get(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

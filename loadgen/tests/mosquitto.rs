@@ -1,7 +1,8 @@
 //! Integration: run midge-loadgen against a real mosquitto (Debian package `mosquitto`)
 //! started by the test on a free 127.0.0.1 port, and check the reported counts against what a
 //! mosquitto user would expect: QoS 1 pairs deliver every message exactly once, connections
-//! all succeed, TLS with per-device minted certificates works, bad targets fail cleanly.
+//! all succeed, TLS with per-device minted certificates works, bad targets fail cleanly, and
+//! a small mutual-TLS fleet split over two worker processes loses nothing at QoS 1.
 //! Skips (with a message) only when mosquitto is not installed.
 
 use std::net::{TcpListener, TcpStream};
@@ -101,6 +102,24 @@ fn first_cpu() -> String {
     }
 }
 
+/// Every CPU we may use, as a --cores list ("0,1"): a fleet with --procs 2 then gives each
+/// worker process its own CPU (where there are two).
+fn all_cpus() -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("taskset -pc $$ 2>/dev/null | sed 's/.*: //'")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .unwrap_or_default();
+    let l = out.trim();
+    if l.is_empty() {
+        first_cpu()
+    } else {
+        l.to_string()
+    }
+}
+
 fn loadgen(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(BIN)
         .args(args)
@@ -126,12 +145,15 @@ fn qos1_pairs_deliver_every_message_exactly_once() {
     let j = d.path().join("r.json");
     let port = b.port.to_string();
     let cpu = first_cpu();
+    let pid = b.child.id().to_string();
     let (code, out, err) = loadgen(&[
         "pubsub",
         "--port",
         &port,
         "--cores",
         &cpu,
+        "--broker-pid",
+        &pid,
         "--qos",
         "1",
         "--rate",
@@ -158,11 +180,22 @@ fn qos1_pairs_deliver_every_message_exactly_once() {
     assert_eq!(r["lost"].as_u64().unwrap(), 0);
     assert_eq!(r["duplicates"].as_u64().unwrap(), 0);
     assert_eq!(r["reordered"].as_u64().unwrap(), 0);
+    // Devices write each packet on its own: the default, and said so in the report.
+    assert_eq!(r["write_mode"], "per-packet");
+    assert!(out.contains("per-packet writes"), "{out}");
     // The measured window excludes the warm-up: ~1.5 s of 2 s.
     let m = r["sent_measured"].as_u64().unwrap();
     assert!((880..=910).contains(&m), "measured {m}");
     assert_eq!(r["latency"]["count"].as_u64().unwrap(), m);
     assert!(r["latency"]["p50_us"].as_f64().unwrap() > 0.0);
+    // The broker's CPU over the whole run and over the measured window only.
+    assert!(r["broker_cpu_seconds"].as_f64().is_some(), "{out}");
+    let (w, whole) = (
+        r["broker_cpu_window_seconds"].as_f64().unwrap(),
+        r["broker_cpu_seconds"].as_f64().unwrap(),
+    );
+    assert!(w <= whole, "window {w} within the run {whole}");
+    assert!(r["broker_cpu_window_s_per_million"].as_f64().is_some());
 }
 
 #[test]
@@ -199,10 +232,14 @@ fn fan_out_qos0_mqtt5_every_subscriber_gets_every_message() {
         hg.to_str().unwrap(),
         "--plot",
         pl.to_str().unwrap(),
+        "--write-mode",
+        "coalesced",
         "-q",
     ]);
     assert_eq!(code, 0, "{out}\n{err}");
     let r = json(&j);
+    assert_eq!(r["plan"]["write_mode"], "coalesced");
+    assert!(out.contains("coalesced writes"), "{out}");
     let sent = r["sent"].as_u64().unwrap();
     assert!(sent >= 230, "sent {sent}");
     assert_eq!(r["expected"].as_u64().unwrap(), sent * 4);
@@ -572,4 +609,116 @@ fn capacity_steps_until_the_objective_breaks() {
     ]);
     assert_eq!(code, 0);
     assert!(out.contains("no step met the objective"), "{out}");
+}
+
+#[test]
+fn fleet_over_mutual_tls_in_two_worker_processes_loses_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let pki = d.path().join("pki");
+    let (code, out, err) = loadgen(&["pki", "--out", pki.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    let tls_port = free_port();
+    let extra = format!(
+        "max_connections -1\nlistener {tls_port} 127.0.0.1\ncafile {0}/ca.crt\ncertfile {0}/server.crt\nkeyfile {0}/server.key\nrequire_certificate true\nallow_anonymous true\n",
+        pki.display()
+    );
+    let Some(b) = start_mosquitto(d.path(), &extra) else {
+        return;
+    };
+    let t0 = Instant::now();
+    while TcpStream::connect(("127.0.0.1", tls_port)).is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ca = pki.join("ca.crt");
+    let cak = pki.join("ca.key");
+    let cache = d.path().join("identities");
+    let j = d.path().join("fleet.json");
+    let pid = b.child.id().to_string();
+    // 20 devices split over two worker processes (so the backends of one process receive
+    // the other's telemetry through the shared subscription), a keep-alive short enough that
+    // every device pings during the idle phase (mosquitto allows 1.5 keep-alives of silence:
+    // 2 s leaves a loaded machine a second of slack), commands at 20/s.
+    let (code, out, err) = loadgen(&[
+        "fleet",
+        "--port",
+        &tls_port.to_string(),
+        "--cores",
+        &all_cpus(),
+        "--devices",
+        "20",
+        "--procs",
+        "2",
+        "--backends",
+        "2",
+        "--cafile",
+        ca.to_str().unwrap(),
+        "--mint-ca-cert",
+        ca.to_str().unwrap(),
+        "--mint-ca-key",
+        cak.to_str().unwrap(),
+        "--servername",
+        "localhost",
+        "--cert-cache",
+        cache.to_str().unwrap(),
+        "--keepalive",
+        "2",
+        "--ramp-rate",
+        "200",
+        "--settle",
+        "200ms",
+        "--idle",
+        "2500ms",
+        "--interval",
+        "500ms",
+        "--warmup",
+        "300ms",
+        "--duration",
+        "2s",
+        "--drain",
+        "5s",
+        "--cmd-rate",
+        "20",
+        "--broker-pid",
+        &pid,
+        "--json",
+        j.to_str().unwrap(),
+        "-q",
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let r = json(&j);
+    assert_eq!(r["write_mode"], "per-packet");
+    assert_eq!(r["connected"].as_u64().unwrap(), 20, "{out}");
+    assert_eq!(r["failed"].as_u64().unwrap(), 0, "{out}");
+    // 20 devices, 2 backends, 2 commanders: each its own minted identity, cached on disk.
+    let ids = r["identities_minted"].as_u64().unwrap() + r["identities_loaded"].as_u64().unwrap();
+    assert_eq!(ids, 24, "{out}");
+    assert_eq!(
+        std::fs::read_dir(&cache).unwrap().count(),
+        1,
+        "one directory per CA"
+    );
+    // Every device published (2.3 s at one message per 0.5 s) and QoS 1 lost nothing.
+    let sent = r["tel_sent"].as_u64().unwrap();
+    assert!(sent >= 20 * 4, "sent {sent}: {out}");
+    assert_eq!(r["tel_expected"].as_u64().unwrap(), sent);
+    assert_eq!(r["tel_received"].as_u64().unwrap(), sent, "{out}");
+    assert_eq!(r["tel_lost"].as_u64().unwrap(), 0, "{out}");
+    assert_eq!(r["tel_duplicates"].as_u64().unwrap(), 0, "{out}");
+    assert_eq!(
+        r["tel_acked"].as_u64().unwrap(),
+        sent,
+        "every publish acknowledged"
+    );
+    let cmds = r["cmd_sent"].as_u64().unwrap();
+    assert!(cmds >= 30, "commands {cmds}: {out}");
+    assert_eq!(r["cmd_received"].as_u64().unwrap(), cmds, "{out}");
+    assert_eq!(r["cmd_lost"].as_u64().unwrap(), 0);
+    assert!(r["latency"]["count"].as_u64().unwrap() > 0);
+    // Idle devices kept alive with PINGREQ, and mosquitto answered.
+    assert!(r["idle_pings"].as_u64().unwrap() >= 20, "{out}");
+    assert!(r["pongs"].as_u64().unwrap() >= 20, "{out}");
+    assert!(r["broker_rss_after"].as_u64().unwrap() > 0);
+    assert!(r["broker_cpu_us_per_msg"].as_f64().is_some(), "{out}");
+    assert!(r["connect_total"]["count"].as_u64().unwrap() == 20);
 }
