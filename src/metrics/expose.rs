@@ -144,10 +144,6 @@ families! {
         "PUBLISH packets sent to clients (retransmissions and retained messages included).";
     PUBLISH_SENT_BYTES: "midge_publish_sent_bytes_total", Counter, ["shard", "qos"],
         "Payload bytes of the PUBLISH packets sent to clients.";
-    RECEIVED_BYTES: "midge_received_bytes_total", Counter, ["shard"],
-        "MQTT bytes read from client connections (after TLS decryption).";
-    SENT_BYTES: "midge_sent_bytes_total", Counter, ["shard"],
-        "MQTT bytes written to client connections (before TLS encryption).";
     MESSAGES_ROUTED: "midge_messages_routed_total", Counter, ["shard"],
         "Messages routed by the shard where they were published (client messages, wills, $SYS).";
     DELIVERIES: "midge_deliveries_total", Counter, ["shard"],
@@ -269,6 +265,15 @@ impl Writer {
     pub fn sample(&mut self, labels: &[(&str, &str)], value: u64) {
         let f = self.current();
         debug_assert!(f.kind != Kind::Histogram);
+        debug_assert_eq!(labels.len(), f.labels.len(), "{}", f.name);
+        self.out.push_str(f.name);
+        self.labels(labels, None);
+        let _ = writeln!(self.out, " {value}");
+    }
+
+    /// A sample that may be negative (a date before 1970 in a broken certificate).
+    pub fn sample_i64(&mut self, labels: &[(&str, &str)], value: i64) {
+        let f = self.current();
         debug_assert_eq!(labels.len(), f.labels.len(), "{}", f.name);
         self.out.push_str(f.name);
         self.labels(labels, None);

@@ -20,6 +20,7 @@
 //! each value whole, possibly a moment old. Nothing here is ever used for synchronisation.
 
 pub mod expose;
+pub mod http;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -142,9 +143,6 @@ pub struct ShardCounters {
     /// PUBLISH packets sent to clients, by QoS, and their payload bytes.
     sent: [Counter; 3],
     sent_bytes: [Counter; 3],
-    /// MQTT bytes read from and written to client connections (after TLS decryption).
-    pub net_bytes_in: Counter,
-    pub net_bytes_out: Counter,
     refused: [Counter; RefuseCause::ALL.len()],
     /// Connections that completed CONNECT and were handed a session.
     pub connects: Counter,
