@@ -49,7 +49,8 @@ fn client_ids_and_usernames_cannot_forge_log_lines() {
     for l in &forged_lines {
         let msg = l.split_once(": ").map_or(l.as_str(), |(_, m)| m);
         assert!(
-            msg.starts_with("New client connected from 127.0.0.1:") || msg.starts_with("Client dev-"),
+            msg.starts_with("New client connected from 127.0.0.1:")
+                || msg.starts_with("Client dev-"),
             "a forged line: {l:?}"
         );
         assert!(!l.contains('\x1b'), "terminal escape passed through: {l:?}");
@@ -155,8 +156,10 @@ fn disconnect_lines_are_mosquittos_with_the_v5_reason_and_escaped_ids() {
 
     let c = raw::client(addr, V311, "dl-closed");
     drop(c);
-    m.wait_log(WAIT, |l| l.ends_with("Client dl-closed closed its connection."))
-        .expect("closed line");
+    m.wait_log(WAIT, |l| {
+        l.ends_with("Client dl-closed closed its connection.")
+    })
+    .expect("closed line");
 
     let mut d = Raw::open(addr);
     // Returns session_present: none for a clean start.
@@ -170,7 +173,9 @@ fn disconnect_lines_are_mosquittos_with_the_v5_reason_and_escaped_ids() {
     let e = raw::client(addr, V311, evil);
     drop(e);
     let l = m
-        .wait_log(WAIT, |l| l.contains("closed its connection.") && l.contains("dl-evil"))
+        .wait_log(WAIT, |l| {
+            l.contains("closed its connection.") && l.contains("dl-evil")
+        })
         .expect("the evil client's line");
     assert!(
         l.contains("dl-evil\\nClient admin disconnected. closed its connection."),
@@ -178,7 +183,8 @@ fn disconnect_lines_are_mosquittos_with_the_v5_reason_and_escaped_ids() {
     );
     assert!(
         !m.lines().iter().any(|l| l.starts_with("Client admin")
-            || l.split_once(": ").is_some_and(|(_, r)| r.starts_with("Client admin"))),
+            || l.split_once(": ")
+                .is_some_and(|(_, r)| r.starts_with("Client admin"))),
         "a forged line: {:#?}",
         m.lines()
     );
@@ -212,7 +218,10 @@ fn connection_messages_false_and_log_type_subscribe_are_honoured() {
             .any(|l| l.contains("New client connected") || l.contains("disconnected")),
         "{lines:#?}"
     );
-    assert!(lines.iter().any(|l| l.contains("listening on")), "{lines:#?}");
+    assert!(
+        lines.iter().any(|l| l.contains("listening on")),
+        "{lines:#?}"
+    );
 }
 
 /// `log_format json`: every line is one JSON object with the mosquitto log type; peer text

@@ -18,9 +18,12 @@ fn names_in(text: &str) -> BTreeSet<String> {
     let mut i = 0;
     while let Some(p) = text[i..].find("midge_") {
         let start = i + p;
-        let before_ok = start == 0 || !(b[start - 1].is_ascii_alphanumeric() || b[start - 1] == b'_');
+        let before_ok =
+            start == 0 || !(b[start - 1].is_ascii_alphanumeric() || b[start - 1] == b'_');
         let mut end = start;
-        while end < b.len() && (b[end].is_ascii_lowercase() || b[end].is_ascii_digit() || b[end] == b'_') {
+        while end < b.len()
+            && (b[end].is_ascii_lowercase() || b[end].is_ascii_digit() || b[end] == b'_')
+        {
             end += 1;
         }
         if before_ok {
@@ -69,12 +72,18 @@ fn every_family_is_in_the_table_and_the_table_has_no_others() {
 #[test]
 fn dashboard_and_alert_rules_use_only_exported_metrics() {
     let exported = exported();
-    for file in ["tuning/grafana-dashboard.json", "tuning/prometheus-alerts.yml"] {
+    for file in [
+        "tuning/grafana-dashboard.json",
+        "tuning/prometheus-alerts.yml",
+    ] {
         let text = read(file);
         let used = names_in(&text);
         assert!(used.len() >= 6, "{file}: {used:?}");
         let unknown: Vec<_> = used.difference(&exported).collect();
-        assert!(unknown.is_empty(), "{file} uses unknown metrics {unknown:?}");
+        assert!(
+            unknown.is_empty(),
+            "{file} uses unknown metrics {unknown:?}"
+        );
     }
     // The dashboard is valid JSON with panels (python3's json module is the parser we did
     // not write); the rules pass promtool where it is installed.
@@ -86,7 +95,11 @@ fn dashboard_and_alert_rules_use_only_exported_metrics() {
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tuning/grafana-dashboard.json"))
         .output()
         .expect("python3");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     if let Ok(out) = std::process::Command::new("promtool")
         .args(["check", "rules"])
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tuning/prometheus-alerts.yml"))

@@ -198,8 +198,20 @@ fn metrics_parse_and_move_with_a_mosquitto_session() {
     // A subscriber waiting for 3 QoS 1 messages, then 3 QoS 1 and 2 QoS 0 publishes.
     let sub = Command::new("mosquitto_sub")
         .args([
-            "-h", "127.0.0.1", "-p", &port, "-i", "metrics-sub", "-t", "m/#", "-q", "1", "-C",
-            "3", "-W", "20",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-i",
+            "metrics-sub",
+            "-t",
+            "m/#",
+            "-q",
+            "1",
+            "-C",
+            "3",
+            "-W",
+            "20",
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -229,7 +241,16 @@ fn metrics_parse_and_move_with_a_mosquitto_session() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 3);
     for _ in 0..2 {
         run(Command::new("mosquitto_pub").args([
-            "-h", "127.0.0.1", "-p", &port, "-t", "m/b", "-q", "0", "-m", "abc",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-t",
+            "m/b",
+            "-q",
+            "0",
+            "-m",
+            "abc",
         ]));
     }
 
@@ -243,15 +264,29 @@ fn metrics_parse_and_move_with_a_mosquitto_session() {
         3.0
     );
     assert_eq!(
-        sum(&after, "midge_publish_received_bytes_total", &[("qos", "1")]),
+        sum(
+            &after,
+            "midge_publish_received_bytes_total",
+            &[("qos", "1")]
+        ),
         15.0
     );
     assert_eq!(
-        sum(&after, "midge_publish_received_bytes_total", &[("qos", "0")]),
+        sum(
+            &after,
+            "midge_publish_received_bytes_total",
+            &[("qos", "0")]
+        ),
         6.0
     );
-    assert_eq!(sum(&after, "midge_publish_sent_total", &[("qos", "1")]), 3.0);
-    assert_eq!(sum(&after, "midge_publish_sent_total", &[("qos", "0")]), 0.0);
+    assert_eq!(
+        sum(&after, "midge_publish_sent_total", &[("qos", "1")]),
+        3.0
+    );
+    assert_eq!(
+        sum(&after, "midge_publish_sent_total", &[("qos", "0")]),
+        0.0
+    );
     // 1 subscriber + 5 publishers.
     assert_eq!(sum(&after, "midge_connects_total", &[]), 6.0);
     assert_eq!(
@@ -373,7 +408,10 @@ fn bad_http_is_refused_cleanly_and_mqtt_carries_on() {
         }
         // The server may not have accepted every slow connection yet.
         assert_eq!(code, 200);
-        assert!(Instant::now() < deadline, "the connection bound never applied");
+        assert!(
+            Instant::now() < deadline,
+            "the connection bound never applied"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     mqtt_still_works(&b, "during-slowloris");
@@ -391,7 +429,10 @@ fn bad_http_is_refused_cleanly_and_mqtt_carries_on() {
             other => panic!("slow request answered {other}"),
         }
     }
-    assert!(timed_out >= MAX_ACTIVE - 1, "{timed_out} of {MAX_ACTIVE} got 408");
+    assert!(
+        timed_out >= MAX_ACTIVE - 1,
+        "{timed_out} of {MAX_ACTIVE} got 408"
+    );
     let deadline = Instant::now() + WAIT;
     while get(m, "/healthz", None).0 != 200 {
         assert!(Instant::now() < deadline, "scrapes did not come back");

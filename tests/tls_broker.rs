@@ -1438,7 +1438,10 @@ fn tls_metrics_count_handshakes_and_show_material_dates_refreshed_on_reload() {
     let deadline = Instant::now() + Duration::from_secs(5);
     let t = loop {
         let (_, t) = http_get(mport, "/metrics");
-        let full = sample(&t, &format!("midge_tls_handshakes_total{label},kind=\"full\"}}"));
+        let full = sample(
+            &t,
+            &format!("midge_tls_handshakes_total{label},kind=\"full\"}}"),
+        );
         let failed: f64 = t
             .lines()
             .filter(|l| l.starts_with(&format!("midge_tls_handshake_failures_total{label}")))

@@ -251,7 +251,14 @@ fn serve(mut stream: TcpStream, endpoints: &Endpoints) {
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            break response(408, "Request Timeout", text, &[], b"request timeout\n", false);
+            break response(
+                408,
+                "Request Timeout",
+                text,
+                &[],
+                b"request timeout\n",
+                false,
+            );
         }
         let _ = stream.set_read_timeout(Some(left));
         match stream.read(&mut chunk) {
@@ -305,8 +312,10 @@ mod tests {
 
     #[test]
     fn heads_are_parsed_and_routed() {
-        let r = parse_head("GET /metrics?x=1 HTTP/1.1\r\nHost: a\r\nACCEPT: application/openmetrics-text\r\n\r\n")
-            .unwrap();
+        let r = parse_head(
+            "GET /metrics?x=1 HTTP/1.1\r\nHost: a\r\nACCEPT: application/openmetrics-text\r\n\r\n",
+        )
+        .unwrap();
         assert_eq!(r.path, "/metrics");
         assert_eq!(r.accept, Some("application/openmetrics-text"));
         let e = endpoints(true);
@@ -342,6 +351,8 @@ mod tests {
         assert!(t.contains("Allow: GET, HEAD\r\n"));
         assert!(t.ends_with("\r\n\r\nno\n"));
         let h = response(200, "OK", "text/plain", &[], b"body", true);
-        assert!(String::from_utf8(h).unwrap().ends_with("Content-Length: 4\r\nConnection: close\r\nCache-Control: no-store\r\n\r\n"));
+        assert!(String::from_utf8(h).unwrap().ends_with(
+            "Content-Length: 4\r\nConnection: close\r\nCache-Control: no-store\r\n\r\n"
+        ));
     }
 }

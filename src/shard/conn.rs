@@ -86,10 +86,12 @@ async fn read_connect<S: AsyncRead + Unpin>(
         loop {
             match codec::decode(buf, ProtocolVersion::V311, &limits) {
                 Ok(Some(Packet::Connect(c))) => return Ok(c),
-                Ok(Some(_)) => return Err(Refused::Close(
+                Ok(Some(_)) => {
+                    return Err(Refused::Close(
                         RefuseCause::BadConnect,
                         "first packet is not CONNECT",
-                    )),
+                    ))
+                }
                 Ok(None) => {}
                 Err(DecodeError::UnsupportedProtocolVersion { .. }) => {
                     // [MQTT-3.1.2-2]: CONNACK return code 1 / reason 0x84, in the v3 form

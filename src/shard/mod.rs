@@ -294,9 +294,7 @@ pub fn start(cfg: RuntimeConfig) -> Result<Broker, StartError> {
         })?),
         None => None,
     };
-    let metrics_addr = metrics_listener
-        .as_ref()
-        .and_then(|l| l.local_addr().ok());
+    let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
     let cpus = shard_cpus();
     let control = Arc::new(Control::default());
     let mesh = glommio::channels::channel_mesh::MeshBuilder::<crate::shardcore::PeerMsg, _>::full(

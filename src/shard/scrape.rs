@@ -137,7 +137,12 @@ pub(crate) fn render(shared: &Shared, format: Format) -> String {
         }
     };
     by_qos(&mut w, &m::PUBLISH_RECEIVED, |c, q| c.received(q), false);
-    by_qos(&mut w, &m::PUBLISH_RECEIVED_BYTES, |c, q| c.received(q), true);
+    by_qos(
+        &mut w,
+        &m::PUBLISH_RECEIVED_BYTES,
+        |c, q| c.received(q),
+        true,
+    );
     by_qos(&mut w, &m::PUBLISH_SENT, |c, q| c.sent(q), false);
     by_qos(&mut w, &m::PUBLISH_SENT_BYTES, |c, q| c.sent(q), true);
 
