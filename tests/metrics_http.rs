@@ -366,7 +366,7 @@ fn mqtt_still_works(b: &TestBroker, tag: &str) {
 
 #[test]
 fn bad_http_is_refused_cleanly_and_mqtt_carries_on() {
-    use midge::metrics::http::{MAX_ACTIVE, MAX_HEAD_BYTES};
+    use midge::shard::exporter::{MAX_ACTIVE, MAX_HEAD_BYTES};
     let b = broker_with_metrics(2);
     let m = b.metrics_addr.unwrap();
 

@@ -6,7 +6,7 @@
 //! alert rules are checked against), [`Writer`] (families in either format, label values and
 //! help text escaped), and content negotiation from an `Accept` header ([`Format::from_accept`]).
 //! Must not touch: where the numbers come from (the shard runtime gathers them) or how they
-//! are served (the exporter thread).
+//! are served (`crate::shard::exporter`, on its own thread).
 
 use std::fmt::Write as _;
 

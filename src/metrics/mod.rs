@@ -5,7 +5,7 @@
 //! control), [`Counter`]/[`Gauge`]/[`Histogram`], the single-writer cells they are made of,
 //! and the Prometheus/OpenMetrics text format with the table of every exported metric
 //! ([`expose`]). Must not touch: what the figures mean for routing or sessions (the shard core
-//! decides when to count), where they are served from (the exporter thread, `$SYS`): readers
+//! decides when to count), where they are served from (`crate::shard::exporter`, `$SYS`): readers
 //! only load.
 //!
 //! Persistence (issue 11) adds its figures here when it lands: a per-shard fsync latency
@@ -20,7 +20,6 @@
 //! each value whole, possibly a moment old. Nothing here is ever used for synchronisation.
 
 pub mod expose;
-pub mod http;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

@@ -1,7 +1,8 @@
 //! The sharded runtime: the only module that imports glommio.
 //!
 //! Owns: starting one pinned glommio executor per shard, their SO_REUSEPORT listeners, the
-//! cross-shard mailbox mesh, connection tasks, signal-driven shutdown and reload: the I/O
+//! cross-shard mailbox mesh, connection tasks, signal-driven shutdown and reload, the metrics
+//! listener (`exporter`, `scrape`: its own thread, reading the shards' counters): the I/O
 //! around each shard's sans-IO core (`crate::shardcore`). Must not touch: broker logic
 //! (routing, sessions, takeover, flow control: the core), protocol rules (codec/session), TLS
 //! policy (tls). Shards share nothing mutable: each shard's state lives in `Rc<RefCell<_>>`
@@ -9,6 +10,7 @@
 
 mod conn;
 mod driver;
+pub mod exporter;
 pub mod notify;
 pub use crate::shardcore::registry;
 mod scrape;
@@ -285,7 +287,7 @@ pub fn start(cfg: RuntimeConfig) -> Result<Broker, StartError> {
     }
     // Bound before the shards start, so a port in use fails start-up like an MQTT port.
     let metrics_listener = match cfg.metrics_listener {
-        Some(addr) => Some(crate::metrics::http::bind(addr).map_err(|e| {
+        Some(addr) => Some(exporter::bind(addr).map_err(|e| {
             if e.kind() == io::ErrorKind::AddrInUse {
                 StartError::AddrInUse { addr }
             } else {
@@ -348,12 +350,12 @@ pub fn start(cfg: RuntimeConfig) -> Result<Broker, StartError> {
     }
     if let Some(listener) = metrics_listener {
         let (s1, s2, c) = (shared.clone(), shared.clone(), control.clone());
-        let endpoints = Arc::new(crate::metrics::http::Endpoints {
+        let endpoints = Arc::new(exporter::Endpoints {
             metrics: Box::new(move |format| scrape::render(&s1, format)),
             health: Box::new(move || scrape::health(&s2)),
             stopped: Box::new(move || c.shutdown_requested()),
         });
-        match crate::metrics::http::spawn(listener, endpoints) {
+        match exporter::spawn(listener, endpoints) {
             Ok(t) => threads.push(t),
             Err(e) => {
                 control.request_shutdown();

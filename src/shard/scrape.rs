@@ -5,7 +5,7 @@
 //! one exposition ([`render`]) and one health verdict ([`health`]). Runs on the exporter's
 //! thread, never on a shard: it only loads relaxed atomics the shards write, so a scrape costs
 //! the shards nothing and a stalled shard cannot stall a scrape. Must not touch: the counters'
-//! meaning (the core and driver decide when to count), the HTTP side (`crate::metrics::http`),
+//! meaning (the core and driver decide when to count), the HTTP side (`exporter`),
 //! the text format (`crate::metrics::expose`).
 
 use std::sync::atomic::Ordering;

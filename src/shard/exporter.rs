@@ -1,5 +1,6 @@
 //! The metrics listener (`metrics_listener PORT [ADDRESS]`): a deliberately small HTTP/1.x
-//! server on its own threads, never on a shard.
+//! server on its own threads, never on a shard (plain std sockets: no glommio here, and
+//! `crate::metrics` stays free of I/O because the shard core uses it).
 //!
 //! Owns: accepting on the metrics socket, reading one request per connection within bounds,
 //! and answering `GET /metrics` (Prometheus text, or OpenMetrics when `Accept` asks for it),
@@ -24,7 +25,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::expose::Format;
+use crate::metrics::expose::Format;
 
 /// Largest request head read (request line and headers).
 pub const MAX_HEAD_BYTES: usize = 8 << 10;
