@@ -528,6 +528,10 @@ impl ShardCore {
         let Some(since) = live.write_stalled_since else {
             return;
         };
+        if live.close && live.phase == Phase::Detached {
+            // Already cut loose (an earlier stall timer of this connection fired first).
+            return;
+        }
         if now < since + timeout {
             self.timers
                 .push(since + timeout, TimerKind::WriteStall(key));
@@ -537,7 +541,7 @@ impl ShardCore {
             target: crate::logging::CONNECTION,
             "Client {} disconnected: it accepted no bytes for {}s.",
             crate::logging::escape(&self.client_of(key)),
-            timeout.as_secs()
+            timeout.as_secs_f64()
         );
         self.lose_connection(key, now);
     }
