@@ -9,6 +9,12 @@ command -v mosquitto_pub >/dev/null 2>&1 || need+=(mosquitto-clients)
 # The broker itself: the load generator's tests and comparisons run against it.
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+# A Prometheus parser for the metrics tests: the Python prometheus_client (Debian's
+# python3-prometheus-client, small and pure Python). promtool is used too where it is
+# installed, but not installed here: Debian's prometheus package brings a server daemon.
+python3 -c 'import prometheus_client' >/dev/null 2>&1 \
+    || /usr/bin/python3 -c 'import prometheus_client' >/dev/null 2>&1 \
+    || need+=(python3-prometheus-client)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
     echo "installing: ${need[*]}"

@@ -142,6 +142,7 @@ pub fn prepare(cfg: &Config) -> Result<Prepared, PrepareError> {
                 lim.message_size_limit as usize
             },
             sys_interval: cfg.sys_interval,
+            metrics_listener: cfg.metrics_listener,
             ..RuntimeConfig::default()
         },
         reloaders,

@@ -2,7 +2,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use midge::config::{self, Cli, Command, LogDest};
+use midge::config::{self, Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -99,29 +99,7 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(log: &config::LogSettings) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        // rustls warns about every client that sends an IP address as SNI (mosquitto_pub
-        // does): not the operator's problem, so only its errors are shown by default.
-        .unwrap_or_else(|_| {
-            tracing_subscriber::EnvFilter::new(format!("{},rustls=error", log.level))
-        });
-    use std::io::IsTerminal;
-    let format =
-        midge::logging::MosquittoFormat::new(log.timestamp, log.timestamp_format.as_deref());
-    let builder = |ansi: bool| {
-        tracing_subscriber::fmt()
-            .with_env_filter(filter.clone())
-            .with_ansi(ansi)
-            .event_format(format)
-    };
-    // Colour (for field names) only on a terminal: journald and files get plain text.
-    match log.dest {
-        LogDest::Stdout => builder(std::io::stdout().is_terminal())
-            .with_writer(std::io::stdout)
-            .init(),
-        LogDest::Stderr => builder(std::io::stderr().is_terminal())
-            .with_writer(std::io::stderr)
-            .init(),
-        LogDest::None => {}
+    if let Some(setup) = log.setup() {
+        midge::logging::init(&setup);
     }
 }

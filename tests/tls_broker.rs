@@ -1529,3 +1529,129 @@ fn fleet_acl_with_certificate_identities() {
     assert_eq!(out.status.code(), Some(133), "{out:?}");
     assert!(sub_a.is_running());
 }
+
+/// `GET path` on the metrics listener; (status, body).
+fn http_get(port: u16, path: &str) -> (u16, String) {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics listener");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let code = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string());
+    (code, body.unwrap_or_default())
+}
+
+/// The value of the one sample whose line starts with `series` (name and labels).
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.rsplit_once(' '))
+        .and_then(|(_, v)| v.parse().ok())
+}
+
+#[test]
+fn tls_metrics_count_handshakes_and_show_material_dates_refreshed_on_reload() {
+    need_tools();
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::midge(&tmp.path().join("pki"));
+    let dev = pki.midge_client("metrics-dev");
+    let day = time::OffsetDateTime::now_utc() + time::Duration::days(1);
+    let crl = midge::tls::certs::CertsDir::new(&pki.dir)
+        .write_crl_until(day)
+        .expect("write a CRL");
+    let (port, mport) = (free_port(), free_port());
+    let b = start_with_conf(
+        tmp.path(),
+        "tls.conf",
+        &tls_conf(
+            port,
+            &pki,
+            &format!(
+                "crlfile {}\nuse_identity_as_username true\nmetrics_listener {mport}\n",
+                crl.display()
+            ),
+        ),
+        1,
+        port,
+    );
+    let label = format!("{{listener=\"127.0.0.1:{port}\"");
+    let (code, t) = http_get(mport, "/metrics");
+    assert_eq!(code, 200, "{t}");
+    let now = time::OffsetDateTime::now_utc().unix_timestamp() as f64;
+    let crl_gauge = format!("midge_tls_crl_next_update_timestamp_seconds{label}}}");
+    assert_eq!(
+        sample(&t, &crl_gauge),
+        Some(day.unix_timestamp() as f64),
+        "{t}"
+    );
+    let cert = sample(
+        &t,
+        &format!("midge_tls_server_cert_not_after_timestamp_seconds{label}}}"),
+    )
+    .unwrap();
+    assert!(cert > now + 86_400.0, "{cert}");
+    let ca = sample(
+        &t,
+        &format!("midge_tls_ca_not_after_earliest_timestamp_seconds{label}}}"),
+    )
+    .unwrap();
+    assert!(ca > now + 86_400.0, "{ca}");
+
+    publish_ok(port, &pki.ca, &dev, "m/t", "x", &[]);
+    // No client certificate on a listener that requires one: a failed handshake.
+    let out = publish(port, &pki.ca, None, "m/t", "x", &[]);
+    assert!(!out.status.success());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let t = loop {
+        let (_, t) = http_get(mport, "/metrics");
+        let full = sample(
+            &t,
+            &format!("midge_tls_handshakes_total{label},kind=\"full\"}}"),
+        );
+        let failed: f64 = t
+            .lines()
+            .filter(|l| l.starts_with(&format!("midge_tls_handshake_failures_total{label}")))
+            .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+            .sum();
+        if full == Some(1.0) && failed >= 1.0 {
+            break t;
+        }
+        assert!(Instant::now() < deadline, "handshakes not counted:\n{t}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(
+        sample(
+            &t,
+            &format!("midge_tls_handshake_duration_seconds_count{label},kind=\"full\"}}")
+        ),
+        Some(1.0),
+        "{t}"
+    );
+
+    // A new CRL with a later nextUpdate: the gauge follows the reload.
+    let week = time::OffsetDateTime::now_utc() + time::Duration::days(7);
+    midge::tls::certs::CertsDir::new(&pki.dir)
+        .write_crl_until(week)
+        .expect("write a CRL");
+    b.sighup();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, t) = http_get(mport, "/metrics");
+        if sample(&t, &crl_gauge) == Some(week.unix_timestamp() as f64) {
+            assert_eq!(
+                sample(&t, &format!("midge_tls_reloads_total{label}}}")),
+                Some(1.0)
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "CRL gauge not refreshed:\n{t}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -32,7 +32,10 @@
 //! | `log_dest`                    | `stderr`                         | |
 //! | `log_timestamp`               | `true`                           | mosquitto: `TIMESTAMP: message` |
 //! | `log_timestamp_format`        | none: seconds since the epoch    | strftime(3), local time, as mosquitto |
-//! | `log_type`                    | `error warning notice information` (INFO) | `-v`: all (TRACE) |
+//! | `log_type`                    | `error warning notice information` | the first line replaces the set; `-v`: all |
+//! | `connection_messages`         | `true`                           | mosquitto's connect/disconnect lines |
+//! | `log_format`                  | `mosquitto` (`json`: one object per line) | Midge |
+//! | `metrics_listener`            | off; `metrics_listener PORT` binds 127.0.0.1 | Midge: `/metrics`, `/healthz` |
 //! | `tls_version`                 | `tlsv1.2` (1.2 and 1.3 allowed)  | TLS listeners |
 //! | `require_certificate`         | `false`                          | TLS listeners |
 //! | `tls_kx_groups`               | `x25519,secp256r1` (the tls module's default) | Midge |
@@ -75,6 +78,8 @@ pub const QUEUE_QOS0_MESSAGES: bool = false;
 pub const SYS_INTERVAL: Duration = Duration::from_secs(10);
 pub const AUTOSAVE_INTERVAL: Duration = Duration::from_secs(1800);
 pub const LOG_LEVEL: LevelFilter = LevelFilter::INFO;
+/// Address of `metrics_listener PORT` without an address: the metrics are not for the world.
+pub const METRICS_ADDRESS: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Per shard. At ~3,000 full handshakes/s per core this is under 0.1 s of work queued: enough

@@ -5,14 +5,13 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tracing::level_filters::LevelFilter;
-
 use super::value::{
     parse_bool, parse_host, parse_mosquitto_duration, parse_number, parse_port, parse_seconds,
 };
 use super::{
     defaults, ClientIdBinding, Config, ConfigError, ConfigWarning, KxGroup, Limits, ListenerConfig,
-    LogDest, LogSettings, Origin, Protocol, SecurityFile, TlsSettings, TlsVersion,
+    LogDest, LogFormat, LogSettings, LogTypes, Origin, Protocol, SecurityFile, TlsSettings,
+    TlsVersion,
 };
 use crate::auth::{ClientIdRule, IdentitySource};
 use crate::codec::packet::QoS;
@@ -20,10 +19,6 @@ use crate::codec::packet::QoS;
 /// Keys accepted with a warning because ignoring them cannot weaken security or change
 /// delivery: `(key, why it is harmless)`.
 pub static HARMLESS_KEYS: &[(&str, &str)] = &[
-    (
-        "connection_messages",
-        "Midge logs connects and disconnects at its own levels",
-    ),
     ("log_facility", "only used by log_dest syslog"),
     ("websockets_log_level", "Midge has no WebSockets listener"),
     (
@@ -258,7 +253,13 @@ pub(crate) struct Builder {
     /// Where the queue bounds were last set, for the "unbounded queue" error.
     queue_origin: Option<Origin>,
     log_dest: At<LogDest>,
-    log_level: Option<LevelFilter>,
+    /// `log_type` lines so far (`None`: the default set).
+    log_types: Option<LogTypes>,
+    /// Where the set lost its error and warning lines, for a note.
+    log_types_origin: Option<Origin>,
+    connection_messages: bool,
+    log_format: LogFormat,
+    metrics_listener: At<SocketAddr>,
     log_timestamp: bool,
     log_timestamp_format: Option<String>,
     pub(crate) verbose: bool,
@@ -336,7 +337,11 @@ impl Builder {
             limits: Limits::default(),
             queue_origin: None,
             log_dest: None,
-            log_level: None,
+            log_types: None,
+            log_types_origin: None,
+            connection_messages: true,
+            log_format: LogFormat::Mosquitto,
+            metrics_listener: None,
             log_timestamp: true,
             log_timestamp_format: None,
             verbose: false,
@@ -975,37 +980,67 @@ impl Builder {
                 self.log_dest = here(dest, origin);
             }
             "log_type" => {
-                let level = match split_value(key, value, origin)? {
-                    "none" => LevelFilter::OFF,
-                    "error" => LevelFilter::ERROR,
-                    "warning" => LevelFilter::WARN,
-                    "notice" | "information" => LevelFilter::INFO,
-                    "debug" => LevelFilter::DEBUG,
-                    "all" => LevelFilter::TRACE,
-                    t @ ("subscribe" | "unsubscribe" | "websockets") => {
-                        // Leaves the level alone: `log_type subscribe` alone must not turn
-                        // error logging off.
-                        self.warn(
-                            origin,
-                            key,
-                            format!("Midge has no separate '{t}' log type; ignored"),
-                            false,
-                        );
-                        return Ok(());
-                    }
+                // mosquitto's conf.c: the first log_type line replaces the default set,
+                // later lines add to it, `none` empties it and `all` fills it.
+                let v = split_value(key, value, origin)?;
+                let Some(t) = LogTypes::from_name(v) else {
+                    return Err(ConfigError::key(
+                        origin,
+                        key,
+                        format!(
+                            "expected one of error, warning, notice, information, debug, subscribe, \
+                             unsubscribe, websockets, internal, all, none; got '{v}'"
+                        ),
+                    ));
+                };
+                let cur = self.log_types.unwrap_or(LogTypes::NONE);
+                self.log_types = Some(if t == LogTypes::NONE {
+                    LogTypes::NONE
+                } else {
+                    cur.with(t)
+                });
+                self.log_types_origin = Some(origin.clone());
+                if t == LogTypes::WEBSOCKETS || t == LogTypes::INTERNAL {
+                    self.warn(
+                        origin,
+                        key,
+                        format!("Midge writes no '{v}' lines; accepted for compatibility"),
+                        true,
+                    );
+                }
+            }
+            "connection_messages" => self.connection_messages = boolean(value)?,
+            "log_format" => {
+                self.log_format = match split_value(key, value, origin)? {
+                    "mosquitto" => LogFormat::Mosquitto,
+                    "json" => LogFormat::Json,
                     other => {
                         return Err(ConfigError::key(
                             origin,
                             key,
-                            format!(
-                                "expected one of error, warning, notice, information, debug, all, none; got '{other}'"
-                            ),
+                            format!("expected mosquitto or json, got '{other}'"),
                         ))
                     }
                 };
-                // Several log_type lines add up; the most verbose wins.
-                let cur = self.log_level.unwrap_or(LevelFilter::OFF);
-                self.log_level = Some(cur.max(level));
+            }
+            "metrics_listener" => {
+                let mut parts = value.split_whitespace();
+                let port = match parts.next() {
+                    Some(p) => map(key, origin, parse_port(p))?,
+                    None => return Err(ConfigError::key(origin, key, "missing port")),
+                };
+                let ip = match parts.next() {
+                    Some(h) => map(key, origin, parse_host(h))?,
+                    None => defaults::METRICS_ADDRESS,
+                };
+                if let Some(extra) = parts.next() {
+                    return Err(ConfigError::key(
+                        origin,
+                        key,
+                        format!("unexpected '{extra}' (metrics_listener PORT [ADDRESS])"),
+                    ));
+                }
+                self.metrics_listener = here(SocketAddr::new(ip, port), origin);
             }
             // --- Midge -----------------------------------------------------------------------
             "shards" => {
@@ -1269,22 +1304,59 @@ impl Builder {
             None => defaults::shards(),
         };
 
-        let level = if self.verbose {
-            LevelFilter::TRACE
+        let types = if self.verbose {
+            LogTypes::ALL
         } else {
-            self.log_level.unwrap_or(defaults::LOG_LEVEL)
+            self.log_types.unwrap_or(LogTypes::DEFAULT)
         };
+        if let Some(origin) = &self.log_types_origin {
+            if !self.verbose
+                && types != LogTypes::NONE
+                && !types.contains(LogTypes::ERROR.with(LogTypes::WARNING))
+            {
+                self.warnings.push(ConfigWarning {
+                    origin: origin.clone(),
+                    key: "log_type".into(),
+                    message: "error or warning lines are not logged with this log_type set \
+                              (as in mosquitto, the first log_type line replaces the default); \
+                              add `log_type error` and `log_type warning` to keep them"
+                        .into(),
+                    info: false,
+                });
+            }
+        }
+        if let Some((addr, origin)) = &self.metrics_listener {
+            if let Some(l) = listeners.iter().find(|l| {
+                l.addr.port() == addr.port()
+                    && (l.addr.ip() == addr.ip()
+                        || l.addr.ip().is_unspecified()
+                        || addr.ip().is_unspecified())
+            }) {
+                return Err(ConfigError::key(
+                    origin,
+                    "metrics_listener",
+                    format!(
+                        "{addr} overlaps the MQTT listener {} declared at {}",
+                        l.addr, l.origin
+                    ),
+                ));
+            }
+        }
         Ok(Config {
             shards,
             listeners,
             limits,
             log: LogSettings {
                 dest: self.log_dest.map(|d| d.0).unwrap_or(LogDest::Stderr),
-                level,
+                types,
+                level: types.max_level(),
+                connection_messages: self.connection_messages,
+                format: self.log_format,
                 timestamp: self.log_timestamp,
                 timestamp_format: self.log_timestamp_format,
             },
             sys_interval: self.sys_interval,
+            metrics_listener: self.metrics_listener.map(|m| m.0),
             autosave_interval: self.autosave_interval,
             pid_file: self.pid_file,
             per_listener_settings: self.per_listener_settings,

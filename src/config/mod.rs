@@ -98,6 +98,8 @@ use std::time::Duration;
 pub use tracing::level_filters::LevelFilter;
 
 use crate::codec::packet::QoS;
+/// The log settings' types are the logging module's own.
+pub use crate::logging::{LogFormat, LogTypes};
 /// The TLS enums are the `tls` module's own: one definition of each name list.
 pub use crate::tls::{KxGroup, TlsVersion};
 
@@ -121,6 +123,10 @@ pub struct Config {
     pub log: LogSettings,
     /// `sys_interval`: period of `$SYS` updates; `None` (= `sys_interval 0`) disables them.
     pub sys_interval: Option<Duration>,
+    /// `metrics_listener PORT [ADDRESS]` (Midge): where `GET /metrics` (Prometheus) and
+    /// `GET /healthz` are served, plain HTTP; `None` (the default) serves nothing. ADDRESS
+    /// defaults to 127.0.0.1.
+    pub metrics_listener: Option<SocketAddr>,
     /// `autosave_interval`: kept for the persistence work; no effect while persistence is off.
     pub autosave_interval: Duration,
     /// `pid_file`: main writes the process id here after the listeners are bound (see
@@ -293,9 +299,18 @@ impl Limits {
 #[derive(Debug, Clone, PartialEq)]
 pub struct LogSettings {
     pub dest: LogDest,
-    /// Most verbose level enabled: `log_type error` → ERROR, `warning` → WARN, `notice` and
-    /// `information` → INFO, `debug` → DEBUG, `all` (or `-v`) → TRACE, `none` → OFF.
+    /// `log_type` lines, as mosquitto reads them: the first one replaces the default set
+    /// (`error warning notice information`), later ones add to it, `none` empties it, `all`
+    /// (or `-v`) enables everything.
+    pub types: LogTypes,
+    /// The most verbose level some enabled type needs (derived from `types`): `error` →
+    /// ERROR, `warning` → WARN, `notice`/`information`/`subscribe`/`unsubscribe` → INFO,
+    /// `debug` → DEBUG, `all` → TRACE, `none` → OFF.
     pub level: LevelFilter,
+    /// `connection_messages` (default true): mosquitto's connect and disconnect lines.
+    pub connection_messages: bool,
+    /// `log_format` (Midge): `mosquitto` (default) or `json`, one object per line.
+    pub format: LogFormat,
     /// `log_timestamp` (default true): each line starts with a timestamp and `: `, as
     /// mosquitto writes it.
     pub timestamp: bool,
@@ -417,6 +432,7 @@ impl Default for Config {
             limits: Limits::default(),
             log: LogSettings::default(),
             sys_interval: Some(defaults::SYS_INTERVAL),
+            metrics_listener: None,
             autosave_interval: defaults::AUTOSAVE_INTERVAL,
             pid_file: None,
             per_listener_settings: false,
@@ -443,11 +459,35 @@ impl Default for Limits {
     }
 }
 
+impl LogSettings {
+    /// What `logging::init` needs to install these settings.
+    pub fn setup(&self) -> Option<crate::logging::LogSetup> {
+        let dest = match self.dest {
+            LogDest::Stdout => crate::logging::Dest::Stdout,
+            LogDest::Stderr => crate::logging::Dest::Stderr,
+            LogDest::None => return None,
+        };
+        Some(crate::logging::LogSetup {
+            dest,
+            filter: crate::logging::LineFilter {
+                types: self.types,
+                connection_messages: self.connection_messages,
+            },
+            format: self.format,
+            timestamp: self.timestamp,
+            timestamp_format: self.timestamp_format.clone(),
+        })
+    }
+}
+
 impl Default for LogSettings {
     fn default() -> LogSettings {
         LogSettings {
             dest: LogDest::Stderr,
+            types: LogTypes::DEFAULT,
             level: defaults::LOG_LEVEL,
+            connection_messages: true,
+            format: LogFormat::Mosquitto,
             timestamp: true,
             timestamp_format: None,
         }

@@ -4,8 +4,7 @@
 use std::fmt::Write;
 
 use super::value::format_mosquitto_duration;
-use super::{Config, ListenerConfig, LogDest, Origin};
-use tracing::level_filters::LevelFilter;
+use super::{Config, ListenerConfig, LogDest, LogFormat, Origin};
 
 /// Render `config` with every default filled in; warnings come first as comments.
 pub fn render_effective(config: &Config) -> String {
@@ -61,8 +60,25 @@ pub fn render_effective(config: &Config) -> String {
     if let Some(f) = &config.log.timestamp_format {
         let _ = writeln!(s, "log_timestamp_format {f}");
     }
-    for t in log_types(config.log.level) {
+    for t in config.log.types.names() {
         let _ = writeln!(s, "log_type {t}");
+    }
+    let _ = writeln!(s, "connection_messages {}", config.log.connection_messages);
+    let _ = writeln!(
+        s,
+        "log_format {}",
+        match config.log.format {
+            LogFormat::Mosquitto => "mosquitto",
+            LogFormat::Json => "json",
+        }
+    );
+    match config.metrics_listener {
+        Some(a) => {
+            let _ = writeln!(s, "metrics_listener {} {}", a.port(), a.ip());
+        }
+        None => {
+            let _ = writeln!(s, "# metrics_listener: off");
+        }
     }
 
     let l = &config.limits;
@@ -105,22 +121,6 @@ fn render_security_files(s: &mut String, l: &ListenerConfig) {
     }
     if let Some(f) = &l.acl_file {
         let _ = writeln!(s, "acl_file {}", f.path.display());
-    }
-}
-
-fn log_types(level: LevelFilter) -> &'static [&'static str] {
-    if level == LevelFilter::OFF {
-        &["none"]
-    } else if level == LevelFilter::ERROR {
-        &["error"]
-    } else if level == LevelFilter::WARN {
-        &["error", "warning"]
-    } else if level == LevelFilter::INFO {
-        &["error", "warning", "notice", "information"]
-    } else if level == LevelFilter::DEBUG {
-        &["error", "warning", "notice", "information", "debug"]
-    } else {
-        &["all"]
     }
 }
 

@@ -688,13 +688,6 @@ fn log_type_maps_to_a_level() {
     );
     assert_eq!(level("log_type all\n"), LevelFilter::TRACE);
     assert_eq!(level("log_type none\n"), LevelFilter::OFF);
-    let c = ok("log_type subscribe\n");
-    assert!(has_warning(&c, "log_type"));
-    assert_eq!(
-        c.log.level,
-        LevelFilter::INFO,
-        "subscribe alone keeps the default"
-    );
     assert!(err("log_type verbose\n").contains("got 'verbose'"));
     // -v wins over the file, as mosquitto's -v.
     let f = Fixture::new();
@@ -706,6 +699,55 @@ fn log_type_maps_to_a_level() {
     })
     .expect("load");
     assert_eq!(c.log.level, LevelFilter::TRACE);
+}
+
+#[test]
+fn log_type_is_mosquittos_set_the_first_line_replacing_the_default() {
+    assert_eq!(ok("").log.types, LogTypes::DEFAULT);
+    // As mosquitto's conf.c: `log_type subscribe` alone logs only subscribe lines (and a
+    // warning says errors are no longer logged).
+    let c = ok("log_type subscribe\n");
+    assert_eq!(c.log.types, LogTypes::SUBSCRIBE);
+    assert!(has_warning(&c, "log_type"));
+    let c = ok("log_type error\nlog_type warning\nlog_type subscribe\n");
+    assert!(c.log.types.contains(LogTypes::SUBSCRIBE));
+    assert!(c.log.types.contains(LogTypes::ERROR));
+    assert!(!c.log.types.contains(LogTypes::NOTICE));
+    assert!(!has_warning(&c, "log_type"));
+    assert_eq!(
+        ok("log_type error\nlog_type none\n").log.types,
+        LogTypes::NONE
+    );
+    assert!(ok("").log.connection_messages);
+    assert!(!ok("connection_messages false\n").log.connection_messages);
+    assert_eq!(ok("").log.format, LogFormat::Mosquitto);
+    assert_eq!(ok("log_format json\n").log.format, LogFormat::Json);
+    assert!(err("log_format xml\n").contains("expected mosquitto or json"));
+}
+
+#[test]
+fn metrics_listener_is_off_by_default_and_local_without_an_address() {
+    assert_eq!(ok("").metrics_listener, None);
+    assert_eq!(
+        ok("metrics_listener 9234\n").metrics_listener,
+        Some("127.0.0.1:9234".parse().unwrap())
+    );
+    assert_eq!(
+        ok("metrics_listener 9234 0.0.0.0\n").metrics_listener,
+        Some("0.0.0.0:9234".parse().unwrap())
+    );
+    assert!(err("metrics_listener\n").contains("metrics_listener"));
+    assert!(err("metrics_listener 99999\n").contains("metrics_listener"));
+    assert!(err("metrics_listener 9234 127.0.0.1 x\n").contains("unexpected 'x'"));
+    let e = err("listener 1883\nmetrics_listener 1883\n");
+    assert!(e.contains("overlaps the MQTT listener"), "{e}");
+    // What --check-config prints reads back as the same setting.
+    let c = ok("metrics_listener 9234\n");
+    assert!(
+        super::render::render_effective(&c).contains("metrics_listener 9234 127.0.0.1"),
+        "{}",
+        super::render::render_effective(&c)
+    );
 }
 
 // ---- unsupported, harmless and unknown keys ---------------------------------------------------

@@ -34,6 +34,7 @@ use crate::codec::{
     self, ConnAck, ConnAckProperties, Connect, DecodeError, Limits, Packet, ProtocolVersion,
     ReasonCode,
 };
+use crate::metrics::RefuseCause;
 use crate::shardcore::{ConnAuth, ConnKey, ConnectRequest};
 use crate::tls::{resolve_username, ClientIdentity, UsernameOutcome, UsernameRule};
 
@@ -74,7 +75,7 @@ fn grow(buf: &mut BytesMut, chunk: usize) -> usize {
 /// Why the CONNECT phase ended without a session.
 enum Refused {
     /// Close silently (garbage, timeout, not a CONNECT [MQTT-3.1.0-1]).
-    Close(&'static str),
+    Close(RefuseCause, &'static str),
     /// Answer with a CONNACK carrying this reason, then close.
     ConnAck(ProtocolVersion, ReasonCode, &'static str),
 }
@@ -91,7 +92,12 @@ async fn read_connect<S: AsyncRead + Unpin>(
         loop {
             match codec::decode(buf, ProtocolVersion::V311, &limits) {
                 Ok(Some(Packet::Connect(c))) => return Ok(c),
-                Ok(Some(_)) => return Err(Refused::Close("first packet is not CONNECT")),
+                Ok(Some(_)) => {
+                    return Err(Refused::Close(
+                        RefuseCause::BadConnect,
+                        "first packet is not CONNECT",
+                    ))
+                }
                 Ok(None) => {}
                 Err(DecodeError::UnsupportedProtocolVersion { .. }) => {
                     // [MQTT-3.1.2-2]: CONNACK return code 1 / reason 0x84, in the v3 form
@@ -104,20 +110,40 @@ async fn read_connect<S: AsyncRead + Unpin>(
                 }
                 Err(e) => {
                     debug!("bad CONNECT: {e}");
-                    return Err(Refused::Close("malformed CONNECT"));
+                    return Err(Refused::Close(RefuseCause::BadConnect, "malformed CONNECT"));
                 }
             }
             match read_some(io, buf).await {
-                Ok(0) | Err(_) => return Err(Refused::Close("closed before CONNECT")),
+                Ok(0) | Err(_) => {
+                    return Err(Refused::Close(
+                        RefuseCause::BadConnect,
+                        "closed before CONNECT",
+                    ))
+                }
                 Ok(_) => {}
             }
         }
     };
     future::or(read, async {
         glommio::timer::sleep(shard.shared.cfg.connect_timeout).await;
-        Err(Refused::Close("no CONNECT within the connect timeout"))
+        Err(Refused::Close(
+            RefuseCause::ConnectTimeout,
+            "no CONNECT within the connect timeout",
+        ))
     })
     .await
+}
+
+/// A peer address as a span field (`-` if the socket had none).
+struct PeerAddr(Option<SocketAddr>);
+
+impl std::fmt::Display for PeerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(a) => write!(f, "{a}"),
+            None => f.write_str("-"),
+        }
+    }
 }
 
 /// Who may connect on this connection's listener, and what TLS said about the client.
@@ -142,9 +168,18 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     peer: Option<SocketAddr>,
 ) {
     let mut rbuf = BytesMut::new();
+    // The connection's span: the explicit parent of this task's lines (not entered on every
+    // poll: that would cost on the message path), so grep on a client id or an address finds
+    // one device's story. `client` is filled in once CONNECT is read, escaped.
+    let span = tracing::info_span!(
+        "conn",
+        shard = shard.id,
+        peer = tracing::field::display(PeerAddr(peer)),
+        client = tracing::field::Empty
+    );
     // Boxed: the CONNECT phase's state is large and short-lived; keeping it out of this
     // future keeps every idle connection small.
-    let admitted = Box::pin(admit(&shard, &mut io, &mut rbuf, auth, peer)).await;
+    let admitted = Box::pin(admit(&shard, &mut io, &mut rbuf, auth, peer, &span)).await;
     let Some(a) = admitted else { return };
     run_session(&shard, &mut io, rbuf, &a).await;
     let now = Instant::now();
@@ -159,6 +194,7 @@ struct Admitted {
     version: ProtocolVersion,
     max_packet_size: u32,
     handle: Rc<ConnHandle>,
+    span: tracing::Span,
 }
 
 /// What woke the session loop.
@@ -312,7 +348,7 @@ async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
             }
             Wake::Notified => {}
             Wake::Gone => {
-                debug!(shard = shard.id, "connection closed by the peer or failed");
+                debug!(parent: &a.span, "connection closed by the peer or failed");
                 return;
             }
             Wake::Done => {
@@ -379,6 +415,7 @@ async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
     rbuf: &mut BytesMut,
     auth: Auth,
     peer: Option<SocketAddr>,
+    span: &tracing::Span,
 ) -> Option<Admitted> {
     let mut wbuf = BytesMut::new();
     shard.connecting.set(shard.connecting.get() + 1);
@@ -387,7 +424,7 @@ async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
     let connect = match connect {
         Ok(c) => c,
         Err(refused) => {
-            refuse(io, &mut wbuf, refused).await;
+            refuse(shard, io, &mut wbuf, refused).await;
             return None;
         }
     };
@@ -418,14 +455,20 @@ async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
                 (name, password)
             }
             Err(why) => {
-                refuse(io, &mut wbuf, Refused::ConnAck(version, why.0, why.1)).await;
+                refuse(
+                    shard,
+                    io,
+                    &mut wbuf,
+                    Refused::ConnAck(version, why.0, why.1),
+                )
+                .await;
                 return None;
             }
         },
         Err(e) => {
             // The error quotes the certificate's subject: peer-chosen text.
             warn!(
-                peer = ?peer,
+                parent: span,
                 "connection refused: {}",
                 crate::logging::escape(&e.to_string())
             );
@@ -434,12 +477,13 @@ async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
                 ReasonCode::BAD_USER_NAME_OR_PASSWORD,
                 "no usable certificate identity",
             );
-            refuse(io, &mut wbuf, r).await;
+            refuse(shard, io, &mut wbuf, r).await;
             return None;
         }
     };
     if let Err(reason) = cfg.check_connect(&connect) {
         refuse(
+            shard,
             io,
             &mut wbuf,
             Refused::ConnAck(version, reason, "CONNECT outside limits"),
@@ -457,7 +501,7 @@ async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
                 ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
                 "empty client id without clean session",
             );
-            refuse(io, &mut wbuf, r).await;
+            refuse(shard, io, &mut wbuf, r).await;
             return None;
         }
         ByteString::from(format!("auto-{key:016x}"))
@@ -492,12 +536,16 @@ async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
                     ReasonCode::NOT_AUTHORIZED,
                     "will topic not authorized",
                 );
-                refuse(io, &mut wbuf, r).await;
+                refuse(shard, io, &mut wbuf, r).await;
                 return None;
             }
         }
     }
 
+    span.record(
+        "client",
+        tracing::field::display(crate::logging::escape(&client_id)),
+    );
     let req = ConnectRequest {
         connect,
         client_id,
@@ -519,6 +567,7 @@ async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
         version,
         max_packet_size: cfg.max_packet_size,
         handle,
+        span: span.clone(),
     })
 }
 
@@ -627,10 +676,21 @@ async fn authenticate(
     }
 }
 
-async fn refuse<S: AsyncWrite + Unpin>(io: &mut S, wbuf: &mut BytesMut, refused: Refused) {
+async fn refuse<S: AsyncWrite + Unpin>(
+    shard: &Shard,
+    io: &mut S,
+    wbuf: &mut BytesMut,
+    refused: Refused,
+) {
     match refused {
-        Refused::Close(why) => debug!("connection refused: {why}"),
+        Refused::Close(cause, why) => {
+            shard.counters().count_refusal(cause);
+            debug!("connection refused: {why}");
+        }
         Refused::ConnAck(version, reason, why) => {
+            shard
+                .counters()
+                .count_refusal(RefuseCause::of_connack(reason.0));
             debug!("connection refused with CONNACK {reason}: {why}");
             let ack = Packet::ConnAck(Box::new(ConnAck {
                 session_present: false,

@@ -38,7 +38,7 @@ use tracing::{debug, info, warn};
 use super::notify::Notify;
 use super::{conn, Control, ListenerSpec, RuntimeConfig, StartError};
 use crate::codec::QoS;
-use crate::metrics::{DropCause, ShardCounters};
+use crate::metrics::{Counter, DropCause, Gauge, RefuseCause, ShardCounters};
 use crate::shardcore::{ConnKey, CoreConfig, PeerMsg, ShardCore, ShardId};
 
 /// Timers may fire this much late: a deadline only this much earlier than the armed one
@@ -65,17 +65,34 @@ pub(crate) struct Shared {
     pub connections: Vec<AtomicUsize>,
     /// Each shard's counters (written by that shard only).
     pub counters: Vec<Arc<ShardCounters>>,
+    /// Per shard, per listener: sockets accepted (written by that shard only).
+    pub accepted: Vec<Vec<Counter>>,
+    /// Per shard: when its control task last ran, in milliseconds since `epoch` (written by
+    /// that shard only, every `CONTROL_PERIOD`; what `/healthz` judges a shard by).
+    pub heartbeat: Vec<Gauge>,
+    pub epoch: Instant,
+    /// When the broker started, in seconds since the Unix epoch.
+    pub started_unix: u64,
 }
 
 impl Shared {
     pub fn new(cfg: RuntimeConfig, listeners: Vec<ListenerSpec>, shards: usize) -> Self {
         let connections = listeners.iter().map(|_| AtomicUsize::new(0)).collect();
+        let accepted = (0..shards)
+            .map(|_| listeners.iter().map(|_| Counter::default()).collect())
+            .collect();
         Shared {
             cfg,
-            listeners,
             shards,
+            listeners,
+            accepted,
             connections,
             counters: (0..shards).map(|_| Arc::default()).collect(),
+            heartbeat: (0..shards).map(|_| Gauge::default()).collect(),
+            epoch: Instant::now(),
+            started_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
         }
     }
 
@@ -403,9 +420,11 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, idx: Option<usize>
         }
         let peer = stream.peer_addr().ok();
         if let (Some(i), Some(l)) = (idx, &spec) {
+            shard.shared.accepted[shard.id][i].inc();
             let n = shard.shared.connections[i].fetch_add(1, Ordering::AcqRel);
             if l.max_connections != 0 && n >= l.max_connections {
                 shard.shared.connections[i].fetch_sub(1, Ordering::AcqRel);
+                shard.counters().count_refusal(RefuseCause::MaxConnections);
                 debug!(shard = shard.id, "max_connections reached: refusing");
                 drop(stream);
                 continue;
@@ -598,6 +617,7 @@ pub(crate) async fn shard_main(
     let _ = ready.send(Ok((id, shard_addr)));
 
     // Control: the shutdown flag (set from a signal thread) and `$SYS` (shard 0).
+    shared.heartbeat[id].set(shared.epoch.elapsed().as_millis() as u64);
     let started = Instant::now();
     let mut next_sys = shared.cfg.sys_interval.map(|d| started + d);
     loop {
@@ -605,6 +625,7 @@ pub(crate) async fn shard_main(
         if let Some(h) = &shared.cfg.stall_hook {
             h.stall_here(id, &control);
         }
+        shared.heartbeat[id].set(shared.epoch.elapsed().as_millis() as u64);
         if control.shutdown_requested() {
             break;
         }

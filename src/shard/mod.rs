@@ -1,7 +1,8 @@
 //! The sharded runtime: the only module that imports glommio.
 //!
 //! Owns: starting one pinned glommio executor per shard, their SO_REUSEPORT listeners, the
-//! cross-shard mailbox mesh, connection tasks, signal-driven shutdown and reload: the I/O
+//! cross-shard mailbox mesh, connection tasks, signal-driven shutdown and reload, the metrics
+//! listener (`exporter`, `scrape`: its own thread, reading the shards' counters): the I/O
 //! around each shard's sans-IO core (`crate::shardcore`). Must not touch: broker logic
 //! (routing, sessions, takeover, flow control: the core), protocol rules (codec/session), TLS
 //! policy (tls). Shards share nothing mutable: each shard's state lives in `Rc<RefCell<_>>`
@@ -9,8 +10,10 @@
 
 mod conn;
 mod driver;
+pub mod exporter;
 pub mod notify;
 pub use crate::shardcore::registry;
+mod scrape;
 mod sys;
 mod tls;
 
@@ -96,6 +99,9 @@ pub struct RuntimeConfig {
     /// Test hook (not configurable from a file): lets a test stall a shard's thread, as a
     /// wedged core would, to exercise the bounded waits above.
     pub stall_hook: Option<Arc<StallHook>>,
+    /// `metrics_listener`: where `/metrics` and `/healthz` are served (plain HTTP, on a
+    /// thread of its own); `None` serves nothing.
+    pub metrics_listener: Option<SocketAddr>,
 }
 
 /// Test hook: while `stall[i]` is set, shard `i`'s thread stops running (it blocks in its
@@ -158,6 +164,7 @@ impl Default for RuntimeConfig {
             peer_timeout: Duration::from_secs(5),
             control_backlog_limit: 65_536,
             stall_hook: None,
+            metrics_listener: None,
         }
     }
 }
@@ -202,6 +209,8 @@ pub struct Broker {
     pub listen_addrs: Vec<SocketAddr>,
     /// With `shard_listeners`: each shard's own plain listener, indexed by shard.
     pub shard_addrs: Vec<SocketAddr>,
+    /// The bound address of the metrics listener, if one is configured.
+    pub metrics_addr: Option<SocketAddr>,
     pub control: Arc<Control>,
     threads: Vec<JoinHandle<()>>,
     shared: Arc<driver::Shared>,
@@ -284,6 +293,18 @@ pub fn start(cfg: RuntimeConfig) -> Result<Broker, StartError> {
         spec.security.allow_anonymous = spec.allow_anonymous;
         resolved.push(spec);
     }
+    // Bound before the shards start, so a port in use fails start-up like an MQTT port.
+    let metrics_listener = match cfg.metrics_listener {
+        Some(addr) => Some(exporter::bind(addr).map_err(|e| {
+            if e.kind() == io::ErrorKind::AddrInUse {
+                StartError::AddrInUse { addr }
+            } else {
+                StartError::Bind { addr, source: e }
+            }
+        })?),
+        None => None,
+    };
+    let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
     let cpus = shard_cpus();
     let control = Arc::new(Control::default());
     let mesh = glommio::channels::channel_mesh::MeshBuilder::<crate::shardcore::PeerMsg, _>::full(
@@ -335,9 +356,31 @@ pub fn start(cfg: RuntimeConfig) -> Result<Broker, StartError> {
             }
         }
     }
+    if let Some(listener) = metrics_listener {
+        let (s1, s2, c) = (shared.clone(), shared.clone(), control.clone());
+        let endpoints = Arc::new(exporter::Endpoints {
+            metrics: Box::new(move |format| scrape::render(&s1, format)),
+            health: Box::new(move || scrape::health(&s2)),
+            stopped: Box::new(move || c.shutdown_requested()),
+        });
+        match exporter::spawn(listener, endpoints) {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                control.request_shutdown();
+                return Err(StartError::Executor {
+                    shard: 0,
+                    reason: format!("cannot start the metrics listener: {e}"),
+                });
+            }
+        }
+        if let Some(a) = metrics_addr {
+            tracing::info!(target: crate::logging::NOTICE, "metrics listener on http://{a}/metrics");
+        }
+    }
     Ok(Broker {
         listen_addrs: resolved.iter().map(|l| l.addr).collect(),
         shard_addrs: shard_addrs.into_iter().flatten().collect(),
+        metrics_addr,
         control,
         threads,
         shared,

@@ -52,6 +52,7 @@ pub(crate) async fn handshake(
     let stats = &t.stats[shard.id];
     // The shard's semaphore already bounds concurrency; this only counts.
     let slot = stats.try_begin(usize::MAX)?;
+    let began = Instant::now();
     let config = t.reloader.current();
     let res = future::or(async { Some(accept(config, stream).await) }, async {
         glommio::timer::sleep(t.handshake_timeout).await;
@@ -96,6 +97,7 @@ pub(crate) async fn handshake(
                 }
             }
             let identity = tls.take_client_identity();
+            stats.observe_duration(resumed, began.elapsed());
             slot.succeeded(resumed);
             // Boxed: the rustls state is ~1 KB, and moving it by value would cost that much
             // again in every future that holds it.

@@ -15,7 +15,7 @@
 //!
 //! Rules, as mosquitto 2.0.11 applies them (see /work/notes/auth-integration.md):
 //! * PUBLISH denied: v5 PUBACK/PUBREC 0x87, 3.1.1 plain acknowledgement; never routed,
-//!   retained or remembered (src/handle_publish.c); counted as `not_authorized`.
+//!   retained or remembered (src/handle_publish.c); counted as `publish_not_authorized`.
 //! * Delivery denied: that subscriber is skipped, nothing queued (src/subs.c); counted.
 //! * Retained messages on SUBSCRIBE: each checked (src/retain.c).
 //! * Resumed session: queued and not yet received in-flight messages re-checked with the new

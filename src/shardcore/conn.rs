@@ -26,6 +26,7 @@ use crate::codec::{
     ConnAck, ConnAckProperties, Disconnect, Packet, ProtocolVersion, ReasonCode,
     SubscriptionOptions, TopicFilter,
 };
+use crate::metrics::RefuseCause;
 use crate::routing::LocalSubscription;
 use crate::session::{CloseReason, Notice, Session, SessionEvent};
 
@@ -154,8 +155,10 @@ impl ShardCore {
         if self.stopping || self.peers_overloaded() {
             // A refused CONNECT costs no peer traffic: answer at once.
             let reason = if self.stopping {
+                self.counters.count_refusal(RefuseCause::ShuttingDown);
                 ReasonCode::SERVER_SHUTTING_DOWN
             } else {
+                self.counters.count_refusal(RefuseCause::ServerUnavailable);
                 warn!(
                     shard = self.id,
                     "CONNECT from {} refused (0x88): a peer shard has more than \
@@ -232,6 +235,11 @@ impl ShardCore {
         let Some(e) = self.sessions.get_mut(&key) else {
             return;
         };
+        if let Packet::Unsubscribe(u) = &packet {
+            for f in &u.filters {
+                super::lines::unsubscribed(e.session.client_id(), f.as_str());
+            }
+        }
         match packet {
             Packet::Subscribe(s)
                 if self
@@ -336,8 +344,20 @@ impl ShardCore {
                 filter,
                 options,
                 subscription_id,
+                resumed,
                 ..
-            } => self.on_subscribe(key, filter, options, subscription_id),
+            } => {
+                if !resumed {
+                    if let Some(e) = self.sessions.get(&key) {
+                        super::lines::subscribed(
+                            e.session.client_id(),
+                            options.qos,
+                            filter.as_str(),
+                        );
+                    }
+                }
+                self.on_subscribe(key, filter, options, subscription_id)
+            }
             SessionEvent::Notice(n) => {
                 let id = self
                     .sessions
@@ -416,15 +436,13 @@ impl ShardCore {
     }
 
     fn on_session_close(&mut self, key: ConnKey, reason: CloseReason, _now: Instant) {
-        match reason {
-            CloseReason::ClientDisconnect(_) | CloseReason::ConnectionLost => {
-                debug!(shard = self.id, ?reason, "connection closed")
-            }
-            CloseReason::KeepAliveTimeout => {
-                self.counters.keepalive_timeouts.inc();
-                info!(shard = self.id, ?reason, "closing connection")
-            }
-            _ => info!(shard = self.id, ?reason, "closing connection"),
+        if reason == CloseReason::KeepAliveTimeout {
+            self.counters.keepalive_timeouts.inc();
+        }
+        // A connection already closing was cut by the core itself (see `lose_connection`).
+        let server_closed = self.conns.get(&key).is_some_and(|l| l.close);
+        if let Some(e) = self.sessions.get(&key) {
+            super::lines::closed(e.session.client_id(), reason, server_closed);
         }
         self.release_flow(key);
         if let Some(e) = self.sessions.get_mut(&key) {
@@ -519,15 +537,20 @@ impl ShardCore {
         let Some(since) = live.write_stalled_since else {
             return;
         };
+        if live.close && live.phase == Phase::Detached {
+            // Already cut loose (an earlier stall timer of this connection fired first).
+            return;
+        }
         if now < since + timeout {
             self.timers
                 .push(since + timeout, TimerKind::WriteStall(key));
             return;
         }
         info!(
-            shard = self.id,
-            "peer accepted no bytes for {}s: closing",
-            timeout.as_secs()
+            target: crate::logging::CONNECTION,
+            "Client {} disconnected: it accepted no bytes for {}s.",
+            crate::logging::escape(&self.client_of(key)),
+            timeout.as_secs_f64()
         );
         self.lose_connection(key, now);
     }
@@ -535,6 +558,11 @@ impl ShardCore {
     /// The connection of `key` is unusable (write stalled, gate timed out): the session sees a
     /// lost connection (its will may fire); the connection closes without sending more.
     pub(super) fn lose_connection(&mut self, key: ConnKey, now: Instant) {
+        // Closing first: the session's "connection lost" is then known to be the core's own
+        // decision (logged by the caller), not the client closing its connection.
+        if let Some(live) = self.conns.get_mut(&key) {
+            live.close = true;
+        }
         if let Some(e) = self.sessions.get_mut(&key) {
             if e.live {
                 e.session.connection_lost(now);
@@ -602,6 +630,14 @@ impl ShardCore {
                 self.mark_dirty(k);
             }
         }
+    }
+
+    /// The client id of the session on connection `key` (empty if it has none), for lines.
+    pub(super) fn client_of(&self, key: ConnKey) -> bytestring::ByteString {
+        self.sessions
+            .get(&key)
+            .map(|e| e.session.client_id().clone())
+            .unwrap_or_default()
     }
 
     /// The pause of publisher `key` ended: handle what it read meanwhile, in order.

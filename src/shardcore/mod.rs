@@ -53,6 +53,7 @@ mod authz;
 mod conn;
 mod fanout;
 mod flow;
+mod lines;
 pub mod msg;
 pub mod registry;
 mod settle;
@@ -270,6 +271,9 @@ impl ShardCore {
 
     /// A packet decoded from connection `key` (only while `!input_paused(key)`).
     pub fn handle_packet(&mut self, key: ConnKey, packet: Packet, now: Instant) {
+        if let Packet::Publish(p) = &packet {
+            self.counters.count_received(p.qos as u8, p.payload.len());
+        }
         self.on_packet(key, packet, now);
         self.run_pending(now);
     }
@@ -370,7 +374,11 @@ impl ShardCore {
     /// The next packet to write on connection `key`; `None` when nothing may go now (nothing
     /// queued, or held behind an acknowledgement gate).
     pub fn poll_transmit(&mut self, key: ConnKey, now: Instant) -> Option<Packet> {
-        self.next_transmit(key, now)
+        let p = self.next_transmit(key, now);
+        if let Some(Packet::Publish(p)) = &p {
+            self.counters.count_sent(p.qos as u8, p.payload.len());
+        }
+        p
     }
 
     /// Whether the driver must stop decoding input of `key` (and stop reading its socket).

@@ -133,8 +133,9 @@ impl ShardCore {
         warn!(
             shard = self.id,
             "shard(s) {lagging:?} did not confirm a routing change within {}s: \
-             disconnecting the client instead of acknowledging",
-            timeout.as_secs()
+             disconnecting client {} instead of acknowledging",
+            timeout.as_secs(),
+            crate::logging::escape(&self.client_of(key))
         );
         self.counters.peer_timeouts.inc();
         self.settle.forget(key);

@@ -134,6 +134,7 @@ impl ShardCore {
             self.counters.offline_sessions.dec();
         }
         if e.session.is_connected() {
+            super::lines::taken_over(e.session.client_id());
             e.session.disconnect(ReasonCode::SESSION_TAKEN_OVER, now);
         }
         // The session's last events (will, close) run with the session out of the map.
@@ -264,6 +265,7 @@ impl ShardCore {
                 live.phase = Phase::Active;
             }
             info!(
+                target: crate::logging::CONNECTION,
                 "New client connected from {} as {} (p{}, c{}, k{}, u'{}') on shard {}",
                 req.peer.map(|p| p.to_string()).unwrap_or_default(),
                 crate::logging::escape(&req.client_id),
@@ -528,6 +530,8 @@ impl ShardCore {
             self.cfg.register_timeout.as_secs()
         );
         self.counters.peer_timeouts.inc();
+        self.counters
+            .count_refusal(crate::metrics::RefuseCause::ServerUnavailable);
         if let Some(live) = self.conns.get_mut(&key) {
             live.phase = Phase::Detached;
             live.close = true;

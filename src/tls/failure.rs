@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use rustls::{AlertDescription, CertificateError, Error};
 
 use super::error::LegacyIssue;
+use crate::metrics::{Histogram, HistogramSnapshot, HANDSHAKE_BUCKETS_NS};
 
 /// The cause attached to a refusal of legacy client material (see the verifier in
 /// `server.rs`); recovered by [`HandshakeFailure::classify`] through `OtherError`.
@@ -203,7 +204,7 @@ impl fmt::Display for HandshakeFailure {
 
 /// Handshake counters of one shard (the runtime keeps one per shard, in an `Arc` so a
 /// metrics reader on another thread can snapshot it). Relaxed atomics: counters, not locks.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct HandshakeStats {
     in_progress: AtomicUsize,
     started: AtomicU64,
@@ -211,6 +212,25 @@ pub struct HandshakeStats {
     resumed: AtomicU64,
     refused_busy: AtomicU64,
     failures: [AtomicU64; 10],
+    /// Time from accept to a completed handshake, full and resumed. Written only by the shard
+    /// these stats belong to ([`HandshakeStats::observe_duration`]).
+    full_time: Histogram<{ HANDSHAKE_BUCKETS_NS.len() }>,
+    resumed_time: Histogram<{ HANDSHAKE_BUCKETS_NS.len() }>,
+}
+
+impl Default for HandshakeStats {
+    fn default() -> Self {
+        HandshakeStats {
+            in_progress: AtomicUsize::new(0),
+            started: AtomicU64::new(0),
+            full: AtomicU64::new(0),
+            resumed: AtomicU64::new(0),
+            refused_busy: AtomicU64::new(0),
+            failures: Default::default(),
+            full_time: Histogram::new(&HANDSHAKE_BUCKETS_NS),
+            resumed_time: Histogram::new(&HANDSHAKE_BUCKETS_NS),
+        }
+    }
 }
 
 /// A copy of [`HandshakeStats`] at one instant.
@@ -268,6 +288,26 @@ impl HandshakeStats {
     /// Counts a failure that happened outside a slot (e.g. a timeout noticed by the runtime).
     pub fn record_failure(&self, reason: HandshakeFailure) {
         self.failures[reason.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records how long a completed handshake took. Only the shard these stats belong to may
+    /// call this (the histogram cells are single-writer).
+    pub fn observe_duration(&self, resumed: bool, elapsed: Duration) {
+        let h = if resumed {
+            &self.resumed_time
+        } else {
+            &self.full_time
+        };
+        h.observe_ns(u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX));
+    }
+
+    /// The handshake-time histogram of full (`false`) or resumed (`true`) handshakes.
+    pub fn durations(&self, resumed: bool) -> HistogramSnapshot {
+        if resumed {
+            self.resumed_time.snapshot()
+        } else {
+            self.full_time.snapshot()
+        }
     }
 
     pub fn snapshot(&self) -> HandshakeStatsSnapshot {

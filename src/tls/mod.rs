@@ -38,6 +38,6 @@ pub use options::{KxGroup, TlsOptions, TlsVersion};
 pub use reload::{ShardTlsConfig, TlsReloader};
 pub use server::{
     build_server_config, build_server_config_with_warnings, supported_cipher_names, verify_resumed,
-    BuiltConfig,
+    BuiltConfig, MaterialDates,
 };
 pub use stream::{accept, AcceptError, ServerTlsStream};

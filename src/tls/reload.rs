@@ -10,7 +10,7 @@ use rustls::ServerConfig;
 
 use super::error::TlsError;
 use super::options::TlsOptions;
-use super::server::build_server_config_with_warnings;
+use super::server::{build_server_config_with_warnings, MaterialDates};
 
 /// Holds the current `Arc<ServerConfig>` of one listener for all shards.
 ///
@@ -27,6 +27,8 @@ pub struct TlsReloader {
     /// sessions.
     verifier: ArcSwap<Verifier>,
     generation: AtomicU64,
+    /// The dates of the material in `current` (for the expiry metrics).
+    dates: ArcSwap<MaterialDates>,
 }
 
 struct Verifier(Arc<dyn rustls::server::danger::ClientCertVerifier>);
@@ -51,6 +53,7 @@ impl TlsReloader {
             current: ArcSwap::new(built.config),
             verifier: ArcSwap::from_pointee(Verifier(built.verifier)),
             generation: AtomicU64::new(0),
+            dates: ArcSwap::from_pointee(built.dates),
         })
     }
 
@@ -73,6 +76,11 @@ impl TlsReloader {
     /// when this changes.
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
+    }
+
+    /// When the material in force stops working (server certificate, earliest CA, CRL).
+    pub fn dates(&self) -> MaterialDates {
+        **self.dates.load()
     }
 
     /// The options in force.
@@ -104,6 +112,7 @@ impl TlsReloader {
         *self.lock_options() = options;
         self.current.store(built.config);
         self.verifier.store(Arc::new(Verifier(built.verifier)));
+        self.dates.store(Arc::new(built.dates));
         self.generation.fetch_add(1, Ordering::AcqRel);
         for w in &built.warnings {
             tracing::warn!("{w}");

@@ -36,6 +36,27 @@ pub struct BuiltConfig {
     pub verifier: Arc<dyn ClientCertVerifier>,
     /// Plain-words warnings (one line each), e.g. "server.crt does not chain to cafile".
     pub warnings: Vec<String>,
+    /// When the material stops working, for the expiry metrics.
+    pub dates: MaterialDates,
+}
+
+/// The dates after which a listener's TLS material stops working, in seconds since the Unix
+/// epoch (what an operator must renew before; exported as metrics and refreshed on reload).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MaterialDates {
+    /// notAfter of the server's own (leaf) certificate.
+    pub server_not_after: i64,
+    /// The earliest notAfter among the CA certificates trusted for clients; `None` without
+    /// cafile/capath.
+    pub ca_not_after: Option<i64>,
+    /// The earliest nextUpdate among the CRLs; `None` without crlfile (or a CRL without one).
+    pub crl_next_update: Option<i64>,
+}
+
+fn not_after(der: &CertificateDer<'_>) -> Option<i64> {
+    x509_parser::parse_x509_certificate(der.as_ref())
+        .ok()
+        .map(|(_, c)| c.validity().not_after.timestamp())
 }
 
 /// Builds the listener's `ServerConfig`, logging warnings with `tracing::warn!`.
@@ -243,6 +264,7 @@ pub fn build_server_config_with_warnings(opts: &TlsOptions) -> Result<BuiltConfi
     // --- CRLs ---
     let mut crls = Vec::new();
     let mut crl_files: Vec<(PathBuf, String)> = Vec::new();
+    let mut crl_next_update: Option<i64> = None;
     if let Some(f) = &opts.crlfile {
         if ca.is_empty() {
             return Err(TlsError::Config(format!(
@@ -254,16 +276,21 @@ pub fn build_server_config_with_warnings(opts: &TlsOptions) -> Result<BuiltConfi
         let mut issuers = Vec::new();
         for crl in material::load_crls(f)? {
             issuers.push(material::check_crl(f, &crl, &ca_ders, now, &mut warnings)?);
-            let next =
+            let next_update =
                 <x509_parser::revocation_list::CertificateRevocationList as x509_parser::prelude::FromDer<_>>::from_der(crl.as_ref())
                     .ok()
-                    .and_then(|(_, c)| c.next_update())
-                    .and_then(|t| {
-                        t.to_datetime()
-                            .format(&time::format_description::well_known::Rfc3339)
-                            .ok()
-                    })
-                    .unwrap_or_else(|| "(none)".into());
+                    .and_then(|(_, c)| c.next_update());
+            if let Some(t) = &next_update {
+                let t = t.timestamp();
+                crl_next_update = Some(crl_next_update.map_or(t, |e: i64| e.min(t)));
+            }
+            let next = next_update
+                .and_then(|t| {
+                    t.to_datetime()
+                        .format(&time::format_description::well_known::Rfc3339)
+                        .ok()
+                })
+                .unwrap_or_else(|| "(none)".into());
             crl_files.push((f.clone(), next));
             crls.push(crl);
         }
@@ -342,6 +369,11 @@ pub fn build_server_config_with_warnings(opts: &TlsOptions) -> Result<BuiltConfi
     }
 
     // --- assemble ---
+    let dates = MaterialDates {
+        server_not_after: chain.first().and_then(not_after).unwrap_or(0),
+        ca_not_after: ca.iter().filter_map(|(_, c)| not_after(c)).min(),
+        crl_next_update,
+    };
     let versions: &[&'static rustls::SupportedProtocolVersion] = match opts.tls_version {
         TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
         TlsVersion::Tls13 => &[&rustls::version::TLS13],
@@ -360,6 +392,7 @@ pub fn build_server_config_with_warnings(opts: &TlsOptions) -> Result<BuiltConfi
         config: Arc::new(config),
         verifier,
         warnings,
+        dates,
     })
 }
 

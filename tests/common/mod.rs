@@ -16,6 +16,8 @@ pub struct TestBroker {
     pub addr: SocketAddr,
     /// Each shard's own listener, to place a client on a chosen shard deterministically.
     pub shard_addrs: Vec<SocketAddr>,
+    /// The metrics listener, when the test configured one.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl TestBroker {
@@ -47,6 +49,7 @@ impl TestBroker {
         TestBroker {
             addr: broker.listen_addrs[0],
             shard_addrs: broker.shard_addrs.clone(),
+            metrics_addr: broker.metrics_addr,
             broker: Some(broker),
         }
     }
