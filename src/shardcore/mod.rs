@@ -53,6 +53,7 @@ mod conn;
 mod fanout;
 mod flow;
 pub mod msg;
+mod persist;
 pub mod registry;
 mod settle;
 mod takeover;
@@ -74,6 +75,7 @@ use crate::routing::{self, LocalSubscriptions, RetainedLimits, RetainedStore, Ro
 use crate::session::SessionConfig;
 
 pub use msg::{ParkedMsg, PeerMsg, Transfer};
+pub use persist::PersistConfig;
 pub use registry::{conn_key, conn_shard, home_shard, ConnKey, ShardId};
 
 use conn::{Entry, Live, Registering};
@@ -114,6 +116,8 @@ pub struct CoreConfig {
     pub park_timeout: Duration,
     pub stall_timeout: Duration,
     pub write_timeout: Duration,
+    /// Persistence on: what to record and how acknowledgements wait for it (`None`: off).
+    pub persist: Option<PersistConfig>,
 }
 
 impl Default for CoreConfig {
@@ -132,6 +136,7 @@ impl Default for CoreConfig {
             park_timeout: Duration::from_secs(5),
             stall_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(30),
+            persist: None,
         }
     }
 }
@@ -194,6 +199,7 @@ pub struct ShardCore {
     pub(crate) dirty: Vec<ConnKey>,
 
     pub(crate) scratch: fanout::Scratch,
+    pub(crate) store: persist::Store,
 }
 
 impl ShardCore {
@@ -223,6 +229,7 @@ impl ShardCore {
             resumable: Vec::new(),
             dirty: Vec::new(),
             scratch: fanout::Scratch::default(),
+            store: persist::Store::new(cfg.persist),
             cfg: CoreConfig { shards, ..cfg },
         }
     }
