@@ -103,6 +103,7 @@ pub fn prepare(cfg: &Config) -> Result<Prepared, TlsError> {
                 lim.message_size_limit as usize
             },
             sys_interval: cfg.sys_interval,
+            persistence: cfg.persistence.clone(),
             ..RuntimeConfig::default()
         },
         reloaders,

@@ -10,6 +10,7 @@
 mod conn;
 mod driver;
 pub mod notify;
+mod store_io;
 pub use crate::shardcore::registry;
 mod sys;
 mod tls;
@@ -91,6 +92,8 @@ pub struct RuntimeConfig {
     /// Test hook (not configurable from a file): lets a test stall a shard's thread, as a
     /// wedged core would, to exercise the bounded waits above.
     pub stall_hook: Option<Arc<StallHook>>,
+    /// `persistence true`: the directory and sync mode (see `crate::store`).
+    pub persistence: Option<crate::config::Persistence>,
 }
 
 /// Test hook: while `stall[i]` is set, shard `i`'s thread stops running (it blocks in its
@@ -152,6 +155,7 @@ impl Default for RuntimeConfig {
             peer_timeout: Duration::from_secs(5),
             control_backlog_limit: 65_536,
             stall_hook: None,
+            persistence: None,
         }
     }
 }
@@ -166,6 +170,8 @@ pub enum StartError {
     Bind { addr: SocketAddr, source: io::Error },
     #[error("cannot start shard {shard}: {reason}")]
     Executor { shard: usize, reason: String },
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
 }
 
 /// Flags the shards poll; set from signal handlers or the embedding program.
@@ -199,6 +205,8 @@ pub struct Broker {
     pub control: Arc<Control>,
     threads: Vec<JoinHandle<()>>,
     shared: Arc<driver::Shared>,
+    /// The persistence directory's lock, held while the broker runs.
+    _store_lock: Option<std::fs::File>,
 }
 
 impl Broker {
@@ -276,6 +284,14 @@ pub fn start(cfg: RuntimeConfig) -> Result<Broker, StartError> {
         let addr = probe_listener(l.addr)?;
         resolved.push(ListenerSpec { addr, ..l.clone() });
     }
+    // Recovery runs here, before any shard: plain threads, blocking file I/O stalls nobody.
+    let (store_start, store_lock) = match &cfg.persistence {
+        Some(p) => {
+            let (s, lock) = driver::StoreStart::open(p, shards)?;
+            (Some(s), Some(lock))
+        }
+        None => (None, None),
+    };
     let cpus = shard_cpus();
     let control = Arc::new(Control::default());
     let mesh = glommio::channels::channel_mesh::MeshBuilder::<crate::shardcore::PeerMsg, _>::full(
@@ -283,7 +299,9 @@ pub fn start(cfg: RuntimeConfig) -> Result<Broker, StartError> {
         cfg.mailbox_capacity,
     );
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(usize, Option<SocketAddr>), StartError>>();
-    let shared = Arc::new(driver::Shared::new(cfg.clone(), resolved.clone(), shards));
+    let mut shared = driver::Shared::new(cfg.clone(), resolved.clone(), shards);
+    shared.store = store_start;
+    let shared = Arc::new(shared);
 
     let mut threads = Vec::with_capacity(shards);
     for id in 0..shards {
@@ -333,6 +351,7 @@ pub fn start(cfg: RuntimeConfig) -> Result<Broker, StartError> {
         control,
         threads,
         shared,
+        _store_lock: store_lock,
     })
 }
 
