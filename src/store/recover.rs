@@ -469,3 +469,162 @@ fn place(
         None => queue.push(d),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::TopicName;
+    use crate::session::InflightState;
+    use bytes::Bytes;
+
+    fn msg_rec(ts: u64, seq: u64, topic: &str, qos: QoS, retain: bool, body: &str) -> Record {
+        let m = Message {
+            topic: TopicName::new(ByteString::from(topic)).unwrap(),
+            payload: Bytes::from(body.to_string()),
+            qos,
+            retain,
+            properties: None,
+            expires_at: None,
+            origin: "pub".into(),
+            sid: record::sid(1, seq),
+        };
+        Record::Msg {
+            ts,
+            sid: m.sid,
+            client: "pub".into(),
+            in_pid: 0,
+            expires: 0,
+            publish: record::encode_publish(&m),
+        }
+    }
+
+    fn start(ts: u64, c: &str, clean: bool) -> Record {
+        Record::Start {
+            ts,
+            client: c.into(),
+            clean,
+            expiry: EXPIRY_NEVER,
+        }
+    }
+
+    fn sub(ts: u64, c: &str, f: &str, qos: u8) -> Record {
+        Record::Sub {
+            ts,
+            client: c.into(),
+            filter: f.into(),
+            options: qos,
+            sub_id: 0,
+        }
+    }
+
+    fn bodies(s: &SessionState) -> Vec<String> {
+        s.inflight
+            .iter()
+            .map(|f| &f.out.msg)
+            .chain(s.queue.iter().map(|o| &o.msg))
+            .map(|m| String::from_utf8_lossy(&m.payload).to_string())
+            .collect()
+    }
+
+    #[test]
+    fn unacknowledged_messages_are_requeued_once_in_order() {
+        let now = Instant::now();
+        let recs = vec![
+            start(10, "s", false),
+            sub(11, "s", "a/#", 1),
+            msg_rec(5, 1, "a/x", QoS::AtLeastOnce, false, "before-sub"),
+            msg_rec(12, 2, "a/x", QoS::AtLeastOnce, false, "m2"),
+            msg_rec(13, 3, "a/x", QoS::AtLeastOnce, false, "m3"),
+            msg_rec(14, 4, "b/x", QoS::AtLeastOnce, false, "other"),
+            msg_rec(15, 5, "a/y", QoS::AtLeastOnce, false, "m5"),
+            Record::Ack {
+                ts: 16,
+                client: "s".into(),
+                sid: record::sid(1, 3),
+            },
+            Record::Disc {
+                ts: 17,
+                client: "s".into(),
+                expiry: EXPIRY_NEVER,
+            },
+            msg_rec(18, 6, "a/z", QoS::AtMostOnce, true, "kept"),
+            msg_rec(19, 7, "a/z", QoS::AtMostOnce, true, "latest"),
+        ];
+        // Any input order (shards' logs are merged by timestamp).
+        let mut shuffled = recs.clone();
+        shuffled.reverse();
+        let r = rebuild(shuffled, now, 1_000);
+        assert_eq!(r.sessions.len(), 1);
+        assert_eq!(bodies(&r.sessions[0]), ["m2", "m5"]);
+        assert_eq!(r.retained.len(), 1);
+        assert_eq!(r.retained[0].payload.as_ref(), b"latest");
+        assert_eq!(r.next_seq.get(&1), Some(&8));
+        // The compacted records stand for the same state.
+        let again = rebuild(r.compacted.clone(), now, 1_000);
+        assert_eq!(bodies(&again.sessions[0]), ["m2", "m5"]);
+        assert_eq!(again.retained[0].payload.as_ref(), b"latest");
+    }
+
+    #[test]
+    fn qos2_in_flight_keeps_its_packet_id_and_clean_start_forgets() {
+        let now = Instant::now();
+        let recs = vec![
+            start(1, "s", false),
+            sub(2, "s", "q", 2),
+            start(3, "gone", false),
+            sub(4, "gone", "q", 2),
+            msg_rec(5, 1, "q", QoS::ExactlyOnce, false, "released"),
+            Record::Sent {
+                ts: 6,
+                client: "s".into(),
+                sid: record::sid(1, 1),
+                pid: 77,
+            },
+            Record::Rel {
+                ts: 7,
+                client: "s".into(),
+                sid: record::sid(1, 1),
+            },
+            start(8, "gone", true),
+            Record::End {
+                ts: 9,
+                client: "gone".into(),
+            },
+            Record::InRel {
+                ts: 10,
+                client: "s".into(),
+                pid: 5,
+            },
+        ];
+        let r = rebuild(recs, now, 1_000);
+        assert_eq!(r.sessions.len(), 1, "the ended session is gone");
+        let s = &r.sessions[0];
+        assert_eq!(s.inflight.len(), 1);
+        assert_eq!(s.inflight[0].packet_id, 77);
+        assert_eq!(s.inflight[0].state, InflightState::AwaitingPubComp);
+    }
+
+    #[test]
+    fn sessions_expire_while_down() {
+        let now = Instant::now();
+        let recs = vec![
+            Record::Start {
+                ts: 1,
+                client: "short".into(),
+                clean: true,
+                expiry: 1,
+            },
+            Record::Disc {
+                ts: 2,
+                client: "short".into(),
+                expiry: 1,
+            },
+            start(3, "long", true),
+        ];
+        // 10 s of wall time later.
+        let r = rebuild(recs, now, 10_000_000_000);
+        assert_eq!(r.sessions.len(), 1);
+        assert_eq!(&**r.sessions[0].client_id(), "long");
+        assert_eq!(r.stats.sessions_expired, 1);
+    }
+}
