@@ -223,7 +223,7 @@ pub fn rebuild(mut records: Vec<Record>, now: Instant, now_ns: u64) -> Recovered
     let routing_id = crate::routing::ShardId::new(0).expect("shard 0 exists");
     let mut plain: LocalSubscriptions<(u32, u32)> = LocalSubscriptions::new(routing_id);
     let mut since: Vec<Vec<u64>> = Vec::with_capacity(live.len());
-    let mut groups: BTreeMap<String, Vec<(usize, TopicFilter, u8, u32, u64)>> = BTreeMap::new();
+    let mut groups: BTreeMap<String, Vec<Member>> = BTreeMap::new();
     for (si, (_, s, _)) in live.iter().enumerate() {
         let mut v = Vec::with_capacity(s.subs.len());
         for (fi, (f, &(opts, id, ts))) in s.subs.iter().enumerate() {
@@ -438,6 +438,9 @@ pub fn rebuild(mut records: Vec<Record>, now: Instant, now_ns: u64) -> Recovered
     out.compacted.sort_by_key(Record::ts);
     out
 }
+
+/// A `$share` group member: session index, filter, options byte, subscription id, since.
+type Member = (usize, TopicFilter, u8, u32, u64);
 
 #[allow(clippy::too_many_arguments)]
 fn place(
