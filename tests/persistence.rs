@@ -563,3 +563,34 @@ fn changed_shard_count_rehomes_sessions() {
     m.sigterm();
     assert!(m.wait_exit(Duration::from_secs(15)).is_some());
 }
+
+/// mosquitto's `persistence_file mosquitto.db` names a file; Midge keeps a directory there
+/// and says so instead of failing with a bare "File exists".
+#[test]
+fn a_mosquitto_database_file_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("mosquitto.db"), b"mosquitto's format").unwrap();
+    let conf = dir.path().join("m.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {port} 127.0.0.1\npersistence true\npersistence_location {}\n\
+             persistence_file mosquitto.db\n",
+            data.display()
+        ),
+    )
+    .unwrap();
+    let mut m = Midge::spawn(&["-c", conf.to_str().unwrap(), "--shards", "1"], None);
+    let st = m
+        .wait_exit(Duration::from_secs(10))
+        .expect("refuses to start");
+    assert!(!st.success());
+    let lines = m.lines().join("\n");
+    assert!(
+        lines.contains("mosquitto.db") && lines.contains("set persistence_file to another name"),
+        "{lines}"
+    );
+}

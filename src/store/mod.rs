@@ -212,6 +212,14 @@ fn segments(dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
 /// return the state to start with. Blocking: call before the shards start.
 pub fn open(dir: &Path, shards: usize, now: Instant, now_ns: u64) -> Result<Opened, StoreError> {
     let started = Instant::now();
+    if dir.is_file() {
+        return Err(StoreError::Layout {
+            path: dir.to_path_buf(),
+            why: "is a file (a mosquitto database?). Midge keeps a directory there and does \
+                  not read mosquitto's format: set persistence_file to another name"
+                .into(),
+        });
+    }
     fs::create_dir_all(dir).map_err(io_err(dir))?;
     let lock = lock(dir)?;
     let current = read_current(dir)?;
