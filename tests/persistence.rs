@@ -322,7 +322,10 @@ fn kill_rounds(shards: usize) {
                     }
                 }
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => panic!("{shards} shards, round {round}: subscriber: {e:?}"),
+                Ok(Err(e)) => panic!(
+                    "{shards} shards, round {round}: subscriber: {e:?}\n{}",
+                    m.lines().join("\n")
+                ),
                 Err(_) => {}
             }
         }
