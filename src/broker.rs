@@ -143,6 +143,7 @@ pub fn prepare(cfg: &Config) -> Result<Prepared, PrepareError> {
             },
             sys_interval: cfg.sys_interval,
             metrics_listener: cfg.metrics_listener,
+            persistence: cfg.persistence.clone(),
             ..RuntimeConfig::default()
         },
         reloaders,

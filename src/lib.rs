@@ -13,4 +13,5 @@ pub mod routing;
 pub mod session;
 pub mod shard;
 pub mod shardcore;
+pub mod store;
 pub mod tls;

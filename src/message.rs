@@ -30,6 +30,9 @@ pub struct Message {
     pub expires_at: Option<Instant>,
     /// Client id of the publisher, for the v5 no-local option [MQTT-3.8.3-3].
     pub origin: ByteString,
+    /// Its identity in the persistent log (`crate::store::record::sid`: origin shard and
+    /// sequence), so a subscriber's shard can record its delivery; 0 = not stored.
+    pub sid: u64,
 }
 
 impl Message {

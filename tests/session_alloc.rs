@@ -79,6 +79,7 @@ fn outbound_qos1_cycle(version: ProtocolVersion, sub_ids: &[u32]) -> u64 {
         properties: None,
         expires_at: None,
         origin: "ops".into(),
+        sid: 0,
     };
     let opts = SubscriptionOptions {
         qos: QoS::AtLeastOnce,

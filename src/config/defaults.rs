@@ -26,8 +26,12 @@
 //! | `retain_available`            | `true`                           | |
 //! | `persistent_client_expiration`| never                            | |
 //! | `queue_qos0_messages`         | `false`                          | |
-//! | `persistence`                 | `false` (`true` is not supported yet) | |
-//! | `autosave_interval`           | `1800` s                         | no effect without persistence |
+//! | `persistence`                 | `false`                          | `true`: nothing acknowledged is lost on kill -9 or power loss |
+//! | `persistence_location`        | `.`                              | the directory is `persistence_location/persistence_file` |
+//! | `persistence_file`            | `midge.db`                       | a directory for Midge, a file for mosquitto |
+//! | `persistence_sync`            | `always`                         | Midge: `always`, `batch` (same promise, fewer fsyncs) or `none` (no fsync, acks not held) |
+//! | `autosave_interval`           | `1800` s                         | accepted; Midge records changes as they happen |
+//! | `autosave_on_changes`         | `0`                              | accepted; Midge records changes as they happen |
 //! | `sys_interval`                | `10` s (`0` disables `$SYS`)     | |
 //! | `log_dest`                    | `stderr`                         | |
 //! | `log_timestamp`               | `true`                           | mosquitto: `TIMESTAMP: message` |

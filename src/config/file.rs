@@ -27,9 +27,6 @@ pub static HARMLESS_KEYS: &[(&str, &str)] = &[
     ),
     ("packet_buffer_size", "Midge sizes its read buffers itself"),
     ("allow_duplicate_messages", "deprecated since mosquitto 2.0"),
-    ("autosave_on_changes", "persistence is off"),
-    ("persistence_file", "persistence is off"),
-    ("persistence_location", "persistence is off"),
     (
         "auto_id_prefix",
         "Midge chooses the prefix of the client ids it generates",
@@ -265,6 +262,11 @@ pub(crate) struct Builder {
     pub(crate) verbose: bool,
     sys_interval: Option<Duration>,
     autosave_interval: Duration,
+    persistence: Option<bool>,
+    persistence_location: Option<PathBuf>,
+    persistence_file: Option<String>,
+    persistence_sync: Option<super::SyncMode>,
+    autosave_on_changes: u64,
     pid_file: Option<PathBuf>,
     per_listener_settings: bool,
     /// First security line (`allow_anonymous`, `password_file`, `acl_file`,
@@ -347,6 +349,11 @@ impl Builder {
             verbose: false,
             sys_interval: Some(defaults::SYS_INTERVAL),
             autosave_interval: defaults::AUTOSAVE_INTERVAL,
+            persistence: None,
+            persistence_location: None,
+            persistence_file: None,
+            persistence_sync: None,
+            autosave_on_changes: 0,
             pid_file: None,
             per_listener_settings: false,
             security_seen: None,
@@ -882,21 +889,53 @@ impl Builder {
                     true,
                 );
             }
-            "persistence" => {
-                if boolean(value)? {
+            "persistence" => self.persistence = Some(boolean(value)?),
+            "persistence_location" => {
+                self.persistence_location = Some(PathBuf::from(value));
+            }
+            "persistence_file" => {
+                if value.contains('/') {
                     return Err(ConfigError::key(
                         origin,
                         key,
-                        "persistence is not yet supported by Midge: sessions and retained messages \
-                         live in memory and are lost on restart. Set `persistence false` (or remove \
-                         it) to run without it",
+                        "expected a name inside persistence_location, not a path",
                     ));
                 }
+                self.persistence_file = Some(value.to_string());
+            }
+            "persistence_sync" => {
+                self.persistence_sync = Some(match value {
+                    "always" => super::SyncMode::Always,
+                    "batch" => super::SyncMode::Batch,
+                    "none" => super::SyncMode::None,
+                    _ => {
+                        return Err(ConfigError::key(
+                            origin,
+                            key,
+                            "expected always, batch or none",
+                        ))
+                    }
+                });
+            }
+            "autosave_on_changes" => {
+                self.autosave_on_changes = num(value, 0, u32::MAX as u64)?;
+                self.warn(
+                    origin,
+                    key,
+                    "accepted: Midge records every change as it happens, so it needs no \
+                     save every N changes",
+                    true,
+                );
             }
             "autosave_interval" => {
                 let secs = num(value, 0, u32::MAX as u64)?;
                 self.autosave_interval = Duration::from_secs(secs);
-                self.warn(origin, key, "has no effect: persistence is off", true);
+                self.warn(
+                    origin,
+                    key,
+                    "accepted: Midge records every change as it happens (no periodic save)",
+                    true,
+                );
             }
             "sys_interval" => {
                 let secs = num(value, 0, u32::MAX as u64)?;
@@ -1358,6 +1397,18 @@ impl Builder {
             sys_interval: self.sys_interval,
             metrics_listener: self.metrics_listener.map(|m| m.0),
             autosave_interval: self.autosave_interval,
+            persistence: self
+                .persistence
+                .unwrap_or(false)
+                .then(|| super::Persistence {
+                    dir: self
+                        .persistence_location
+                        .clone()
+                        .unwrap_or_else(|| PathBuf::from("."))
+                        .join(self.persistence_file.as_deref().unwrap_or("midge.db")),
+                    sync: self.persistence_sync.unwrap_or_default(),
+                    autosave_on_changes: self.autosave_on_changes,
+                }),
             pid_file: self.pid_file,
             per_listener_settings: self.per_listener_settings,
             source,

@@ -127,8 +127,12 @@ pub struct Config {
     /// `GET /healthz` are served, plain HTTP; `None` (the default) serves nothing. ADDRESS
     /// defaults to 127.0.0.1.
     pub metrics_listener: Option<SocketAddr>,
-    /// `autosave_interval`: kept for the persistence work; no effect while persistence is off.
+    /// `autosave_interval`: accepted for mosquitto compatibility. Midge makes every
+    /// acknowledged change durable as it happens (see [`Persistence`]) and compacts its log
+    /// at each start; it takes no periodic snapshots.
     pub autosave_interval: Duration,
+    /// `persistence true` and its settings; `None` = everything lives in memory.
+    pub persistence: Option<Persistence>,
     /// `pid_file`: main writes the process id here after the listeners are bound (see
     /// [`write_pid_file`]); `midge reload` reads it.
     pub pid_file: Option<PathBuf>,
@@ -138,6 +142,36 @@ pub struct Config {
     pub source: Option<PathBuf>,
     /// Accepted-but-ignored keys and other notes, for main to log at startup.
     pub warnings: Vec<ConfigWarning>,
+}
+
+/// When a persistent change counts as stored (`persistence_sync`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SyncMode {
+    /// Every PUBACK/PUBREC/SUBACK/PUBCOMP/CONNACK-with-session leaves only after its record
+    /// is on disk (fdatasync). Records of one reactor turn share one fdatasync (group
+    /// commit). Nothing acknowledged is lost on kill -9 or power loss.
+    #[default]
+    Always,
+    /// The same promise; a batch may wait up to `persistence_batch_delay` (2 ms) to grow,
+    /// trading latency for fewer fdatasyncs under light load.
+    Batch,
+    /// Records are written without fdatasync and acknowledgements are not held: a kill -9
+    /// loses nothing the kernel already has, a power loss may lose recent acknowledged
+    /// messages (mosquitto's kind of risk, over milliseconds instead of `autosave_interval`).
+    None,
+}
+
+/// `persistence true`: where and how Midge stores sessions, subscriptions, queued and
+/// in-flight QoS 1/2 messages and retained messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Persistence {
+    /// The directory Midge keeps its logs in: `persistence_location` joined with
+    /// `persistence_file` (default `midge.db`; mosquitto names a file there, Midge a
+    /// directory).
+    pub dir: PathBuf,
+    pub sync: SyncMode,
+    /// `autosave_on_changes`: accepted (Midge records every change as it happens).
+    pub autosave_on_changes: u64,
 }
 
 /// One network listener.
@@ -434,6 +468,7 @@ impl Default for Config {
             sys_interval: Some(defaults::SYS_INTERVAL),
             metrics_listener: None,
             autosave_interval: defaults::AUTOSAVE_INTERVAL,
+            persistence: None,
             pid_file: None,
             per_listener_settings: false,
             source: None,

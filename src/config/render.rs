@@ -44,7 +44,21 @@ pub fn render_effective(config: &Config) -> String {
         "sys_interval {}",
         config.sys_interval.map(|d| d.as_secs()).unwrap_or(0)
     );
-    let _ = writeln!(s, "persistence false");
+    match &config.persistence {
+        None => {
+            let _ = writeln!(s, "persistence false");
+        }
+        Some(p) => {
+            let _ = writeln!(s, "persistence true");
+            let _ = writeln!(s, "# persistence directory: {}", p.dir.display());
+            let sync = match p.sync {
+                super::SyncMode::Always => "always",
+                super::SyncMode::Batch => "batch",
+                super::SyncMode::None => "none",
+            };
+            let _ = writeln!(s, "persistence_sync {sync}");
+        }
+    }
     let _ = writeln!(
         s,
         "autosave_interval {}",

@@ -614,13 +614,18 @@ fn queues_must_be_bounded() {
 }
 
 #[test]
-fn persistence_false_is_accepted_true_is_not_yet() {
-    ok("persistence false\n");
-    let e = err("persistence true\n");
-    assert!(
-        e.starts_with("FILE:1: key 'persistence': persistence is not yet supported"),
-        "{e}"
-    );
+fn persistence_keys() {
+    assert_eq!(ok("persistence false\n").persistence, None);
+    let c = ok("persistence true\npersistence_location /var/lib/x\npersistence_sync batch\n");
+    let p = c.persistence.expect("on");
+    assert_eq!(p.dir, std::path::PathBuf::from("/var/lib/x/midge.db"));
+    assert_eq!(p.sync, crate::config::SyncMode::Batch);
+    let c = ok("persistence true\npersistence_file m.db\n");
+    assert_eq!(c.persistence.unwrap().sync, crate::config::SyncMode::Always);
+    let e = err("persistence true\npersistence_sync sometimes\n");
+    assert!(e.contains("expected always, batch or none"), "{e}");
+    let e = err("persistence maybe\n");
+    assert!(e.starts_with("FILE:1: key 'persistence'"), "{e}");
 }
 
 #[test]

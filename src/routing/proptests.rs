@@ -250,6 +250,7 @@ proptest! {
                 properties: None,
                 expires_at: None,
                 origin: "p".into(),
+                sid: 0,
             });
             if *len == 0 {
                 model.remove(t.as_str());
@@ -290,6 +291,7 @@ proptest! {
                 properties: None,
                 expires_at: None,
                 origin: "p".into(),
+                sid: 0,
             });
         }
         prop_assert!(store.is_empty());

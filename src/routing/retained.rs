@@ -292,6 +292,7 @@ mod tests {
             properties: None,
             expires_at: None,
             origin: "pub".into(),
+            sid: 0,
         }
     }
     fn f(s: &str) -> TopicFilter {

@@ -72,7 +72,7 @@ mod state;
 #[cfg(test)]
 mod tests;
 
-pub use state::{InflightState, SessionState, Subscription, EXPIRY_NEVER};
+pub use state::{InflightState, RecoveredDelivery, SessionState, Subscription, EXPIRY_NEVER};
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -460,6 +460,7 @@ fn will_message(client_id: &ByteString, will: LastWill, now: Instant) -> Message
         properties: (!props.is_empty()).then(|| Arc::new(props)),
         expires_at,
         origin: client_id.clone(),
+        sid: 0,
     }
 }
 
@@ -484,6 +485,24 @@ pub struct Session {
     /// shard core while this subscriber is live and making progress, so an acknowledged
     /// message is never dropped for it; the core pauses the publishers feeding it instead.
     overflow: bool,
+    /// Delivery notes for the persistent log (`None`: this session is not journaled).
+    journal: Option<Vec<Note>>,
+    /// Packet id of the last QoS 2 PUBLISH accepted from the client (0 after QoS 0/1).
+    last_in_pid: u16,
+}
+
+/// What a journaled session tells the persistent log about its QoS 1/2 flows (drained by
+/// the shard core with [`Session::take_notes`]). `sid` is the message's `Message::sid`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Note {
+    /// A QoS 2 message was first sent with packet id `pid` (a re-send must keep it).
+    Sent { sid: u64, pid: u16 },
+    /// The client answered PUBREC: only PUBREL/PUBCOMP is left for it.
+    Released { sid: u64 },
+    /// Delivery is over (PUBACK, PUBCOMP, refused, or discarded as too large).
+    Done { sid: u64 },
+    /// The client released its QoS 2 packet id `pid` (PUBREL).
+    InRel { pid: u16 },
 }
 
 impl Session {
@@ -619,6 +638,8 @@ impl Session {
             ended: false,
             detail: None,
             overflow: false,
+            journal: None,
+            last_in_pid: 0,
         };
         session
             .transmit
@@ -1032,6 +1053,39 @@ impl Session {
         DeliveryOutcome::Queued
     }
 
+    /// Keep delivery notes for the persistent log (see [`Note`]).
+    pub fn set_journal(&mut self, on: bool) {
+        self.journal = on.then(Vec::new);
+    }
+
+    pub fn journaled(&self) -> bool {
+        self.journal.is_some()
+    }
+
+    /// Move the notes kept since the last call to `out`.
+    pub fn take_notes(&mut self, out: &mut Vec<Note>) {
+        if let Some(j) = self.journal.as_mut() {
+            out.append(j);
+        }
+    }
+
+    /// The client's packet id of the last QoS 2 PUBLISH accepted (0 after QoS 0/1).
+    pub fn last_in_pid(&self) -> u16 {
+        self.last_in_pid
+    }
+
+    fn note(&mut self, n: Note) {
+        if let Some(j) = self.journal.as_mut() {
+            let sid = match n {
+                Note::Sent { sid, .. } | Note::Released { sid } | Note::Done { sid } => sid,
+                Note::InRel { .. } => 1,
+            };
+            if sid != 0 {
+                j.push(n);
+            }
+        }
+    }
+
     /// Let the queue grow past `max_queued_*` while connected (see the `overflow` field).
     pub fn set_queue_overflow(&mut self, allow: bool) {
         self.overflow = allow;
@@ -1094,6 +1148,8 @@ impl Session {
             ended: false,
             detail: None,
             overflow: false,
+            journal: None,
+            last_in_pid: 0,
             retained_backlog: VecDeque::new(),
             retained_requests: VecDeque::new(),
             retained_waiting: Default::default(),
@@ -1103,10 +1159,17 @@ impl Session {
     /// Allocates a packet id and sends a QoS 1/2 message into the window.
     fn send_inflight(&mut self, out: Outgoing, now: Instant) {
         let packet_id = self.state.alloc_packet_id();
-        if self.emit_publish(&out, packet_id, false, now) {
+        let sid = out.msg.sid;
+        if !self.emit_publish(&out, packet_id, false, now) {
+            self.note(Note::Done { sid });
+        } else {
             let state = if out.qos == QoS::AtLeastOnce {
                 InflightState::AwaitingPubAck
             } else {
+                self.note(Note::Sent {
+                    sid,
+                    pid: packet_id,
+                });
                 InflightState::AwaitingPubRec
             };
             self.state.inflight.push_back(Inflight {
@@ -1200,6 +1263,7 @@ impl Session {
         if !self.emit_publish(&out, packet_id, true, now) {
             // Too large for this connection's limit: discarded as if delivered.
             self.state.inflight.remove(idx);
+            self.note(Note::Done { sid: out.msg.sid });
         }
     }
 
@@ -1207,6 +1271,7 @@ impl Session {
     /// acknowledged an entry we had not re-sent yet.
     fn remove_inflight(&mut self, pos: usize) {
         if let Some(f) = self.state.inflight.remove(pos) {
+            self.note(Note::Done { sid: f.out.msg.sid });
             if f.resend {
                 if let Some(conn) = self.conn.as_mut() {
                     conn.resend_pending -= 1;
@@ -1301,6 +1366,7 @@ impl Session {
             }
             return Ok(());
         }
+        self.last_in_pid = 0;
         match p.qos {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => {
@@ -1324,6 +1390,7 @@ impl Session {
                     ));
                 }
                 self.state.incoming_qos2.insert(p.packet_id);
+                self.last_in_pid = p.packet_id;
                 self.transmit
                     .push_back(Packet::PubRec(PubResp::new(p.packet_id)));
             }
@@ -1342,6 +1409,7 @@ impl Session {
             properties,
             expires_at,
             origin: self.state.client_id.clone(),
+            sid: 0,
         }));
         Ok(())
     }
@@ -1367,12 +1435,17 @@ impl Session {
                 }
                 InflightState::AwaitingPubRec | InflightState::AwaitingPubComp => {
                     let f = &mut self.state.inflight[pos];
+                    let first = f.state == InflightState::AwaitingPubRec;
+                    let sid = f.out.msg.sid;
                     f.state = InflightState::AwaitingPubComp;
                     if std::mem::take(&mut f.resend) {
                         // Answered before we re-sent it: this PUBREL is its re-send.
                         if let Some(conn) = self.conn.as_mut() {
                             conn.resend_pending -= 1;
                         }
+                    }
+                    if first {
+                        self.note(Note::Released { sid });
                     }
                     self.transmit
                         .push_back(Packet::PubRel(PubResp::new(r.packet_id)));
@@ -1399,7 +1472,11 @@ impl Session {
 
     fn on_pubrel(&mut self, packet_id: u16) {
         let v5 = self.conn.as_ref().is_some_and(|c| c.version.is_v5());
-        let reason = if self.state.incoming_qos2.remove(&packet_id) || !v5 {
+        let released = self.state.incoming_qos2.remove(&packet_id);
+        if released {
+            self.note(Note::InRel { pid: packet_id });
+        }
+        let reason = if released || !v5 {
             ReasonCode::SUCCESS
         } else {
             ReasonCode::PACKET_IDENTIFIER_NOT_FOUND

@@ -59,6 +59,30 @@ pub(crate) struct Inflight {
     pub resend: bool,
 }
 
+/// One message of a session rebuilt from the persistent log.
+#[derive(Debug, Clone)]
+pub struct RecoveredDelivery {
+    pub msg: Message,
+    /// min(published, granted).
+    pub qos: QoS,
+    pub retain: bool,
+    pub sub_ids: SmallVec<[u32; 2]>,
+    /// QoS 2 in flight: the packet id it was first sent with.
+    pub packet_id: Option<u16>,
+    pub released: bool,
+}
+
+impl RecoveredDelivery {
+    fn outgoing(self) -> Outgoing {
+        Outgoing {
+            msg: self.msg,
+            qos: self.qos,
+            retain: self.retain,
+            sub_ids: self.sub_ids,
+        }
+    }
+}
+
 /// A will whose delay is running after the connection closed [MQTT-3.1.3-9].
 #[derive(Debug, Clone)]
 pub(crate) struct PendingWill {
@@ -108,6 +132,51 @@ impl SessionState {
 
     pub fn client_id(&self) -> &ByteString {
         &self.client_id
+    }
+
+    /// A session rebuilt from the persistent log (`crate::store`): its subscriptions, the
+    /// messages it had in flight (QoS 2 ones with the packet id they were first sent with;
+    /// `released`: the client answered PUBREC, so a PUBREL is re-sent), the messages still
+    /// to deliver in order, and the client's unreleased QoS 2 packet ids. It starts offline.
+    #[allow(clippy::too_many_arguments)]
+    pub fn recovered(
+        client_id: ByteString,
+        subscriptions: impl IntoIterator<Item = (TopicFilter, Subscription)>,
+        inflight: impl IntoIterator<Item = RecoveredDelivery>,
+        queue: impl IntoIterator<Item = RecoveredDelivery>,
+        incoming_qos2: impl IntoIterator<Item = u16>,
+        session_expiry: u32,
+        expires_at: Option<Instant>,
+    ) -> SessionState {
+        let mut s = SessionState::new(client_id);
+        s.subscriptions = subscriptions.into_iter().collect();
+        for d in inflight {
+            let Some(pid) = d.packet_id else {
+                s.push_queued(d.outgoing());
+                continue;
+            };
+            let state = if d.released {
+                InflightState::AwaitingPubComp
+            } else {
+                InflightState::AwaitingPubRec
+            };
+            s.inflight.push_back(Inflight {
+                packet_id: pid,
+                state,
+                out: d.outgoing(),
+                resend: false,
+            });
+        }
+        for d in queue {
+            s.push_queued(d.outgoing());
+        }
+        s.incoming_qos2 = incoming_qos2.into_iter().collect();
+        s.session_expiry = session_expiry;
+        s.expires_at = expires_at;
+        if let Some(max) = s.inflight.iter().map(|f| f.packet_id).max() {
+            s.next_packet_id = if max == u16::MAX { 1 } else { max + 1 };
+        }
+        s
     }
 
     /// The subscriptions to remove from (or add to) a shard's local table when the state

@@ -302,6 +302,7 @@ fn msg(t: &str, payload: &'static str, qos: QoS) -> Message {
         properties: None,
         expires_at: None,
         origin: "publisher".into(),
+        sid: 0,
     }
 }
 
@@ -1500,6 +1501,7 @@ fn no_local_skips_own_messages() {
     pair.client.take();
     let own = Message {
         origin: "dev1".into(),
+        sid: 0,
         ..msg("t", "x", QoS::AtMostOnce)
     };
     let nl = SubscriptionOptions {

@@ -73,6 +73,82 @@ pub(crate) struct Shared {
     pub epoch: Instant,
     /// When the broker started, in seconds since the Unix epoch.
     pub started_unix: u64,
+    /// Persistence: what each shard recovered and where it writes (`None`: off).
+    pub store: Option<StoreStart>,
+}
+
+/// What start-up recovery hands to the shards.
+pub(crate) struct StoreStart {
+    pub persist: crate::shardcore::PersistConfig,
+    pub sync: crate::config::SyncMode,
+    pub dirs: Vec<std::path::PathBuf>,
+    /// Per shard, taken once by that shard: its sessions (it is their home shard), the
+    /// retained set, the message sequence to continue from.
+    #[allow(clippy::type_complexity)]
+    pub recovered: Vec<
+        std::sync::Mutex<
+            Option<(
+                Vec<crate::session::SessionState>,
+                Vec<crate::message::Message>,
+                u64,
+            )>,
+        >,
+    >,
+    /// Shards whose recovered routes every peer has applied (none listens before all have).
+    pub settled: AtomicUsize,
+}
+
+impl StoreStart {
+    pub fn open(
+        p: &crate::config::Persistence,
+        shards: usize,
+    ) -> Result<(StoreStart, std::fs::File), crate::store::StoreError> {
+        let now = Instant::now();
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let opened = crate::store::open(&p.dir, shards, now, wall)?;
+        let rec = opened.recovered;
+        let mut per: Vec<(
+            Vec<crate::session::SessionState>,
+            Vec<crate::message::Message>,
+            u64,
+        )> = (0..shards)
+            .map(|k| {
+                (
+                    Vec::new(),
+                    rec.retained.clone(),
+                    rec.next_seq.get(&k).copied().unwrap_or(1),
+                )
+            })
+            .collect();
+        for s in rec.sessions {
+            let home = crate::shardcore::home_shard(s.client_id(), shards);
+            per[home].0.push(s);
+        }
+        let dirs = (0..shards)
+            .map(|k| opened.gen_dir.join(format!("shard-{k}")))
+            .collect();
+        Ok((
+            StoreStart {
+                persist: crate::shardcore::PersistConfig {
+                    base: now,
+                    // Timestamps keep increasing across runs, whatever the wall clock did.
+                    base_ns: wall.max(rec.max_ts + 1),
+                    immediate: p.sync == crate::config::SyncMode::None,
+                    timeout: Duration::from_secs(30),
+                },
+                sync: p.sync,
+                dirs,
+                recovered: per
+                    .into_iter()
+                    .map(|r| std::sync::Mutex::new(Some(r)))
+                    .collect(),
+                settled: AtomicUsize::new(0),
+            },
+            opened.lock,
+        ))
+    }
 }
 
 impl Shared {
@@ -93,6 +169,7 @@ impl Shared {
             started_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
+            store: None,
         }
     }
 
@@ -114,6 +191,7 @@ impl Shared {
             settle_timeout: c.peer_timeout,
             peer_control_high_water: c.control_backlog_limit,
             security: self.listeners.iter().map(|l| l.security.clone()).collect(),
+            persist: self.store.as_ref().map(|s| s.persist),
             ..CoreConfig::default()
         }
     }
@@ -202,6 +280,8 @@ pub(crate) struct Shard {
     /// Password checks running or queued on the blocking pool: a storm of logins waits here
     /// (each within its connect timeout) instead of queueing unbounded work.
     pub verify_slots: glommio::sync::Semaphore,
+    /// The log writer's side of persistence (`None`: off).
+    pub store: Option<super::store_io::StoreIo>,
 }
 
 impl Shard {
@@ -235,6 +315,11 @@ impl Shard {
                     self.flushing[peer].set(true);
                     self.flush_wake[peer].notify();
                 }
+            }
+        }
+        if let Some(io) = &self.store {
+            if core.store_pending() {
+                io.wake.notify();
             }
         }
         let conns = self.conns.borrow();
@@ -557,6 +642,9 @@ pub(crate) async fn shard_main(
         read_scratch: RefCell::new(vec![0; super::conn::READ_CHUNK].into_boxed_slice()),
         verify_cache: RefCell::new(crate::auth::VerifyCache::default()),
         verify_slots: glommio::sync::Semaphore::new(MAX_VERIFYING),
+        store: shared.store.as_ref().map(|s| {
+            super::store_io::StoreIo::new(s.dirs[id].clone(), s.sync, Duration::from_millis(2))
+        }),
     });
 
     for (peer, rx) in receivers.streams() {
@@ -568,6 +656,39 @@ pub(crate) async fn shard_main(
         }
     }
     glommio::spawn_local(timer_task(shard.clone())).detach();
+    if let Some(st) = &shared.store {
+        glommio::spawn_local(super::store_io::store_task(shard.clone())).detach();
+        let mine = st.recovered[id].lock().ok().and_then(|mut r| r.take());
+        if let Some((sessions, retained, next_seq)) = mine {
+            shard
+                .core
+                .borrow_mut()
+                .recover(sessions, retained, next_seq, Instant::now());
+            shard.after_input();
+        }
+        // Nobody listens before every shard routes to every recovered session: a message
+        // acknowledged at once must find them (bounded: a shard that never answers is
+        // reported, and the broker starts anyway).
+        let deadline = Instant::now() + shared.cfg.peer_timeout;
+        let mut counted = false;
+        loop {
+            if !counted && shard.core.borrow().broadcasts_settled() {
+                counted = true;
+                st.settled.fetch_add(1, Ordering::AcqRel);
+            }
+            if counted && st.settled.load(Ordering::Acquire) >= shared.shards {
+                break;
+            }
+            if Instant::now() > deadline {
+                warn!(
+                    shard = id,
+                    "persistence: recovered routes not confirmed by every shard in time"
+                );
+                break;
+            }
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+        }
+    }
 
     let mut bound = Vec::new();
     let mut listen_fds = Vec::new();
@@ -654,6 +775,18 @@ pub(crate) async fn shard_main(
     let deadline = Instant::now() + Duration::from_secs(3);
     while shard.live_conns.get() > shard.connecting.get() && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+    if let Some(io) = &shard.store {
+        // What was recorded goes to disk before the shard stops (bounded).
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while (!io.idle.get() || shard.core.borrow().store_pending()) && Instant::now() < deadline {
+            glommio::timer::sleep(Duration::from_millis(5)).await;
+        }
+        debug!(
+            "shard {id}: persistence wrote {} batches, {} bytes of records",
+            io.batches.get(),
+            io.bytes.get()
+        );
     }
     shard.senders.close();
     debug!("shard {id} stopped");

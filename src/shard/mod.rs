@@ -12,6 +12,7 @@ mod conn;
 mod driver;
 pub mod exporter;
 pub mod notify;
+mod store_io;
 pub use crate::shardcore::registry;
 mod scrape;
 mod sys;
@@ -102,6 +103,8 @@ pub struct RuntimeConfig {
     /// `metrics_listener`: where `/metrics` and `/healthz` are served (plain HTTP, on a
     /// thread of its own); `None` serves nothing.
     pub metrics_listener: Option<SocketAddr>,
+    /// `persistence true`: the directory and sync mode (see `crate::store`).
+    pub persistence: Option<crate::config::Persistence>,
 }
 
 /// Test hook: while `stall[i]` is set, shard `i`'s thread stops running (it blocks in its
@@ -165,6 +168,7 @@ impl Default for RuntimeConfig {
             control_backlog_limit: 65_536,
             stall_hook: None,
             metrics_listener: None,
+            persistence: None,
         }
     }
 }
@@ -179,6 +183,8 @@ pub enum StartError {
     Bind { addr: SocketAddr, source: io::Error },
     #[error("cannot start shard {shard}: {reason}")]
     Executor { shard: usize, reason: String },
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
 }
 
 /// Flags the shards poll; set from signal handlers or the embedding program.
@@ -214,6 +220,8 @@ pub struct Broker {
     pub control: Arc<Control>,
     threads: Vec<JoinHandle<()>>,
     shared: Arc<driver::Shared>,
+    /// The persistence directory's lock, held while the broker runs.
+    _store_lock: Option<std::fs::File>,
 }
 
 impl Broker {
@@ -305,6 +313,14 @@ pub fn start(cfg: RuntimeConfig) -> Result<Broker, StartError> {
         None => None,
     };
     let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+    // Recovery runs here, before any shard: plain threads, blocking file I/O stalls nobody.
+    let (store_start, store_lock) = match &cfg.persistence {
+        Some(p) => {
+            let (s, lock) = driver::StoreStart::open(p, shards)?;
+            (Some(s), Some(lock))
+        }
+        None => (None, None),
+    };
     let cpus = shard_cpus();
     let control = Arc::new(Control::default());
     let mesh = glommio::channels::channel_mesh::MeshBuilder::<crate::shardcore::PeerMsg, _>::full(
@@ -312,7 +328,9 @@ pub fn start(cfg: RuntimeConfig) -> Result<Broker, StartError> {
         cfg.mailbox_capacity,
     );
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(usize, Option<SocketAddr>), StartError>>();
-    let shared = Arc::new(driver::Shared::new(cfg.clone(), resolved.clone(), shards));
+    let mut shared = driver::Shared::new(cfg.clone(), resolved.clone(), shards);
+    shared.store = store_start;
+    let shared = Arc::new(shared);
 
     let mut threads = Vec::with_capacity(shards);
     for id in 0..shards {
@@ -384,6 +402,7 @@ pub fn start(cfg: RuntimeConfig) -> Result<Broker, StartError> {
         control,
         threads,
         shared,
+        _store_lock: store_lock,
     })
 }
 

@@ -111,6 +111,7 @@ pub(crate) fn publish(shard: &Shard, started: Instant) {
             properties: None,
             expires_at: None,
             origin: ByteString::from_static("$SYS"),
+            sid: 0,
         };
         core.publish_internal(msg, now);
     }

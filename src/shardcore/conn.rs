@@ -65,6 +65,8 @@ pub(crate) struct Live {
     /// Broadcast sequence that must be settled before output may leave (0 = none).
     pub gate: u64,
     pub gate_since: Option<Instant>,
+    /// Records (count) that must be durable before output may leave (0 = none).
+    pub durable: u64,
     /// Peers (bit per shard) whose queue this publisher's QoS 1/2 forwards filled past the
     /// data bound: its acknowledgements and further publishes wait until they drain.
     pub held_on: u64,
@@ -90,6 +92,7 @@ impl Live {
             dirty: false,
             gate: 0,
             gate_since: None,
+            durable: 0,
             held_on: 0,
             deferred: VecDeque::new(),
             pause_refs: 0,
@@ -103,7 +106,7 @@ impl Live {
     /// Output may leave (the acknowledgement gate is open and no peer is backed up with this
     /// publisher's forwards).
     pub fn gate_open(&self) -> bool {
-        self.gate == 0 && self.held_on == 0
+        self.gate == 0 && self.held_on == 0 && self.durable == 0
     }
 
     /// Publishes from this connection must wait.
@@ -232,6 +235,7 @@ impl ShardCore {
         // first one sent, which may not be applied everywhere yet.
         let subscribe = matches!(packet, Packet::Subscribe(_));
         let seq_before = self.settle.seq();
+        let rec_before = self.store.appended;
         let Some(e) = self.sessions.get_mut(&key) else {
             return;
         };
@@ -267,6 +271,9 @@ impl ShardCore {
         if subscribe || self.settle.seq() != seq_before {
             let seq = self.settle.seq();
             self.set_gate(key, seq, now);
+        }
+        if self.store.appended != rec_before {
+            self.gate_durable(key, now);
         }
         self.after_session_input(key);
     }
@@ -305,6 +312,7 @@ impl ShardCore {
             }
         }
         self.scratch.events = events;
+        self.drain_notes(key, now);
     }
 
     /// Events of a session that is no longer in `sessions` (taken over): routing effects only.
@@ -355,6 +363,7 @@ impl ShardCore {
                             filter.as_str(),
                         );
                     }
+                    self.record_sub(key, &filter, options, subscription_id, now);
                 }
                 self.on_subscribe(key, filter, options, subscription_id)
             }
@@ -367,10 +376,14 @@ impl ShardCore {
                 self.log_notice(&id, n);
             }
             SessionEvent::Unsubscribe { filter } => {
+                self.record_unsub(key, &filter, now);
                 self.drop_routes(key, std::slice::from_ref(&filter));
             }
-            SessionEvent::Close { reason } => self.on_session_close(key, reason, now),
-            SessionEvent::Ended => self.on_session_ended(key),
+            SessionEvent::Close { reason } => {
+                self.record_disc(key, now);
+                self.on_session_close(key, reason, now)
+            }
+            SessionEvent::Ended => self.on_session_ended(key, now),
         }
     }
 
@@ -458,10 +471,14 @@ impl ShardCore {
         self.mark_dirty(key);
     }
 
-    fn on_session_ended(&mut self, key: ConnKey) {
+    fn on_session_ended(&mut self, key: ConnKey, now: Instant) {
         let Some(mut e) = self.sessions.remove(&key) else {
             return;
         };
+        if e.session.journaled() {
+            let client = e.session.client_id().clone();
+            self.record_end(&client, now);
+        }
         self.release_flow_of(&mut e);
         if e.live {
             self.counters.live_sessions.dec();
@@ -576,6 +593,7 @@ impl ShardCore {
             live.last_words.clear();
             live.gate = 0;
             live.gate_since = None;
+            live.durable = 0;
             self.mark_dirty(key);
         }
     }

@@ -46,6 +46,7 @@ impl ShardCore {
             self.counters.count_drop(DropCause::OverSizeLimit);
             return;
         }
+        let msg = self.record_msg(msg, publisher, now);
         if msg.retain {
             self.set_retained(&msg);
         }
@@ -320,6 +321,7 @@ impl ShardCore {
                 DropReason::NoLocal | DropReason::Offline => {}
             },
         }
+        self.drain_notes(key, now);
     }
 
     /// The sender chose this shard for `group`, but its last local member has just left (our

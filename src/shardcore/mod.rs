@@ -55,6 +55,7 @@ mod fanout;
 mod flow;
 mod lines;
 pub mod msg;
+mod persist;
 pub mod registry;
 mod settle;
 mod takeover;
@@ -77,6 +78,7 @@ use crate::session::SessionConfig;
 
 pub use authz::{Authz, ConnAuth};
 pub use msg::{ParkedMsg, PeerMsg, Transfer};
+pub use persist::PersistConfig;
 pub use registry::{conn_key, conn_shard, home_shard, ConnKey, ShardId};
 
 use conn::{Entry, Live, Registering};
@@ -120,6 +122,8 @@ pub struct CoreConfig {
     pub write_timeout: Duration,
     /// Each listener's password and ACL files, indexed by [`ConnAuth::listener`].
     pub security: Vec<crate::auth::ListenerSecurity>,
+    /// Persistence on: what to record and how acknowledgements wait for it (`None`: off).
+    pub persist: Option<PersistConfig>,
 }
 
 impl Default for CoreConfig {
@@ -139,6 +143,7 @@ impl Default for CoreConfig {
             stall_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(30),
             security: Vec::new(),
+            persist: None,
         }
     }
 }
@@ -208,6 +213,7 @@ pub struct ShardCore {
     pub(crate) views: Vec<crate::auth::AccessView>,
     /// Per listener, the password file generation last applied.
     pub(crate) password_generations: Vec<u64>,
+    pub(crate) store: persist::Store,
 }
 
 impl ShardCore {
@@ -239,6 +245,7 @@ impl ShardCore {
             scratch: fanout::Scratch::default(),
             views: authz::views(&cfg.security),
             password_generations: authz::password_generations(&cfg.security),
+            store: persist::Store::new(cfg.persist),
             cfg: CoreConfig { shards, ..cfg },
         }
     }

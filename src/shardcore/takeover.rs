@@ -150,6 +150,10 @@ impl ShardCore {
             if let Some(will) = state.take_pending_will(now) {
                 self.route_will(e.authz.as_deref(), will, now);
             }
+            if state.session_expiry_interval() != 0 {
+                let client = state.client_id().clone();
+                self.record_end(&client, now);
+            }
             self.drop_routes(previous, &filters);
             self.send(conn_shard(conn), PeerMsg::Handover { conn, state: None });
             return;
@@ -225,6 +229,10 @@ impl ShardCore {
         if let Some(will) = state.take_pending_will(now) {
             self.route_will(t.authz.as_deref(), will, now);
         }
+        if state.session_expiry_interval() != 0 {
+            let client = state.client_id().clone();
+            self.record_end(&client, now);
+        }
         self.send(conn_shard(t.from), PeerMsg::ParkAbandon { old: t.from });
     }
 
@@ -278,6 +286,7 @@ impl ShardCore {
         }
         drop(req);
         let seq_before = self.settle.seq();
+        self.record_install(conn, from.is_some(), now);
         self.pump(conn, now);
         if let Some(old) = from {
             self.start_cutover(old, conn, now);
@@ -304,16 +313,15 @@ impl ShardCore {
     fn install_orphan(&mut self, conn: ConnKey, t: Transfer, now: Instant) {
         let from = t.from;
         let session = Session::offline(&self.cfg.session, *t.state);
-        self.sessions.insert(
-            conn,
-            Entry {
-                session: Box::new(session),
-                live: false,
-                flow: None,
-                timer_armed: None,
-                authz: t.authz,
-            },
-        );
+        let mut entry = Entry {
+            session: Box::new(session),
+            live: false,
+            flow: None,
+            timer_armed: None,
+            authz: t.authz,
+        };
+        self.journal_offline(&mut entry);
+        self.sessions.insert(conn, entry);
         self.counters.offline_sessions.inc();
         let subs: Vec<(TopicFilter, SubscriptionOptions, Option<u32>)> = self.sessions[&conn]
             .session

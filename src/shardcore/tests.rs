@@ -441,3 +441,71 @@ fn an_idle_connection_costs_one_timer_entry() {
     assert!(n.cores[0].wants_close(c), "keepalive timeout not enforced");
     assert_eq!(n.cores[0].counters.keepalive_timeouts.get(), 1);
 }
+
+fn persistent(cfg: &mut CoreConfig) {
+    cfg.persist = Some(PersistConfig {
+        base: Instant::now(),
+        base_ns: 1,
+        immediate: false,
+        timeout: Duration::from_secs(30),
+    });
+}
+
+impl Net {
+    /// The disk confirms everything shard `s` recorded so far.
+    fn disk(&mut self, s: usize) {
+        let mut b = Vec::new();
+        let upto = self.cores[s].take_store_output(&mut b);
+        assert!(!b.is_empty() || upto == 0 || !self.cores[s].store_pending());
+        self.cores[s].handle_durable(upto, self.now);
+    }
+}
+
+#[test]
+fn acknowledgements_wait_for_the_disk_and_qos0_flows_while_it_fails() {
+    let mut n = Net::new(1, persistent);
+    let sub = n.connect(0, "sub", false);
+    n.settle();
+    assert!(
+        n.out(sub).is_empty(),
+        "CONNACK of a persistent session before its record"
+    );
+    n.disk(0);
+    assert_eq!(kinds(&n.out(sub)), [2]);
+    n.send(sub, subscribe(1, "t", QoS::AtLeastOnce));
+    n.settle();
+    assert!(n.out(sub).is_empty(), "SUBACK before its record");
+    n.disk(0);
+    assert_eq!(kinds(&n.out(sub)), [9]);
+
+    // A clean, non-persistent publisher records nothing of its own: CONNACK at once.
+    let publ = n.connect(0, "pub", true);
+    n.settle();
+    assert_eq!(kinds(&n.out(publ)), [2]);
+    n.send(publ, publish(1, "t", QoS::AtLeastOnce, "a"));
+    assert!(
+        n.out(publ).is_empty(),
+        "PUBACK before the message is durable"
+    );
+    assert_eq!(payloads(&n.out(sub)), ["a"]);
+
+    // The disk fails: acknowledgements stay held, QoS 0 keeps flowing.
+    n.cores[0].handle_store_failed(n.now);
+    n.send(publ, publish(0, "t", QoS::AtMostOnce, "z"));
+    assert_eq!(payloads(&n.out(sub)), ["z"]);
+    n.tick(Duration::from_secs(5));
+    assert!(n.out(publ).is_empty());
+    // It works again: the PUBACK leaves.
+    n.disk(0);
+    assert_eq!(kinds(&n.out(publ)), [4]);
+
+    // A disk that never confirms: the publisher is disconnected (0x97), never acknowledged.
+    n.send(publ, publish(2, "t", QoS::AtLeastOnce, "b"));
+    n.tick(Duration::from_secs(31));
+    let out = n.out(publ);
+    assert!(!kinds(&out).contains(&4), "{out:?}");
+    assert!(
+        out.iter().any(|p| matches!(p, Packet::Disconnect(d) if d.reason == crate::codec::ReasonCode::QUOTA_EXCEEDED)),
+        "{out:?}"
+    );
+}

@@ -34,6 +34,8 @@ pub(crate) enum TimerKind {
     Switch(ConnKey),
     /// A socket that stopped accepting bytes.
     WriteStall(ConnKey),
+    /// A connection's output waiting for the disk (for the record count given).
+    Durable(ConnKey, u64),
 }
 
 #[derive(Default)]
@@ -73,6 +75,7 @@ impl ShardCore {
                 TimerKind::Park(k) => self.check_parked(k, now),
                 TimerKind::Switch(k) => self.check_switching(k, now),
                 TimerKind::WriteStall(k) => self.check_write_stall(k, now),
+                TimerKind::Durable(k, upto) => self.check_durable(k, upto, now),
             }
         }
     }

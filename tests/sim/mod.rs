@@ -47,7 +47,7 @@ use midge::codec::{
 };
 use midge::metrics::{DropCause, ShardCounters};
 use midge::session::SessionConfig;
-use midge::shardcore::{ConnKey, ConnectRequest, CoreConfig, PeerMsg, ShardCore};
+use midge::shardcore::{ConnKey, ConnectRequest, CoreConfig, PeerMsg, PersistConfig, ShardCore};
 
 /// SplitMix64: small, fast, and the same on every machine.
 #[derive(Clone)]
@@ -270,6 +270,8 @@ pub struct World {
     now: Instant,
     step: u64,
     cores: Vec<ShardCore>,
+    /// Records taken from a core by the simulated disk (discarded: recovery is tested apart).
+    disk: Vec<u8>,
     counters: Vec<Arc<ShardCounters>>,
     mail: Vec<Vec<VecDeque<PeerMsg>>>,
     conns: BTreeMap<ConnKey, SimConn>,
@@ -311,6 +313,14 @@ impl World {
             stall_timeout: Duration::from_secs(match p.regime {
                 Regime::Stall => 2,
                 _ => 3600,
+            }),
+            // Every third seed runs with persistence on: acknowledgements wait for a simulated
+            // disk that confirms records only when time moves (see `advance`).
+            persist: (seed % 3 == 0).then_some(PersistConfig {
+                base: t0,
+                base_ns: 1,
+                immediate: false,
+                timeout: Duration::from_secs(30),
             }),
             ..CoreConfig::default()
         };
@@ -418,6 +428,7 @@ impl World {
             trace: Vec::new(),
             verbose: std::env::var("SIM_TRACE").is_ok(),
             quiescing: false,
+            disk: Vec::new(),
         }
     }
 
@@ -574,6 +585,16 @@ impl World {
 
     fn advance(&mut self, ms: u64) {
         self.now += Duration::from_millis(ms);
+        // The disk: what each core recorded so far is durable once time has moved.
+        for s in 0..self.cores.len() {
+            if self.cores[s].store_pending() {
+                self.disk.clear();
+                let upto = self.cores[s].take_store_output(&mut self.disk);
+                let now = self.now;
+                self.cores[s].handle_durable(upto, now);
+                self.service(s);
+            }
+        }
         for s in 0..self.cores.len() {
             if self.cores[s].poll_timeout().is_some_and(|t| t <= self.now) {
                 let now = self.now;

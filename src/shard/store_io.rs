@@ -1,0 +1,171 @@
+//! The shard's log writer: the glommio task that makes the core's records durable.
+//!
+//! Owns: one shard's live log files (segments under `gen-N/shard-K/`, through glommio's DMA
+//! file API: no blocking file I/O on the shard), group commit (everything the core produced
+//! since the last write goes out as one aligned write and one fdatasync, then one
+//! `handle_durable` releases every acknowledgement that waited for it), segment rotation,
+//! and what a failing disk does (keep the records, log once, retry with a back-off; the core
+//! keeps acknowledgements held meanwhile). Must not touch: what is recorded (the core) or the
+//! format (`crate::store::log` plans every write; this task only carries the plan out).
+
+use std::cell::Cell;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use glommio::io::{Directory, DmaFile};
+use tracing::{debug, warn};
+
+use super::driver::Shard;
+use super::notify::Notify;
+use crate::config::SyncMode;
+use crate::store::{self, LogWriter};
+
+/// Wait between retries of a failed write.
+const RETRY: Duration = Duration::from_millis(200);
+
+/// The driver's side of one shard's log.
+pub(crate) struct StoreIo {
+    pub dir: PathBuf,
+    pub sync: SyncMode,
+    /// `persistence_sync batch`: how long a batch may wait to grow.
+    pub batch_delay: Duration,
+    pub wake: Notify,
+    /// Nothing taken from the core is unwritten.
+    pub idle: Cell<bool>,
+    pub batches: Cell<u64>,
+    pub bytes: Cell<u64>,
+}
+
+impl StoreIo {
+    pub fn new(dir: PathBuf, sync: SyncMode, batch_delay: Duration) -> StoreIo {
+        StoreIo {
+            dir,
+            sync,
+            batch_delay,
+            wake: Notify::default(),
+            idle: Cell::new(true),
+            batches: Cell::new(0),
+            bytes: Cell::new(0),
+        }
+    }
+}
+
+async fn open_segment(dir: &Directory, path: &std::path::Path) -> glommio::Result<DmaFile, ()> {
+    let f = DmaFile::create(path).await?;
+    // The new file's directory entry must be durable before its records count.
+    dir.sync().await?;
+    Ok(f)
+}
+
+/// Write the core's records until the shard stops.
+pub(crate) async fn store_task(shard: Rc<Shard>) {
+    let Some(io) = shard.store.as_ref() else {
+        return;
+    };
+    let dir = match Directory::open(&io.dir).await {
+        Ok(d) => d,
+        Err(e) => {
+            warn!(
+                shard = shard.id,
+                "persistence: cannot open {}: {e}",
+                io.dir.display()
+            );
+            return;
+        }
+    };
+    let mut seg = 1u64;
+    let mut file = None;
+    let mut w = LogWriter::new(4096, 1, 1);
+    let mut pending: Vec<u8> = Vec::new();
+    let mut upto = 0u64;
+    let mut failing = false;
+    loop {
+        if pending.is_empty() {
+            io.idle.set(true);
+            while !shard.core.borrow().store_pending() {
+                io.wake.notified().await;
+            }
+            io.idle.set(false);
+            if io.sync == SyncMode::Batch && !io.batch_delay.is_zero() {
+                glommio::timer::sleep(io.batch_delay).await;
+            }
+        }
+        upto = upto.max(shard.core.borrow_mut().take_store_output(&mut pending));
+        let result = async {
+            if file.is_none() {
+                let path = io.dir.join(store::segment_name(seg));
+                let f = open_segment(&dir, &path).await?;
+                w = LogWriter::new(
+                    f.alignment().max(512) as usize,
+                    w.next_seq(),
+                    w.next_batch(),
+                );
+                file = Some(f);
+            }
+            let f = file.as_ref().expect("opened above");
+            let plan = w.plan(&pending);
+            let mut buf = f.alloc_dma_buffer(plan.buf.len());
+            buf.as_bytes_mut().copy_from_slice(&plan.buf);
+            let n = f.write_at(buf, plan.offset).await?;
+            if n < plan.buf.len() {
+                return Err(glommio::GlommioError::IoError(std::io::Error::new(
+                    std::io::ErrorKind::WriteZero,
+                    format!("short write: {n} of {} bytes", plan.buf.len()),
+                )));
+            }
+            if io.sync != SyncMode::None {
+                f.fdatasync().await?;
+            }
+            Ok(plan)
+        }
+        .await;
+        match result {
+            Ok(plan) => {
+                w.commit(&plan);
+                io.batches.set(io.batches.get() + 1);
+                io.bytes.set(io.bytes.get() + pending.len() as u64);
+                pending.clear();
+                if failing {
+                    failing = false;
+                    warn!(
+                        shard = shard.id,
+                        "persistence: writing to {} again",
+                        io.dir.display()
+                    );
+                }
+                shard.core.borrow_mut().handle_durable(upto, Instant::now());
+                shard.after_input();
+                if w.len() >= store::SEGMENT_BYTES {
+                    if let Some(f) = file.take() {
+                        if let Err(e) = f.close().await {
+                            debug!("persistence: closing a segment: {e}");
+                        }
+                    }
+                    seg += 1;
+                    w = w.next_segment();
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    failing = true;
+                    // Once per outage, not per retry.
+                    warn!(
+                        shard = shard.id,
+                        "persistence: cannot write to {}: {e}. Acknowledgements of QoS 1/2 \
+                         messages, subscriptions and persistent sessions are held until \
+                         writes succeed (QoS 0 keeps flowing); retrying",
+                        io.dir.display()
+                    );
+                }
+                shard.core.borrow_mut().handle_store_failed(Instant::now());
+                shard.after_input();
+                if file.is_some() && w.is_empty() {
+                    // A segment that never got a record may not exist on disk: reopen it.
+                    file = None;
+                }
+                glommio::timer::sleep(RETRY).await;
+            }
+        }
+    }
+}

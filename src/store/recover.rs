@@ -1,0 +1,633 @@
+//! Recovery: from the records of every shard to the state a broker starts with.
+//!
+//! Owns: replaying records in timestamp order into sessions (subscriptions with the time each
+//! was made, expiry, the client's unreleased QoS 2 ids), the retained set, and the re-queue
+//! of every stored message a persistent session has not completed: matched against the
+//! subscriptions the session had when it was published, de-duplicated by `sid`, QoS 2 ones
+//! in flight with the packet id they were first sent with. It also picks the records a new
+//! generation needs (compaction). Must not touch: files (`mod.rs`), placing sessions on shards
+//! (the caller), the clock (time comes in).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use bytestring::ByteString;
+use smallvec::SmallVec;
+
+use super::record::{self, sid_origin, sid_seq, Record};
+use crate::codec::{QoS, TopicFilter};
+use crate::message::Message;
+use crate::routing::{LocalSubscription, LocalSubscriptions};
+use crate::session::{RecoveredDelivery, SessionState, Subscription, EXPIRY_NEVER};
+
+/// What the broker starts with.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    /// Persistent sessions, offline, with their queues.
+    pub sessions: Vec<SessionState>,
+    pub retained: Vec<Message>,
+    /// Next message sequence per origin shard (continues every origin seen).
+    pub next_seq: HashMap<usize, u64>,
+    /// Latest timestamp in the log (the new run's clock starts after it).
+    pub max_ts: u64,
+    /// The records a new generation needs to stand for all of the old one.
+    pub compacted: Vec<Record>,
+    pub stats: Stats,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Stats {
+    pub records: usize,
+    pub messages_stored: usize,
+    pub sessions: usize,
+    pub sessions_expired: usize,
+    pub queued: usize,
+    pub inflight: usize,
+    pub retained: usize,
+}
+
+#[derive(Default)]
+struct Sess {
+    /// Time of the start that created it (a clean start makes a new one).
+    base_ts: u64,
+    expiry: u32,
+    online: bool,
+    offline_since: u64,
+    /// filter → (options byte, subscription id, since)
+    subs: BTreeMap<ByteString, (u8, u32, u64)>,
+    /// Unreleased QoS 2 packet ids → the sid of the message they carried.
+    incoming: BTreeMap<u16, u64>,
+}
+
+struct Stored {
+    ts: u64,
+    msg: Message,
+    /// Index of the record in the input (for compaction).
+    rec: usize,
+}
+
+/// Rebuild state from every shard's records (any order; merged by timestamp here).
+pub fn rebuild(mut records: Vec<Record>, now: Instant, now_ns: u64) -> Recovered {
+    let mut out = Recovered::default();
+    out.stats.records = records.len();
+    records.sort_by_key(Record::ts);
+    let mut sessions: BTreeMap<ByteString, Sess> = BTreeMap::new();
+    let mut acks: HashSet<(ByteString, u64)> = HashSet::new();
+    let mut sent: HashMap<(ByteString, u64), u16> = HashMap::new();
+    let mut rel: HashSet<(ByteString, u64)> = HashSet::new();
+    let mut msgs: Vec<Stored> = Vec::new();
+    let mut retained: HashMap<String, Option<usize>> = HashMap::new();
+    let to_instant = |ns: u64| -> Option<Instant> {
+        (ns > now_ns).then(|| now + Duration::from_nanos(ns - now_ns))
+    };
+    for (i, r) in records.iter().enumerate() {
+        out.max_ts = out.max_ts.max(r.ts());
+        match r {
+            Record::Msg {
+                ts,
+                sid,
+                client,
+                in_pid,
+                expires,
+                publish,
+            } => {
+                let next = out.next_seq.entry(sid_origin(*sid)).or_insert(1);
+                *next = (*next).max(sid_seq(*sid) + 1);
+                let Ok(p) = record::decode_publish(publish) else {
+                    continue;
+                };
+                let expires_at = match *expires {
+                    0 => None,
+                    e => match to_instant(e) {
+                        Some(t) => Some(t),
+                        None => Some(now), // expired: kept out below
+                    },
+                };
+                let msg = Message {
+                    topic: p.topic,
+                    payload: p.payload,
+                    qos: p.qos,
+                    retain: p.retain,
+                    properties: (!p.properties.is_empty())
+                        .then(|| std::sync::Arc::new(p.properties.into_inner())),
+                    expires_at,
+                    origin: client.clone(),
+                    sid: *sid,
+                };
+                if msg.retain {
+                    let slot = (!msg.payload.is_empty()).then_some(msgs.len());
+                    retained.insert(msg.topic.as_str().to_string(), slot);
+                }
+                if *in_pid != 0 {
+                    if let Some(s) = sessions.get_mut(client) {
+                        s.incoming.insert(*in_pid, *sid);
+                    }
+                }
+                msgs.push(Stored {
+                    ts: *ts,
+                    msg,
+                    rec: i,
+                });
+            }
+            Record::Start {
+                ts,
+                client,
+                clean,
+                expiry,
+            } => {
+                let s = sessions.entry(client.clone()).or_default();
+                if *clean || s.base_ts == 0 {
+                    *s = Sess {
+                        base_ts: *ts,
+                        ..Sess::default()
+                    };
+                }
+                s.expiry = *expiry;
+                s.online = true;
+            }
+            Record::Sub {
+                ts,
+                client,
+                filter,
+                options,
+                sub_id,
+            } => {
+                if let Some(s) = sessions.get_mut(client) {
+                    let e = s.subs.entry(filter.clone()).or_insert((0, 0, *ts));
+                    e.0 = *options;
+                    e.1 = *sub_id;
+                }
+            }
+            Record::Unsub { client, filter, .. } => {
+                if let Some(s) = sessions.get_mut(client) {
+                    s.subs.remove(filter);
+                }
+            }
+            Record::Disc { ts, client, expiry } => {
+                if let Some(s) = sessions.get_mut(client) {
+                    s.online = false;
+                    s.offline_since = *ts;
+                    s.expiry = *expiry;
+                }
+            }
+            Record::End { client, .. } => {
+                sessions.remove(client);
+            }
+            Record::Ack { client, sid, .. } => {
+                acks.insert((client.clone(), *sid));
+            }
+            Record::Sent {
+                client, sid, pid, ..
+            } => {
+                sent.insert((client.clone(), *sid), *pid);
+            }
+            Record::Rel { client, sid, .. } => {
+                rel.insert((client.clone(), *sid));
+            }
+            Record::InRel { client, pid, .. } => {
+                if let Some(s) = sessions.get_mut(client) {
+                    s.incoming.remove(pid);
+                }
+            }
+        }
+    }
+    out.stats.messages_stored = msgs.len();
+
+    // Sessions that outlived their expiry while the broker was down are gone.
+    let crash_ts = out.max_ts;
+    let mut live: Vec<(ByteString, Sess, Option<Instant>)> = Vec::new();
+    for (client, mut s) in sessions {
+        if s.online {
+            s.online = false;
+            s.offline_since = crash_ts;
+        }
+        let expires_at = if s.expiry == EXPIRY_NEVER {
+            None
+        } else {
+            let deadline = s
+                .offline_since
+                .saturating_add(u64::from(s.expiry).saturating_mul(1_000_000_000));
+            match to_instant(deadline) {
+                Some(t) => Some(t),
+                None => {
+                    out.stats.sessions_expired += 1;
+                    continue;
+                }
+            }
+        };
+        live.push((client, s, expires_at));
+    }
+
+    // Subscription tables: plain filters in a trie keyed by (session, filter number), shared
+    // ones in a list (few).
+    let routing_id = crate::routing::ShardId::new(0).expect("shard 0 exists");
+    let mut plain: LocalSubscriptions<(u32, u32)> = LocalSubscriptions::new(routing_id);
+    let mut since: Vec<Vec<u64>> = Vec::with_capacity(live.len());
+    let mut groups: BTreeMap<String, Vec<Member>> = BTreeMap::new();
+    for (si, (_, s, _)) in live.iter().enumerate() {
+        let mut v = Vec::with_capacity(s.subs.len());
+        for (fi, (f, &(opts, id, ts))) in s.subs.iter().enumerate() {
+            v.push(ts);
+            let Some(filter) = record::filter(f) else {
+                continue;
+            };
+            if let Some(g) = filter.share_group() {
+                let key = format!("{g}\u{0}{}", filter.filter());
+                groups
+                    .entry(key)
+                    .or_default()
+                    .push((si, filter, opts, id, ts));
+                continue;
+            }
+            let sub = LocalSubscription {
+                options: record::options_from(opts),
+                subscription_id: (id != 0).then_some(id),
+            };
+            let _ = plain.subscribe(&filter, (si as u32, fi as u32), sub);
+        }
+        since.push(v);
+    }
+
+    let mut inflight: Vec<Vec<(u64, RecoveredDelivery)>> = vec![Vec::new(); live.len()];
+    let mut queue: Vec<Vec<RecoveredDelivery>> = vec![Vec::new(); live.len()];
+    let mut needed = vec![false; msgs.len()];
+    let mut matches = Vec::new();
+    for (mi, st) in msgs.iter().enumerate() {
+        let m = &st.msg;
+        if m.qos == QoS::AtMostOnce || m.is_expired(now) {
+            continue;
+        }
+        matches.clear();
+        plain.match_plain_into(&m.topic, &mut matches);
+        matches.sort_unstable_by_key(|((si, _), _)| *si);
+        let mut k = 0;
+        while k < matches.len() {
+            let si = matches[k].0 .0 as usize;
+            let mut q: Option<QoS> = None;
+            let mut rap = false;
+            let mut ids: SmallVec<[u32; 2]> = SmallVec::new();
+            while k < matches.len() && matches[k].0 .0 as usize == si {
+                let ((_, fi), sub) = matches[k];
+                k += 1;
+                if since[si][fi as usize] > st.ts {
+                    continue; // subscribed after it was published
+                }
+                if sub.options.no_local && m.origin == live[si].0 {
+                    continue;
+                }
+                q = q.max(Some(sub.options.qos));
+                rap |= sub.options.retain_as_published;
+                if let Some(id) = sub.subscription_id {
+                    ids.push(id);
+                }
+            }
+            let Some(q) = q else { continue };
+            let qos = m.qos.min(q);
+            if qos == QoS::AtMostOnce {
+                continue;
+            }
+            let client = &live[si].0;
+            let key = (client.clone(), m.sid);
+            if acks.contains(&key) {
+                continue;
+            }
+            needed[mi] = true;
+            place(
+                &mut inflight[si],
+                &mut queue[si],
+                m,
+                qos,
+                rap && m.retain,
+                ids,
+                &sent,
+                &rel,
+                key,
+            );
+        }
+        for members in groups.values() {
+            let Some((_, gf, _, _, _)) = members.first() else {
+                continue;
+            };
+            if !gf.matches(&m.topic) {
+                continue;
+            }
+            if members
+                .iter()
+                .any(|(si, ..)| acks.contains(&(live[*si].0.clone(), m.sid)))
+            {
+                continue;
+            }
+            // Whoever had it in flight keeps it; otherwise the first member that was in the
+            // group when it was published.
+            let pick = members
+                .iter()
+                .find(|(si, ..)| sent.contains_key(&(live[*si].0.clone(), m.sid)))
+                .or_else(|| members.iter().find(|(.., ts)| *ts <= st.ts));
+            let Some(&(si, _, opts, id, _)) = pick else {
+                continue;
+            };
+            let qos = m.qos.min(record::options_from(opts).qos);
+            if qos == QoS::AtMostOnce {
+                continue;
+            }
+            needed[mi] = true;
+            let key = (live[si].0.clone(), m.sid);
+            let ids: SmallVec<[u32; 2]> = (id != 0).then_some(id).into_iter().collect();
+            place(
+                &mut inflight[si],
+                &mut queue[si],
+                m,
+                qos,
+                false,
+                ids,
+                &sent,
+                &rel,
+                key,
+            );
+        }
+    }
+
+    // Retained: the latest per topic, unexpired.
+    let mut kept_retained: Vec<usize> = retained.values().flatten().copied().collect();
+    kept_retained.sort_unstable();
+    for &mi in &kept_retained {
+        let m = &msgs[mi].msg;
+        if m.is_expired(now) {
+            continue;
+        }
+        needed[mi] = true;
+        out.retained.push(m.clone());
+    }
+    out.stats.retained = out.retained.len();
+
+    // Sessions, and what a new generation needs to stand for them.
+    let live_ids: HashSet<ByteString> = live.iter().map(|(c, ..)| c.clone()).collect();
+    let sid_index: HashMap<u64, usize> = msgs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.msg.sid, i))
+        .collect();
+    for (si, (client, s, expires_at)) in live.into_iter().enumerate() {
+        for &sid in s.incoming.values() {
+            if let Some(&mi) = sid_index.get(&sid) {
+                needed[mi] = true;
+            }
+        }
+        out.compacted.push(Record::Start {
+            ts: s.base_ts,
+            client: client.clone(),
+            clean: true,
+            expiry: s.expiry,
+        });
+        for (f, &(options, sub_id, ts)) in &s.subs {
+            out.compacted.push(Record::Sub {
+                ts,
+                client: client.clone(),
+                filter: f.clone(),
+                options,
+                sub_id,
+            });
+        }
+        out.compacted.push(Record::Disc {
+            ts: s.offline_since.max(s.base_ts),
+            client: client.clone(),
+            expiry: s.expiry,
+        });
+        let mut infl = std::mem::take(&mut inflight[si]);
+        infl.sort_by_key(|(order, _)| *order);
+        out.stats.inflight += infl.len();
+        out.stats.queued += queue[si].len();
+        let subs = s.subs.iter().filter_map(|(f, &(o, id, _))| {
+            Some((
+                record::filter(f)?,
+                Subscription {
+                    options: record::options_from(o),
+                    subscription_id: (id != 0).then_some(id),
+                },
+            ))
+        });
+        let state = SessionState::recovered(
+            client.clone(),
+            subs,
+            infl.into_iter().map(|(_, d)| d),
+            std::mem::take(&mut queue[si]),
+            s.incoming.keys().copied(),
+            s.expiry,
+            expires_at,
+        );
+        out.sessions.push(state);
+    }
+    out.stats.sessions = out.sessions.len();
+    for (mi, st) in msgs.iter().enumerate() {
+        if needed[mi] {
+            out.compacted.push(records[st.rec].clone());
+        }
+    }
+    let kept_sid = |sid: &u64| sid_index.get(sid).is_some_and(|&mi| needed[mi]);
+    for r in &records {
+        let keep = match r {
+            Record::Ack { client, sid, .. }
+            | Record::Sent { client, sid, .. }
+            | Record::Rel { client, sid, .. } => live_ids.contains(client) && kept_sid(sid),
+            _ => false,
+        };
+        if keep {
+            out.compacted.push(r.clone());
+        }
+    }
+    out.compacted.sort_by_key(Record::ts);
+    out
+}
+
+/// A `$share` group member: session index, filter, options byte, subscription id, since.
+type Member = (usize, TopicFilter, u8, u32, u64);
+
+#[allow(clippy::too_many_arguments)]
+fn place(
+    inflight: &mut Vec<(u64, RecoveredDelivery)>,
+    queue: &mut Vec<RecoveredDelivery>,
+    m: &Message,
+    qos: QoS,
+    retain: bool,
+    sub_ids: SmallVec<[u32; 2]>,
+    sent: &HashMap<(ByteString, u64), u16>,
+    rel: &HashSet<(ByteString, u64)>,
+    key: (ByteString, u64),
+) {
+    let pid = if qos == QoS::ExactlyOnce {
+        sent.get(&key).copied()
+    } else {
+        None
+    };
+    let d = RecoveredDelivery {
+        msg: m.clone(),
+        qos,
+        retain,
+        sub_ids,
+        packet_id: pid,
+        released: rel.contains(&key),
+    };
+    match pid {
+        Some(_) => inflight.push((inflight.len() as u64, d)),
+        None => queue.push(d),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::TopicName;
+    use crate::session::InflightState;
+    use bytes::Bytes;
+
+    fn msg_rec(ts: u64, seq: u64, topic: &str, qos: QoS, retain: bool, body: &str) -> Record {
+        let m = Message {
+            topic: TopicName::new(ByteString::from(topic)).unwrap(),
+            payload: Bytes::from(body.to_string()),
+            qos,
+            retain,
+            properties: None,
+            expires_at: None,
+            origin: "pub".into(),
+            sid: record::sid(1, seq),
+        };
+        Record::Msg {
+            ts,
+            sid: m.sid,
+            client: "pub".into(),
+            in_pid: 0,
+            expires: 0,
+            publish: record::encode_publish(&m),
+        }
+    }
+
+    fn start(ts: u64, c: &str, clean: bool) -> Record {
+        Record::Start {
+            ts,
+            client: c.into(),
+            clean,
+            expiry: EXPIRY_NEVER,
+        }
+    }
+
+    fn sub(ts: u64, c: &str, f: &str, qos: u8) -> Record {
+        Record::Sub {
+            ts,
+            client: c.into(),
+            filter: f.into(),
+            options: qos,
+            sub_id: 0,
+        }
+    }
+
+    fn bodies(s: &SessionState) -> Vec<String> {
+        s.inflight
+            .iter()
+            .map(|f| &f.out.msg)
+            .chain(s.queue.iter().map(|o| &o.msg))
+            .map(|m| String::from_utf8_lossy(&m.payload).to_string())
+            .collect()
+    }
+
+    #[test]
+    fn unacknowledged_messages_are_requeued_once_in_order() {
+        let now = Instant::now();
+        let recs = vec![
+            start(10, "s", false),
+            sub(11, "s", "a/#", 1),
+            msg_rec(5, 1, "a/x", QoS::AtLeastOnce, false, "before-sub"),
+            msg_rec(12, 2, "a/x", QoS::AtLeastOnce, false, "m2"),
+            msg_rec(13, 3, "a/x", QoS::AtLeastOnce, false, "m3"),
+            msg_rec(14, 4, "b/x", QoS::AtLeastOnce, false, "other"),
+            msg_rec(15, 5, "a/y", QoS::AtLeastOnce, false, "m5"),
+            Record::Ack {
+                ts: 16,
+                client: "s".into(),
+                sid: record::sid(1, 3),
+            },
+            Record::Disc {
+                ts: 17,
+                client: "s".into(),
+                expiry: EXPIRY_NEVER,
+            },
+            msg_rec(18, 6, "a/z", QoS::AtMostOnce, true, "kept"),
+            msg_rec(19, 7, "a/z", QoS::AtMostOnce, true, "latest"),
+        ];
+        // Any input order (shards' logs are merged by timestamp).
+        let mut shuffled = recs.clone();
+        shuffled.reverse();
+        let r = rebuild(shuffled, now, 1_000);
+        assert_eq!(r.sessions.len(), 1);
+        assert_eq!(bodies(&r.sessions[0]), ["m2", "m5"]);
+        assert_eq!(r.retained.len(), 1);
+        assert_eq!(r.retained[0].payload.as_ref(), b"latest");
+        assert_eq!(r.next_seq.get(&1), Some(&8));
+        // The compacted records stand for the same state.
+        let again = rebuild(r.compacted.clone(), now, 1_000);
+        assert_eq!(bodies(&again.sessions[0]), ["m2", "m5"]);
+        assert_eq!(again.retained[0].payload.as_ref(), b"latest");
+    }
+
+    #[test]
+    fn qos2_in_flight_keeps_its_packet_id_and_clean_start_forgets() {
+        let now = Instant::now();
+        let recs = vec![
+            start(1, "s", false),
+            sub(2, "s", "q", 2),
+            start(3, "gone", false),
+            sub(4, "gone", "q", 2),
+            msg_rec(5, 1, "q", QoS::ExactlyOnce, false, "released"),
+            Record::Sent {
+                ts: 6,
+                client: "s".into(),
+                sid: record::sid(1, 1),
+                pid: 77,
+            },
+            Record::Rel {
+                ts: 7,
+                client: "s".into(),
+                sid: record::sid(1, 1),
+            },
+            start(8, "gone", true),
+            Record::End {
+                ts: 9,
+                client: "gone".into(),
+            },
+            Record::InRel {
+                ts: 10,
+                client: "s".into(),
+                pid: 5,
+            },
+        ];
+        let r = rebuild(recs, now, 1_000);
+        assert_eq!(r.sessions.len(), 1, "the ended session is gone");
+        let s = &r.sessions[0];
+        assert_eq!(s.inflight.len(), 1);
+        assert_eq!(s.inflight[0].packet_id, 77);
+        assert_eq!(s.inflight[0].state, InflightState::AwaitingPubComp);
+    }
+
+    #[test]
+    fn sessions_expire_while_down() {
+        let now = Instant::now();
+        let recs = vec![
+            Record::Start {
+                ts: 1,
+                client: "short".into(),
+                clean: true,
+                expiry: 1,
+            },
+            Record::Disc {
+                ts: 2,
+                client: "short".into(),
+                expiry: 1,
+            },
+            start(3, "long", true),
+        ];
+        // 10 s of wall time later.
+        let r = rebuild(recs, now, 10_000_000_000);
+        assert_eq!(r.sessions.len(), 1);
+        assert_eq!(&**r.sessions[0].client_id(), "long");
+        assert_eq!(r.stats.sessions_expired, 1);
+    }
+}
