@@ -332,6 +332,9 @@ pub fn start(cfg: RuntimeConfig) -> Result<Broker, StartError> {
     shared.store = store_start;
     let shared = Arc::new(shared);
 
+    /// 4,096 SQEs (8,192 CQEs): the smallest depth with the kernel's full 256-bucket cancel
+    /// table.
+    const RING_DEPTH: usize = 4096;
     let mut threads = Vec::with_capacity(shards);
     for id in 0..shards {
         let cpu = cpus[id % cpus.len()];
@@ -342,7 +345,14 @@ pub fn start(cfg: RuntimeConfig) -> Result<Broker, StartError> {
         let builder = glommio::LocalExecutorBuilder::new(glommio::Placement::Fixed(cpu))
             .name(&format!("midge-shard-{id}"))
             // glommio's 10 MiB default cannot be locked under the usual 8 MiB memlock limit.
-            .io_memory(256 << 10);
+            .io_memory(256 << 10)
+            // Deep rings for their cancel hash table, not for concurrency: the kernel sizes
+            // it from the ring (ilog2(cq entries) - 5 bits, at most 8) and glommio cancels
+            // its preemption timeouts on every reactor wake-up, a cancel that first walks one
+            // bucket of the armed polls, i.e. every idle connection. With the default depth
+            // of 128 that is 8 buckets: 15,000 idle TLS devices sending PINGREQs made the
+            // broker 17x mosquitto's idle CPU, ~40% of it in the kernel's io_poll_find.
+            .ring_depth(RING_DEPTH);
         let handle = builder
             .spawn(move || async move {
                 driver::shard_main(id, cpu, shared, mesh, control, ready).await;
