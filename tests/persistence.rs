@@ -597,3 +597,128 @@ fn a_mosquitto_database_file_is_a_clear_error() {
         "{lines}"
     );
 }
+
+/// A `mosquitto_sub -V 5` device with a will (delay 2 s) on a persistent session; its
+/// stdout (`-d`: protocol lines) is read to know when it is subscribed.
+fn will_device(port: u16, id: &str) -> std::process::Child {
+    use std::io::BufRead;
+    // stdbuf: mosquitto_sub's stdout is block-buffered into a pipe.
+    let mut child = std::process::Command::new("stdbuf")
+        .args([
+            "-oL",
+            "mosquitto_sub",
+            "-V",
+            "5",
+            "-d",
+            "-p",
+            &port.to_string(),
+            "-h",
+            "127.0.0.1",
+        ])
+        .args([
+            "-i",
+            id,
+            "-c",
+            "-x",
+            "600",
+            "-q",
+            "1",
+            "-t",
+            &format!("cmd/{id}"),
+        ])
+        .args(["--will-topic", &format!("wills/{id}"), "--will-payload"])
+        .arg(format!("{id} lost"))
+        .args(["--will-qos", "1", "-D", "will", "will-delay-interval", "2"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("mosquitto_sub (scripts/test.sh installs mosquitto-clients)");
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if line.contains("received SUBACK") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(10))
+        .unwrap_or_else(|_| panic!("{id} was not subscribed within 10 s"));
+    child
+}
+
+/// A will with a delay outlives a crash (issue 11): the device was connected when the
+/// broker was killed, so after the restart its will is published once the delay has run
+/// out. A device that disconnected normally before the crash has no will left to publish.
+#[test]
+fn a_delayed_will_is_published_after_a_kill9_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let conf = config(dir.path(), port);
+    let mut m = start(&conf, 2, port);
+    let (w, mut wc) = client("will-watcher", port, false);
+    w.subscribe("wills/#", QoS::AtLeastOnce).unwrap();
+    wait_for(&mut wc, |p| matches!(p, Packet::SubAck(_)));
+
+    // mosquitto_pub publishes and leaves with DISCONNECT 0x00, which discards its will.
+    // (mosquitto_sub stopped by a signal would send 0x04: "publish my will".)
+    let st = std::process::Command::new("mosquitto_pub")
+        .args([
+            "-V",
+            "5",
+            "-p",
+            &port.to_string(),
+            "-h",
+            "127.0.0.1",
+            "-i",
+            "dev-polite",
+        ])
+        .args([
+            "-c",
+            "-x",
+            "600",
+            "-q",
+            "1",
+            "-t",
+            "hello/dev-polite",
+            "-m",
+            "hi",
+        ])
+        .args([
+            "--will-topic",
+            "wills/dev-polite",
+            "--will-payload",
+            "dev-polite lost",
+        ])
+        .args(["--will-qos", "1", "-D", "will", "will-delay-interval", "2"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let mut lost = will_device(port, "dev-lost");
+
+    kill9(&mut m, port);
+    // The device must not reconnect (that would cancel its will): it dies with the broker.
+    let _ = lost.kill();
+    let _ = lost.wait();
+    drop(w);
+    drop(wc);
+    m = start(&conf, 2, port);
+
+    let (_w, mut wc) = client("will-watcher", port, false);
+    let mut wills = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut until = deadline;
+    while Instant::now() < until {
+        if let Ok(Ok(Event::Incoming(Packet::Publish(p)))) =
+            wc.recv_timeout(Duration::from_millis(100))
+        {
+            wills.push(String::from_utf8_lossy(&p.payload).to_string());
+            // Anything else due would have been due by now: a second more to see it.
+            until = until.min(Instant::now() + Duration::from_secs(1));
+        }
+    }
+    let log = m.lines().join("\n");
+    assert_eq!(wills, ["dev-lost lost"], "broker log:\n{log}");
+    m.sigterm();
+    assert!(m.wait_exit(Duration::from_secs(15)).is_some());
+}

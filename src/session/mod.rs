@@ -72,7 +72,9 @@ mod state;
 #[cfg(test)]
 mod tests;
 
-pub use state::{InflightState, RecoveredDelivery, SessionState, Subscription, EXPIRY_NEVER};
+pub use state::{
+    InflightState, RecoveredDelivery, SessionState, Subscription, WillAuth, EXPIRY_NEVER,
+};
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -440,6 +442,10 @@ fn secs(s: u32) -> Duration {
     Duration::from_secs(u64::from(s))
 }
 
+fn has_delay(w: &LastWill) -> bool {
+    w.properties.will_delay_interval.unwrap_or(0) > 0
+}
+
 /// The will as a routable message; its expiry starts when it is published.
 fn will_message(client_id: &ByteString, will: LastWill, now: Instant) -> Message {
     let p = will.properties;
@@ -503,6 +509,9 @@ pub enum Note {
     Done { sid: u64 },
     /// The client released its QoS 2 packet id `pid` (PUBREL).
     InRel { pid: u16 },
+    /// The will the log holds (one with a delay, see [`Session::durable_will`]) is gone:
+    /// published, or discarded by a normal DISCONNECT.
+    WillGone,
 }
 
 impl Session {
@@ -1069,6 +1078,16 @@ impl Session {
         }
     }
 
+    /// The connection's will, if the persistent log must hold it: one with a delay, which
+    /// may still be due after a restart (a will without one is published when the connection
+    /// is lost, or never).
+    pub fn durable_will(&self) -> Option<&LastWill> {
+        self.conn
+            .as_ref()
+            .and_then(|c| c.will.as_deref())
+            .filter(|w| has_delay(w))
+    }
+
     /// The client's packet id of the last QoS 2 PUBLISH accepted (0 after QoS 0/1).
     pub fn last_in_pid(&self) -> u16 {
         self.last_in_pid
@@ -1078,7 +1097,7 @@ impl Session {
         if let Some(j) = self.journal.as_mut() {
             let sid = match n {
                 Note::Sent { sid, .. } | Note::Released { sid } | Note::Done { sid } => sid,
-                Note::InRel { .. } => 1,
+                Note::InRel { .. } | Note::WillGone => 1,
             };
             if sid != 0 {
                 j.push(n);
@@ -1675,13 +1694,20 @@ impl Session {
         if expiry != EXPIRY_NEVER {
             self.state.expires_at = Some(now + secs(expiry));
         }
+        if !publish_will && conn.will.as_deref().is_some_and(has_delay) {
+            self.note(Note::WillGone);
+        }
         if let (true, Some(will)) = (publish_will, conn.will) {
             let delay = will.properties.will_delay_interval.unwrap_or(0);
             let mut due = now + secs(delay);
             if let Some(end) = self.state.expires_at {
                 due = due.min(end);
             }
-            self.state.pending_will = Some(PendingWill { will, due });
+            self.state.pending_will = Some(PendingWill {
+                will,
+                due,
+                auth: None,
+            });
             if due <= now {
                 self.fire_pending_will(now);
             }
@@ -1693,6 +1719,9 @@ impl Session {
 
     fn fire_pending_will(&mut self, now: Instant) {
         if let Some(pw) = self.state.pending_will.take() {
+            if has_delay(&pw.will) {
+                self.note(Note::WillGone);
+            }
             let msg = will_message(&self.state.client_id, *pw.will, now);
             self.events.push_back(SessionEvent::Will(msg));
         }

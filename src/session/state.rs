@@ -88,6 +88,16 @@ impl RecoveredDelivery {
 pub(crate) struct PendingWill {
     pub will: Box<LastWill>,
     pub due: Instant,
+    /// Whom the ACL checks when it is published, for a will rebuilt from the persistent log
+    /// (a live session's will is checked with its connection's identity instead).
+    pub auth: Option<WillAuth>,
+}
+
+/// The identity a recovered will is published under: its listener and username.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WillAuth {
+    pub listener: usize,
+    pub username: Option<ByteString>,
 }
 
 /// The exportable, `Send` persistent state of one client's session (MQTT 5 §4.1).
@@ -132,6 +142,21 @@ impl SessionState {
 
     pub fn client_id(&self) -> &ByteString {
         &self.client_id
+    }
+
+    /// A will the persistent log says was pending: published at `due` (or when the session
+    /// ends, if sooner) unless a connection resumes the session first.
+    pub fn set_recovered_will(&mut self, will: LastWill, due: Instant, auth: Option<WillAuth>) {
+        self.pending_will = Some(PendingWill {
+            will: Box::new(will),
+            due,
+            auth,
+        });
+    }
+
+    /// The identity a recovered pending will is checked with (see [`WillAuth`]).
+    pub fn recovered_will_auth(&self) -> Option<&WillAuth> {
+        self.pending_will.as_ref().and_then(|w| w.auth.as_ref())
     }
 
     /// A session rebuilt from the persistent log (`crate::store`): its subscriptions, the

@@ -118,7 +118,7 @@ impl ShardCore {
             self.counters.count_drop(DropCause::Qos0PeerFull);
             return;
         }
-        self.out[to].push_back(PeerMsg::Forward { fwd, publisher });
+        self.queue_forward(to, PeerMsg::Forward { fwd, publisher });
         if qos0 || !full {
             return;
         }
@@ -350,7 +350,28 @@ impl ShardCore {
         // The publisher's acknowledgement may already be out: never held, never dropped.
         let _ = publisher;
         self.counters.forwards_out.inc();
-        self.out[to.index()].push_back(PeerMsg::Forward { fwd, publisher: 0 });
+        self.queue_forward(to.index(), PeerMsg::Forward { fwd, publisher: 0 });
+    }
+
+    /// Queue a forward for `to`. A QoS 2 message leaves only once this shard's log holds its
+    /// record (and everything recorded before it): otherwise a crash could lose the record
+    /// after a subscriber on `to` got the message, and the publisher, never having had its
+    /// PUBREC, would send it again: a second delivery (see `outq.rs`).
+    fn queue_forward(&mut self, to: ShardId, m: PeerMsg) {
+        let needs = match &m {
+            PeerMsg::Forward { fwd, .. } => {
+                fwd.message.qos == QoS::ExactlyOnce
+                    && fwd.message.sid != 0
+                    && crate::store::record::sid_origin(fwd.message.sid) == self.id
+            }
+            _ => false,
+        };
+        let q = &mut self.out[to];
+        if needs && self.store.durable() < self.store.appended {
+            q.push_back_after(m, self.store.appended);
+        } else {
+            q.push_back(m);
+        }
     }
 
     /// Apply a route delta here and broadcast it to every other shard.

@@ -55,6 +55,7 @@ mod fanout;
 mod flow;
 mod lines;
 pub mod msg;
+mod outq;
 mod persist;
 pub mod registry;
 mod settle;
@@ -197,7 +198,7 @@ pub struct ShardCore {
     pub(crate) timers: Timers,
 
     /// Messages for each peer, in order; the driver moves them into the mailboxes.
-    pub(crate) out: Vec<VecDeque<PeerMsg>>,
+    pub(crate) out: Vec<outq::PeerQueue>,
     /// Messages to this shard itself, handled after the current input (never re-entrantly).
     pub(crate) self_queue: VecDeque<PeerMsg>,
     /// Publishers waiting for peer queues they filled past the data bound, oldest first.
@@ -237,7 +238,7 @@ impl ShardCore {
             switching: AHashMap::new(),
             settle: Settle::new(shards),
             timers: Timers::default(),
-            out: (0..shards).map(|_| VecDeque::new()).collect(),
+            out: (0..shards).map(|_| outq::PeerQueue::default()).collect(),
             self_queue: VecDeque::new(),
             held_pubs: VecDeque::new(),
             resumable: Vec::new(),
@@ -333,8 +334,9 @@ impl ShardCore {
     /// Peers with messages waiting in [`ShardCore::poll_peer`], as a bit mask.
     pub fn peers_with_output(&self) -> u64 {
         let mut m = 0u64;
+        let durable = self.store.durable();
         for (i, q) in self.out.iter().enumerate() {
-            if !q.is_empty() {
+            if q.ready(durable) {
                 m |= 1 << i;
             }
         }
@@ -343,7 +345,8 @@ impl ShardCore {
 
     /// The next message for `peer`'s mailbox.
     pub fn poll_peer(&mut self, peer: ShardId, now: Instant) -> Option<PeerMsg> {
-        let m = self.out.get_mut(peer)?.pop_front()?;
+        let durable = self.store.durable();
+        let m = self.out.get_mut(peer)?.pop_front(durable)?;
         if !self.held_pubs.is_empty() {
             // Room appeared (the bound counts every queued message, control included):
             // publishers waiting on it may resume.
@@ -362,7 +365,7 @@ impl ShardCore {
 
     /// Messages queued for `peer` (the driver's view of backpressure).
     pub fn peer_backlog(&self, peer: ShardId) -> usize {
-        self.out.get(peer).map_or(0, VecDeque::len)
+        self.out.get(peer).map_or(0, outq::PeerQueue::len)
     }
 
     /// The next connection with something new for the driver.

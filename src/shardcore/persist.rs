@@ -93,6 +93,10 @@ impl Store {
         }
     }
 
+    pub fn durable(&self) -> u64 {
+        self.durable
+    }
+
     fn gate_needed(&self) -> bool {
         self.durable < self.appended
     }
@@ -340,12 +344,42 @@ impl ShardCore {
         e.session.set_journal(expiry != 0);
         let ts = self.store.ts(now);
         if expiry != 0 {
+            let will = e
+                .session
+                .durable_will()
+                .map(record::encode_will)
+                .map(|publish| {
+                    let delay = e
+                        .session
+                        .durable_will()
+                        .and_then(|w| w.properties.will_delay_interval)
+                        .unwrap_or(0);
+                    let (listener, username) = match e.authz.as_deref() {
+                        Some(a) => (
+                            u16::try_from(a.listener).unwrap_or(record::NO_LISTENER),
+                            a.subject.client().username.map(ByteString::from),
+                        ),
+                        None => (record::NO_LISTENER, None),
+                    };
+                    (delay, listener, username, publish)
+                });
             self.store.push(&Record::Start {
                 ts,
-                client,
+                client: client.clone(),
                 clean: !carried,
                 expiry,
             });
+            if let Some((delay, listener, username, publish)) = will {
+                let ts = self.store.ts(now);
+                self.store.push(&Record::Will {
+                    ts,
+                    client,
+                    delay,
+                    listener,
+                    username,
+                    publish,
+                });
+            }
         } else if carried {
             self.store.push(&Record::End { ts, client });
         }
@@ -397,6 +431,7 @@ impl ShardCore {
                     gate = true;
                     Record::InRel { ts, client, pid }
                 }
+                Note::WillGone => Record::WillGone { ts, client },
             };
             self.store.push(&r);
         }
@@ -430,14 +465,22 @@ impl ShardCore {
                 .subscriptions()
                 .map(|(f, s)| (f.clone(), s.options, s.subscription_id))
                 .collect();
+            // A pending will is checked, when published, with the identity its connection
+            // had; otherwise the connection that resumes the session sets one, and what was
+            // queued meanwhile is checked against its ACL then (`recheck_resumed`).
+            let authz = state.recovered_will_auth().and_then(|w| {
+                let auth = super::ConnAuth {
+                    listener: w.listener,
+                    password: None,
+                };
+                self.make_authz(Some(&auth), &client, w.username.as_deref())
+            });
             let mut e = Entry {
                 session: Box::new(Session::offline(&self.cfg.session, state)),
                 live: false,
                 flow: None,
                 timer_armed: None,
-                // Set again by the connection that resumes it; what was queued meanwhile is
-                // checked against that connection's ACL then (`recheck_resumed`).
-                authz: None,
+                authz,
             };
             self.journal_offline(&mut e);
             self.sessions.insert(key, e);

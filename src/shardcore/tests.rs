@@ -509,3 +509,58 @@ fn acknowledgements_wait_for_the_disk_and_qos0_flows_while_it_fails() {
         "{out:?}"
     );
 }
+
+#[test]
+fn a_qos2_forward_leaves_only_once_its_record_is_durable() {
+    // Subscriber (persistent) on shard 1, publisher on shard 0.
+    let mut n = Net::new(2, persistent);
+    let sub = n.connect(1, "sub", false);
+    n.settle();
+    n.disk(0);
+    n.disk(1);
+    n.settle();
+    assert_eq!(kinds(&n.out(sub)), [2]);
+    n.send(sub, subscribe(1, "t", QoS::ExactlyOnce));
+    n.settle();
+    n.disk(1);
+    n.settle();
+    assert_eq!(kinds(&n.out(sub)), [9]);
+    let publ = n.connect(0, "pub", true);
+    n.settle();
+    n.out(publ);
+
+    // QoS 1 may go ahead of its record (a duplicate after a crash is allowed at QoS 1).
+    n.send(publ, publish(1, "t", QoS::AtLeastOnce, "one"));
+    n.settle();
+    assert_eq!(payloads(&n.out(sub)), ["one"]);
+
+    // QoS 2 waits: a copy delivered before the record is durable could be delivered again
+    // after a crash, when the publisher (no PUBREC yet) re-sends it.
+    n.send(publ, publish(2, "t", QoS::ExactlyOnce, "two"));
+    // And what the same publisher sends after it waits behind it (per-publisher order).
+    n.send(publ, publish(0, "t", QoS::AtMostOnce, "three"));
+    n.settle();
+    n.disk(1);
+    n.settle();
+    assert!(
+        n.out(sub).is_empty(),
+        "QoS 2 forward left before its record"
+    );
+    assert_eq!(
+        n.cores[0].peer_backlog(1),
+        2,
+        "both held on the origin shard"
+    );
+    assert_eq!(
+        n.cores[0].peers_with_output(),
+        0,
+        "a held queue is not output"
+    );
+    assert!(n.out(publ).iter().all(|p| !matches!(p, Packet::PubRec(_))));
+    n.disk(0);
+    n.settle();
+    n.disk(1);
+    n.settle();
+    assert_eq!(payloads(&n.out(sub)), ["two", "three"]);
+    assert!(n.out(publ).iter().any(|p| matches!(p, Packet::PubRec(_))));
+}

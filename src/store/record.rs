@@ -14,8 +14,8 @@ use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
 
 use crate::codec::{
-    self, Limits, Packet, ProtocolVersion, Publish, QoS, RetainHandling, SubscriptionOptions,
-    TopicFilter,
+    self, LastWill, Limits, Packet, ProtocolVersion, Publish, PublishProperties, QoS,
+    RetainHandling, SubscriptionOptions, TopicFilter, WillProperties,
 };
 
 pub const KIND_MSG: u8 = 2;
@@ -28,6 +28,11 @@ pub const KIND_ACK: u8 = 8;
 pub const KIND_SENT: u8 = 9;
 pub const KIND_REL: u8 = 10;
 pub const KIND_INREL: u8 = 11;
+pub const KIND_WILL: u8 = 12;
+pub const KIND_WILL_GONE: u8 = 13;
+
+/// `Will::listener` of a will whose listener checks nothing (no ACL, no password file).
+pub const NO_LISTENER: u16 = u16::MAX;
 
 /// `sid` of a message: origin shard and sequence.
 pub fn sid(origin: usize, seq: u64) -> u64 {
@@ -109,6 +114,21 @@ pub enum Record {
         client: ByteString,
         pid: u16,
     },
+    /// The connection of persistent session `client` carries a will with a delay (`delay`
+    /// seconds): if the connection is lost, it is published after the delay or when the
+    /// session ends, restart or not. `publish`: the will as a v5 PUBLISH (its message expiry
+    /// as a property). `listener`/`username`: whom the ACL checks when it is published
+    /// (`NO_LISTENER`: nothing to check).
+    Will {
+        ts: u64,
+        client: ByteString,
+        delay: u32,
+        listener: u16,
+        username: Option<ByteString>,
+        publish: Bytes,
+    },
+    /// The will of `client` is gone: published, or discarded by a normal DISCONNECT.
+    WillGone { ts: u64, client: ByteString },
 }
 
 pub fn options_byte(o: SubscriptionOptions) -> u8 {
@@ -239,6 +259,8 @@ impl Record {
             Record::Sent { .. } => KIND_SENT,
             Record::Rel { .. } => KIND_REL,
             Record::InRel { .. } => KIND_INREL,
+            Record::Will { .. } => KIND_WILL,
+            Record::WillGone { .. } => KIND_WILL_GONE,
         }
     }
 
@@ -253,7 +275,9 @@ impl Record {
             | Record::Ack { ts, .. }
             | Record::Sent { ts, .. }
             | Record::Rel { ts, .. }
-            | Record::InRel { ts, .. } => *ts,
+            | Record::InRel { ts, .. }
+            | Record::Will { ts, .. }
+            | Record::WillGone { ts, .. } => *ts,
         }
     }
 
@@ -268,7 +292,9 @@ impl Record {
             | Record::Ack { client, .. }
             | Record::Sent { client, .. }
             | Record::Rel { client, .. }
-            | Record::InRel { client, .. } => client,
+            | Record::InRel { client, .. }
+            | Record::Will { client, .. }
+            | Record::WillGone { client, .. } => client,
         }
     }
 
@@ -337,6 +363,25 @@ impl Record {
             }
             Record::InRel { ts, client, pid } => {
                 w.u64(*ts).bytes(client.as_bytes()).u16(*pid);
+            }
+            Record::Will {
+                ts,
+                client,
+                delay,
+                listener,
+                username,
+                publish,
+            } => {
+                w.u64(*ts)
+                    .bytes(client.as_bytes())
+                    .u32(*delay)
+                    .u16(*listener)
+                    .u8(u8::from(username.is_some()))
+                    .bytes(username.as_deref().unwrap_or("").as_bytes())
+                    .bytes(publish);
+            }
+            Record::WillGone { ts, client } => {
+                w.u64(*ts).bytes(client.as_bytes());
             }
         }
     }
@@ -409,6 +454,21 @@ impl Record {
                 client,
                 pid: r.u16()?,
             },
+            KIND_WILL => {
+                let delay = r.u32()?;
+                let listener = r.u16()?;
+                let has_name = r.u8()? != 0;
+                let name = r.string()?;
+                Record::Will {
+                    ts,
+                    client,
+                    delay,
+                    listener,
+                    username: has_name.then_some(name),
+                    publish: Bytes::copy_from_slice(r.bytes()?),
+                }
+            }
+            KIND_WILL_GONE => Record::WillGone { ts, client },
             _ => {
                 return Err(BadRecord {
                     kind,
@@ -454,6 +514,54 @@ pub fn decode_publish(b: &[u8]) -> Result<Publish, &'static str> {
         Ok(None) => Err("stored message is cut short"),
         Err(_) => Err("stored message does not decode"),
     }
+}
+
+/// A will as the v5 PUBLISH a `Will` record stores: its properties as PUBLISH properties,
+/// its message expiry interval among them (it starts counting when the will is published).
+pub fn encode_will(w: &LastWill) -> Bytes {
+    let wp = &w.properties;
+    let props = PublishProperties {
+        payload_format_indicator: wp.payload_format_indicator,
+        message_expiry_interval: wp.message_expiry_interval,
+        content_type: wp.content_type.clone(),
+        response_topic: wp.response_topic.clone(),
+        correlation_data: wp.correlation_data.clone(),
+        user_properties: wp.user_properties.clone(),
+        ..PublishProperties::default()
+    };
+    let p = Publish {
+        dup: false,
+        qos: w.qos,
+        retain: w.retain,
+        topic: w.topic.clone(),
+        packet_id: u16::from(w.qos != QoS::AtMostOnce),
+        payload: w.payload.clone(),
+        properties: props.into(),
+    };
+    let mut buf = BytesMut::new();
+    codec::encode(&Packet::Publish(p), ProtocolVersion::V5, &mut buf);
+    buf.freeze()
+}
+
+/// The will a `Will` record stores, with its delay.
+pub fn decode_will(b: &[u8], delay: u32) -> Result<LastWill, &'static str> {
+    let p = decode_publish(b)?;
+    let pp = p.properties.into_inner();
+    Ok(LastWill {
+        topic: p.topic,
+        payload: Bytes::copy_from_slice(&p.payload),
+        qos: p.qos,
+        retain: p.retain,
+        properties: WillProperties {
+            will_delay_interval: Some(delay),
+            payload_format_indicator: pp.payload_format_indicator,
+            message_expiry_interval: pp.message_expiry_interval,
+            content_type: pp.content_type,
+            response_topic: pp.response_topic,
+            correlation_data: pp.correlation_data,
+            user_properties: pp.user_properties,
+        },
+    })
 }
 
 /// Whether `f` is a valid filter (records are checked before use).
@@ -522,9 +630,26 @@ mod tests {
             },
             Record::InRel {
                 ts: 14,
-                client: c,
+                client: c.clone(),
                 pid: 3,
             },
+            Record::Will {
+                ts: 15,
+                client: c.clone(),
+                delay: 30,
+                listener: 1,
+                username: Some("u".into()),
+                publish: Bytes::from_static(b"will"),
+            },
+            Record::Will {
+                ts: 16,
+                client: c.clone(),
+                delay: 1,
+                listener: NO_LISTENER,
+                username: None,
+                publish: Bytes::from_static(b"w"),
+            },
+            Record::WillGone { ts: 17, client: c },
         ];
         for r in all {
             let mut b = Vec::new();
@@ -536,6 +661,19 @@ mod tests {
             options_from(options_byte(options_from(0x2B))),
             options_from(0x2B)
         );
+        let will = LastWill {
+            topic: crate::codec::TopicName::new("dev/1/status".to_string()).unwrap(),
+            payload: Bytes::from_static(b"offline"),
+            qos: QoS::AtLeastOnce,
+            retain: true,
+            properties: WillProperties {
+                will_delay_interval: Some(30),
+                message_expiry_interval: Some(600),
+                content_type: Some("text/plain".into()),
+                ..WillProperties::default()
+            },
+        };
+        assert_eq!(decode_will(&encode_will(&will), 30).unwrap(), will);
         assert_eq!(sid_origin(sid(5, 9)), 5);
         assert_eq!(sid_seq(sid(5, 9)), 9);
     }

@@ -18,7 +18,7 @@ use super::record::{self, sid_origin, sid_seq, Record};
 use crate::codec::{QoS, TopicFilter};
 use crate::message::Message;
 use crate::routing::{LocalSubscription, LocalSubscriptions};
-use crate::session::{RecoveredDelivery, SessionState, Subscription, EXPIRY_NEVER};
+use crate::session::{RecoveredDelivery, SessionState, Subscription, WillAuth, EXPIRY_NEVER};
 
 /// What the broker starts with.
 #[derive(Debug, Default)]
@@ -44,6 +44,8 @@ pub struct Stats {
     pub queued: usize,
     pub inflight: usize,
     pub retained: usize,
+    /// Sessions with a will pending (their connection was lost, the delay had not run out).
+    pub wills: usize,
 }
 
 #[derive(Default)]
@@ -57,6 +59,8 @@ struct Sess {
     subs: BTreeMap<ByteString, (u8, u32, u64)>,
     /// Unreleased QoS 2 packet ids → the sid of the message they carried.
     incoming: BTreeMap<u16, u64>,
+    /// Index of the `Will` record of its latest connection, while that will is pending.
+    will: Option<usize>,
 }
 
 struct Stored {
@@ -144,6 +148,9 @@ pub fn rebuild(mut records: Vec<Record>, now: Instant, now_ns: u64) -> Recovered
                 }
                 s.expiry = *expiry;
                 s.online = true;
+                // A new connection cancels a pending will [MQTT-3.1.3-9] (or, on a clean
+                // start, it was published: its message is a record of its own).
+                s.will = None;
             }
             Record::Sub {
                 ts,
@@ -187,6 +194,16 @@ pub fn rebuild(mut records: Vec<Record>, now: Instant, now_ns: u64) -> Recovered
             Record::InRel { client, pid, .. } => {
                 if let Some(s) = sessions.get_mut(client) {
                     s.incoming.remove(pid);
+                }
+            }
+            Record::Will { client, .. } => {
+                if let Some(s) = sessions.get_mut(client) {
+                    s.will = Some(i);
+                }
+            }
+            Record::WillGone { client, .. } => {
+                if let Some(s) = sessions.get_mut(client) {
+                    s.will = None;
                 }
             }
         }
@@ -388,6 +405,9 @@ pub fn rebuild(mut records: Vec<Record>, now: Instant, now_ns: u64) -> Recovered
                 sub_id,
             });
         }
+        if let Some(wi) = s.will {
+            out.compacted.push(records[wi].clone());
+        }
         out.compacted.push(Record::Disc {
             ts: s.offline_since.max(s.base_ts),
             client: client.clone(),
@@ -406,7 +426,7 @@ pub fn rebuild(mut records: Vec<Record>, now: Instant, now_ns: u64) -> Recovered
                 },
             ))
         });
-        let state = SessionState::recovered(
+        let mut state = SessionState::recovered(
             client.clone(),
             subs,
             infl.into_iter().map(|(_, d)| d),
@@ -415,6 +435,32 @@ pub fn rebuild(mut records: Vec<Record>, now: Instant, now_ns: u64) -> Recovered
             s.expiry,
             expires_at,
         );
+        if let Some(Record::Will {
+            delay,
+            listener,
+            username,
+            publish,
+            ..
+        }) = s.will.map(|wi| &records[wi])
+        {
+            // The connection was lost (a DISCONNECT or publication would have cleared it):
+            // the will is due its delay after that, or when the session ends if sooner.
+            // Already due: it goes out as soon as the broker runs.
+            if let Ok(will) = record::decode_will(publish, *delay) {
+                let since = s.offline_since.max(s.base_ts);
+                let due_ns = since.saturating_add(u64::from(*delay).saturating_mul(1_000_000_000));
+                let mut due = to_instant(due_ns).unwrap_or(now);
+                if let Some(end) = expires_at {
+                    due = due.min(end);
+                }
+                let auth = (*listener != record::NO_LISTENER).then(|| WillAuth {
+                    listener: usize::from(*listener),
+                    username: username.clone(),
+                });
+                state.set_recovered_will(will, due, auth);
+                out.stats.wills += 1;
+            }
+        }
         out.sessions.push(state);
     }
     out.stats.sessions = out.sessions.len();
@@ -629,5 +675,91 @@ mod tests {
         assert_eq!(r.sessions.len(), 1);
         assert_eq!(&**r.sessions[0].client_id(), "long");
         assert_eq!(r.stats.sessions_expired, 1);
+    }
+
+    fn will_rec(ts: u64, c: &str, delay: u32) -> Record {
+        let w = crate::codec::LastWill {
+            topic: TopicName::new(ByteString::from(format!("{c}/status"))).unwrap(),
+            payload: Bytes::from_static(b"offline"),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            properties: crate::codec::WillProperties {
+                will_delay_interval: Some(delay),
+                ..Default::default()
+            },
+        };
+        Record::Will {
+            ts,
+            client: c.into(),
+            delay,
+            listener: record::NO_LISTENER,
+            username: None,
+            publish: record::encode_will(&w),
+        }
+    }
+
+    #[test]
+    fn a_will_with_delay_is_pending_after_a_restart_unless_it_went() {
+        let now = Instant::now();
+        let s = 1_000_000_000u64;
+        let recs = vec![
+            // Lost at 10 s (Disc), delay 30 s: due at 40 s; the broker restarts at 25 s.
+            start(s, "lost", false),
+            will_rec(s + 1, "lost", 30),
+            Record::Disc {
+                ts: 10 * s,
+                client: "lost".into(),
+                expiry: EXPIRY_NEVER,
+            },
+            // Connected when the broker died (no Disc): due its delay after the log's end.
+            start(2 * s, "crashed", false),
+            will_rec(2 * s + 1, "crashed", 60),
+            // Published, or discarded by a DISCONNECT: gone.
+            start(3 * s, "gone", false),
+            will_rec(3 * s + 1, "gone", 5),
+            Record::WillGone {
+                ts: 4 * s,
+                client: "gone".into(),
+            },
+            // A later connection cancelled it.
+            start(5 * s, "back", false),
+            will_rec(5 * s + 1, "back", 5),
+            start(6 * s, "back", false),
+            // The log ends at 20 s.
+            Record::Ack {
+                ts: 20 * s,
+                client: "lost".into(),
+                sid: 99,
+            },
+        ];
+        let check = |r: &Recovered| {
+            let due = |c: &str| {
+                r.sessions
+                    .iter()
+                    .find(|x| &**x.client_id() == c)
+                    .unwrap()
+                    .pending_will
+                    .as_ref()
+                    .map(|w| w.due.duration_since(now).as_secs())
+            };
+            assert_eq!(due("lost"), Some(15), "10 s + 30 s, seen at 25 s");
+            assert_eq!(due("crashed"), Some(55), "20 s + 60 s, seen at 25 s");
+            assert_eq!(due("gone"), None);
+            assert_eq!(due("back"), None);
+            assert_eq!(r.stats.wills, 2);
+        };
+        let r = rebuild(recs, now, 25 * s);
+        check(&r);
+        let w = r
+            .sessions
+            .iter()
+            .find(|x| &**x.client_id() == "lost")
+            .unwrap();
+        let pw = w.pending_will.as_ref().unwrap();
+        assert_eq!(pw.will.payload.as_ref(), b"offline");
+        assert_eq!(pw.will.properties.will_delay_interval, Some(30));
+        // Compaction keeps the wills (and the crashed session's disconnect time).
+        let again = rebuild(r.compacted.clone(), now, 25 * s);
+        check(&again);
     }
 }
