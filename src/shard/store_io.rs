@@ -52,7 +52,16 @@ impl StoreIo {
 }
 
 async fn open_segment(dir: &Directory, path: &std::path::Path) -> glommio::Result<DmaFile, ()> {
-    let f = DmaFile::create(path).await?;
+    // Read and write: glommio probes a new device for the poll ring with a read of the first
+    // file it opens there; on a write-only file that read fails with EBADF and glommio logs
+    // an alarming "unexpected error" at start-up.
+    let f = glommio::io::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .dma_open(path)
+        .await?;
     // The new file's directory entry must be durable before its records count.
     dir.sync().await?;
     Ok(f)

@@ -303,13 +303,14 @@ pub fn open(dir: &Path, shards: usize, now: Instant, now_ns: u64) -> Result<Open
     let st = recovered.stats;
     info!(
         "persistence: {} records read in {:.3}s; recovered {} sessions ({} queued, {} in \
-         flight, {} expired while down), {} retained; ready in {:.3}s",
+         flight, {} expired while down, {} with a will pending), {} retained; ready in {:.3}s",
         st.records,
         read.as_secs_f64(),
         st.sessions,
         st.queued,
         st.inflight,
         st.sessions_expired,
+        st.wills,
         st.retained,
         started.elapsed().as_secs_f64()
     );
