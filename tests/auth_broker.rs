@@ -12,10 +12,14 @@
 //! Needs Debian's `mosquitto-clients` (scripts/test.sh installs them); a missing program fails
 //! with that instruction. Every process is bounded and killed on drop; 127.0.0.1 only.
 
+mod common;
+
+use common::bin::free_port;
+use common::proc::{bounded, collect_stderr};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -34,35 +38,6 @@ fn tool(name: &str) -> Command {
         "{name} is not installed: install Debian's mosquitto-clients (scripts/test.sh does)"
     );
     Command::new(name)
-}
-
-fn bounded(mut cmd: Command, limit: Duration) -> Output {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let t0 = Instant::now();
-    loop {
-        if child.try_wait().expect("wait").is_some() {
-            return child.wait_with_output().expect("output");
-        }
-        if t0.elapsed() > limit {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("output");
-            panic!("{cmd:?} did not finish within {limit:?}: {out:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A running `midge -c CONF --shards 2`, its log collected; killed on drop.
@@ -86,17 +61,7 @@ impl Broker {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn midge");
-        let log = Arc::new(Mutex::new(String::new()));
-        let stderr = child.stderr.take().unwrap();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                let mut l = sink.lock().unwrap();
-                l.push_str(&line);
-                l.push('\n');
-            }
-        });
+        let log = collect_stderr(&mut child);
         let b = Broker { child, log };
         b.wait_count(&["listening on", &format!("127.0.0.1:{port}")], 2);
         b

@@ -7,8 +7,12 @@
 //! missing program fails the test with that instruction, never a silent skip. Every process is
 //! bounded by a deadline and killed on drop; mosquitto listens on a free 127.0.0.1 port.
 
+mod common;
+
+use common::bin::free_port;
+use common::proc::bounded;
 use std::io::Write;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -39,31 +43,6 @@ fn mosquitto_bin() -> PathBuf {
         }
     }
     panic!("mosquitto is not installed: apt-get install mosquitto (scripts/test.sh does)");
-}
-
-/// Run to completion, killed after `limit`.
-fn bounded(mut cmd: Command, limit: Duration) -> Output {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let t0 = Instant::now();
-    loop {
-        if child.try_wait().expect("wait").is_some() {
-            return child.wait_with_output().expect("output");
-        }
-        if t0.elapsed() > limit {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("output");
-            panic!(
-                "{cmd:?} did not finish within {limit:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 fn ok(out: &Output, what: &str) {
@@ -143,14 +122,6 @@ fn files_made_by_mosquitto_passwd_verify_in_midge() {
 }
 
 // ---- midge passwd → mosquitto ----------------------------------------------------------------
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 struct Mosquitto {
     child: Child,

@@ -2,20 +2,13 @@
 //! gracefully on SIGTERM (clients told 0x8B, exit code 0), refuse a port already in use.
 mod common;
 
+use common::bin::free_port;
 use std::io::Read;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use common::raw::{self, Raw, V5};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn spawn_midge(port: u16) -> Child {
     Command::new(env!("CARGO_BIN_EXE_midge"))

@@ -7,8 +7,11 @@
 //! Every child process is bounded (mosquitto_sub `-W`, `timeout` on openssl, kill on drop) and
 //! every broker listens on free 127.0.0.1 ports. Needs mosquitto-clients and openssl
 //! (scripts/test.sh installs them); each test fails with a clear message without them.
+mod common;
+
+use common::bin::free_port;
+use common::proc::collect_stderr;
 use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -32,14 +35,6 @@ fn need_tools() {
             panic!("`{tool}` is not runnable ({e}): install Debian's {pkg} (scripts/test.sh does)");
         }
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind 127.0.0.1:0")
-        .local_addr()
-        .expect("local_addr")
-        .port()
 }
 
 fn run(cmd: &mut Command) -> Output {
@@ -322,17 +317,7 @@ impl Broker {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn midge");
-        let log = Arc::new(Mutex::new(String::new()));
-        let stderr = child.stderr.take().unwrap();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                let mut l = sink.lock().unwrap();
-                l.push_str(&line);
-                l.push('\n');
-            }
-        });
+        let log = collect_stderr(&mut child);
         let mut b = Broker { child, log };
         let deadline = Instant::now() + Duration::from_secs(10);
         // Wait for the start-up log line of every shard rather than probing the TLS port

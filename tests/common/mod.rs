@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod bin;
+pub mod proc;
 pub mod v311;
 
 use std::net::SocketAddr;
