@@ -115,7 +115,13 @@ pub(crate) async fn store_task(shard: Rc<Shard>) {
                 )));
             }
             if io.sync != SyncMode::None {
+                let t = Instant::now();
                 f.fdatasync().await?;
+                shard
+                    .counters()
+                    .store_fsync
+                    .0
+                    .observe_ns(t.elapsed().as_nanos() as u64);
             }
             Ok(plan)
         }
@@ -125,9 +131,11 @@ pub(crate) async fn store_task(shard: Rc<Shard>) {
                 w.commit(&plan);
                 io.batches.set(io.batches.get() + 1);
                 io.bytes.set(io.bytes.get() + pending.len() as u64);
+                shard.counters().store_written_bytes.add(pending.len() as u64);
                 pending.clear();
                 if failing {
                     failing = false;
+                    shard.counters().store_failing.set(0);
                     warn!(
                         shard = shard.id,
                         "persistence: writing to {} again",
@@ -147,8 +155,10 @@ pub(crate) async fn store_task(shard: Rc<Shard>) {
                 }
             }
             Err(e) => {
+                shard.counters().store_write_errors.inc();
                 if !failing {
                     failing = true;
+                    shard.counters().store_failing.set(1);
                     // Once per outage, not per retry.
                     warn!(
                         shard = shard.id,
