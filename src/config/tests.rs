@@ -624,7 +624,10 @@ fn persistence_keys() {
     assert_eq!(c.persistence.unwrap().sync, crate::config::SyncMode::Always);
     assert_eq!(p.timeout, std::time::Duration::from_secs(30));
     let c = ok("persistence true\npersistence_timeout 3\n");
-    assert_eq!(c.persistence.unwrap().timeout, std::time::Duration::from_secs(3));
+    assert_eq!(
+        c.persistence.unwrap().timeout,
+        std::time::Duration::from_secs(3)
+    );
     let e = err("persistence true\npersistence_timeout 0\n");
     assert!(e.contains("persistence_timeout"), "{e}");
     let e = err("persistence true\npersistence_sync sometimes\n");

@@ -111,7 +111,11 @@ pub(crate) async fn store_task(shard: Rc<Shard>) {
             if n < plan.buf.len() {
                 return Err(glommio::GlommioError::IoError(std::io::Error::new(
                     std::io::ErrorKind::WriteZero,
-                    format!("short write: {n} of {} bytes", plan.buf.len()),
+                    // What a filesystem does when it runs out of space mid-write.
+                    format!(
+                        "short write ({n} of {} bytes; is the filesystem full)",
+                        plan.buf.len()
+                    ),
                 )));
             }
             if io.sync != SyncMode::None {
@@ -131,7 +135,10 @@ pub(crate) async fn store_task(shard: Rc<Shard>) {
                 w.commit(&plan);
                 io.batches.set(io.batches.get() + 1);
                 io.bytes.set(io.bytes.get() + pending.len() as u64);
-                shard.counters().store_written_bytes.add(pending.len() as u64);
+                shard
+                    .counters()
+                    .store_written_bytes
+                    .add(pending.len() as u64);
                 pending.clear();
                 if failing {
                     failing = false;

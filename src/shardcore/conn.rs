@@ -722,7 +722,11 @@ impl ShardCore {
                 self.hold_for_store(key, now);
                 return;
             }
-            let Some(p) = self.conns.get_mut(&key).and_then(|l| l.deferred.pop_front()) else {
+            let Some(p) = self
+                .conns
+                .get_mut(&key)
+                .and_then(|l| l.deferred.pop_front())
+            else {
                 break;
             };
             self.process(key, p, now);

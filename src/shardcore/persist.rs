@@ -104,8 +104,7 @@ impl Store {
     }
 
     fn max_backlog(&self) -> u64 {
-        self.cfg
-            .map_or(u64::MAX, |c| (c.max_backlog as u64).max(1))
+        self.cfg.map_or(u64::MAX, |c| (c.max_backlog as u64).max(1))
     }
 
     fn timeout(&self) -> Duration {

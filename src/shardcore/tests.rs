@@ -560,10 +560,7 @@ fn a_failing_disk_holds_input_at_the_backlog_bound_and_resumes_in_order() {
         (1024..1024 + 256).contains(&backlog),
         "backlog {backlog} bytes"
     );
-    assert!(
-        n.out(publ).is_empty(),
-        "a PUBACK while nothing is durable"
-    );
+    assert!(n.out(publ).is_empty(), "a PUBACK while nothing is durable");
     // Routed before the hold: delivered (held messages are not).
     let before: Vec<String> = payloads(&n.out(sub));
     assert!(!before.is_empty() && before.len() < pid as usize);
@@ -609,7 +606,11 @@ fn a_failing_disk_holds_input_at_the_backlog_bound_and_resumes_in_order() {
     assert!(!n.cores[0].store.full);
     n.disk(0); // the subscriber's last acknowledgements
     assert!(matches!(n.out(clean).first(), Some(Packet::ConnAck(a)) if a.reason.0 == 0));
-    assert!(n.cores[0].is_quiescent().is_ok(), "{:?}", n.cores[0].is_quiescent());
+    assert!(
+        n.cores[0].is_quiescent().is_ok(),
+        "{:?}",
+        n.cores[0].is_quiescent()
+    );
 }
 
 #[test]
