@@ -107,13 +107,22 @@ pub(crate) async fn store_task(shard: Rc<Shard>) {
             let plan = w.plan(&pending);
             let mut buf = f.alloc_dma_buffer(plan.buf.len());
             buf.as_bytes_mut().copy_from_slice(&plan.buf);
-            let n = f.write_at(buf, plan.offset).await?;
+            let mut n = f.write_at(buf, plan.offset).await?;
+            // A filesystem that runs out of space mid-write returns a short count, not the
+            // error: write the aligned rest once more so the error the operator reads is the
+            // kernel's ("No space left on device"), not a byte count.
+            let align = f.alignment().max(512) as usize;
+            if n > 0 && n < plan.buf.len() && n % align == 0 {
+                let rest = &plan.buf[n..];
+                let mut buf = f.alloc_dma_buffer(rest.len());
+                buf.as_bytes_mut().copy_from_slice(rest);
+                n += f.write_at(buf, plan.offset + n as u64).await?;
+            }
             if n < plan.buf.len() {
                 return Err(glommio::GlommioError::IoError(std::io::Error::new(
                     std::io::ErrorKind::WriteZero,
-                    // What a filesystem does when it runs out of space mid-write.
                     format!(
-                        "short write ({n} of {} bytes; is the filesystem full)",
+                        "short write ({n} of {} bytes; is the filesystem full?)",
                         plan.buf.len()
                     ),
                 )));
