@@ -4,9 +4,11 @@
 //! file API: no blocking file I/O on the shard), group commit (everything the core produced
 //! since the last write goes out as one aligned write and one fdatasync, then one
 //! `handle_durable` releases every acknowledgement that waited for it), segment rotation,
-//! and what a failing disk does (keep the records, log once, retry with a back-off; the core
-//! keeps acknowledgements held meanwhile). Must not touch: what is recorded (the core) or the
-//! format (`crate::store::log` plans every write; this task only carries the plan out).
+//! what a failing disk does (keep the records, log once, retry with a back-off; the core
+//! keeps acknowledgements held meanwhile, and bounds what it makes), and the log's figures
+//! (fdatasync latency, bytes written, failed writes, failing now: `ShardCounters::store_*`).
+//! Must not touch: what is recorded (the core) or the format (`crate::store::log` plans
+//! every write; this task only carries the plan out).
 
 use std::cell::Cell;
 use std::path::PathBuf;

@@ -225,10 +225,12 @@ impl ShardCore {
     }
 
     pub(super) fn on_packet(&mut self, key: ConnKey, packet: Packet, now: Instant) {
-        let store_full = self
-            .conns
-            .get(&key)
-            .is_some_and(|l| l.phase == Phase::Active)
+        // `store.full` first: the common case costs one load, not a lookup.
+        let store_full = self.store.full
+            && self
+                .conns
+                .get(&key)
+                .is_some_and(|l| l.phase == Phase::Active)
             && self.holds_for_store(key, &packet);
         let Some(live) = self.conns.get_mut(&key) else {
             return;

@@ -3,7 +3,10 @@
 //! Owns: [`Store`] (the records this shard produced and the driver has not taken yet, how
 //! many are durable, the connections whose output waits on them, the record clock, the
 //! message sequence), the record each event becomes, the durability gate with its timeout,
-//! and installing sessions and retained messages recovered at start-up. Must not touch:
+//! the bound on the backlog of records not yet durable (what a failing disk may cost in
+//! memory: at `max_backlog` input that would add records is held, persistent CONNECTs are
+//! refused, and a connection held longer than the timeout is closed), and installing
+//! sessions and retained messages recovered at start-up. Must not touch:
 //! files or their format (`crate::store`, the driver writes), what a session decides.
 //!
 //! The rule: a connection's output waits until every record its input caused is durable —
