@@ -76,6 +76,9 @@ pub(crate) struct Live {
     pub pause_refs: u32,
     /// Its deferred input waits for the store's backlog to drain (listed in `Store::held`).
     pub store_held: bool,
+    /// The session's first packet (its CONNACK) has left: a close after this is a
+    /// DISCONNECT, before it a refusing CONNACK.
+    pub connack_sent: bool,
     /// Packets to send when no session is attached (refusal CONNACK, takeover DISCONNECT).
     pub last_words: VecDeque<Packet>,
     pub write_stalled_since: Option<Instant>,
@@ -99,6 +102,7 @@ impl Live {
             deferred: VecDeque::new(),
             pause_refs: 0,
             store_held: false,
+            connack_sent: false,
             last_words: VecDeque::new(),
             write_stalled_since: None,
             fed_retained: false,
@@ -752,6 +756,7 @@ impl ShardCore {
         }
         let e = self.sessions.get_mut(&key)?;
         if let Some(p) = e.session.poll_transmit() {
+            live.connack_sent = true;
             return Some(p);
         }
         if std::mem::take(&mut live.fed_retained) {
@@ -792,6 +797,21 @@ pub(super) fn refusal(reason: ReasonCode) -> Packet {
         reason,
         properties: ConnAckProperties::default(),
     }))
+}
+
+impl Live {
+    /// What a connection the core closes for `reason` is told last: a refusing CONNACK if
+    /// its CONNACK never left (nothing may precede a CONNACK, [MQTT-3.2.0-1]), a DISCONNECT
+    /// on v5, nothing on 3.1/3.1.1.
+    pub fn closing_words(&self, reason: ReasonCode) -> Option<Packet> {
+        if !self.connack_sent {
+            Some(refusal(reason))
+        } else if self.version.is_v5() {
+            Some(disconnect_packet(reason))
+        } else {
+            None
+        }
+    }
 }
 
 /// A v5 DISCONNECT with `reason`.

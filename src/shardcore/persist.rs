@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use bytestring::ByteString;
 use tracing::warn;
 
-use super::conn::{disconnect_packet, Entry};
+use super::conn::Entry;
 use super::registry::{ConnKey, ShardId};
 use super::timers::TimerKind;
 use super::ShardCore;
@@ -289,7 +289,7 @@ impl ShardCore {
         if !live.store_held {
             return;
         }
-        let v5 = live.version.is_v5();
+        let words = live.closing_words(ReasonCode::QUOTA_EXCEEDED);
         self.counters.store_held_closes.inc();
         if !std::mem::replace(&mut self.store.closed_logged, true) {
             warn!(
@@ -305,10 +305,7 @@ impl ShardCore {
         if let Some(live) = self.conns.get_mut(&key) {
             live.store_held = false;
             live.deferred.clear();
-            if v5 {
-                live.last_words
-                    .push_back(disconnect_packet(ReasonCode::QUOTA_EXCEEDED));
-            }
+            live.last_words.extend(words);
         }
     }
 
@@ -357,7 +354,7 @@ impl ShardCore {
             }
             return;
         }
-        let v5 = live.version.is_v5();
+        let words = live.closing_words(ReasonCode::QUOTA_EXCEEDED);
         warn!(
             shard = self.id,
             "persistence: the disk did not confirm a write in time: closing a client \
@@ -367,10 +364,7 @@ impl ShardCore {
         self.lose_connection(key, now);
         if let Some(live) = self.conns.get_mut(&key) {
             live.durable = 0;
-            if v5 {
-                live.last_words
-                    .push_back(disconnect_packet(ReasonCode::QUOTA_EXCEEDED));
-            }
+            live.last_words.extend(words);
         }
     }
 

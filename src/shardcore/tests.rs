@@ -640,3 +640,20 @@ fn input_held_for_a_disk_that_never_returns_is_closed_not_acknowledged() {
     n.close(publ);
     assert!(n.cores[0].store.held.is_empty());
 }
+
+#[test]
+fn a_connack_that_waited_too_long_for_the_disk_becomes_a_refusal_not_a_disconnect() {
+    let mut n = Net::new(1, persistent);
+    n.cores[0].handle_store_failed(n.now);
+    let c = n.connect(0, "late", false);
+    n.settle();
+    assert!(n.out(c).is_empty(), "CONNACK before the session's record");
+    n.tick(Duration::from_secs(31));
+    // Nothing may precede a CONNACK [MQTT-3.2.0-1]: the client is refused with 0x97.
+    let out = n.out(c);
+    assert!(
+        matches!(out.as_slice(), [Packet::ConnAck(a)] if a.reason == crate::codec::ReasonCode::QUOTA_EXCEEDED),
+        "{out:?}"
+    );
+    assert!(n.cores[0].wants_close(c));
+}
