@@ -267,6 +267,7 @@ pub(crate) struct Builder {
     persistence_file: Option<String>,
     persistence_sync: Option<super::SyncMode>,
     persistence_timeout: Option<Duration>,
+    persistence_max_backlog: Option<u64>,
     autosave_on_changes: u64,
     pid_file: Option<PathBuf>,
     per_listener_settings: bool,
@@ -355,6 +356,7 @@ impl Builder {
             persistence_file: None,
             persistence_sync: None,
             persistence_timeout: None,
+            persistence_max_backlog: None,
             autosave_on_changes: 0,
             pid_file: None,
             per_listener_settings: false,
@@ -923,6 +925,9 @@ impl Builder {
                 let secs = num(value, 1, 86_400)?;
                 self.persistence_timeout = Some(Duration::from_secs(secs));
             }
+            "persistence_max_backlog" => {
+                self.persistence_max_backlog = Some(num(value, 4096, 1 << 40)?);
+            }
             "autosave_on_changes" => {
                 self.autosave_on_changes = num(value, 0, u32::MAX as u64)?;
                 self.warn(
@@ -1416,6 +1421,9 @@ impl Builder {
                     timeout: self
                         .persistence_timeout
                         .unwrap_or(defaults::PERSISTENCE_TIMEOUT),
+                    max_backlog: self
+                        .persistence_max_backlog
+                        .unwrap_or(defaults::PERSISTENCE_MAX_BACKLOG),
                     autosave_on_changes: self.autosave_on_changes,
                 }),
             pid_file: self.pid_file,

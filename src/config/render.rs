@@ -58,6 +58,7 @@ pub fn render_effective(config: &Config) -> String {
             };
             let _ = writeln!(s, "persistence_sync {sync}");
             let _ = writeln!(s, "persistence_timeout {}", p.timeout.as_secs());
+            let _ = writeln!(s, "persistence_max_backlog {}", p.max_backlog);
         }
     }
     let _ = writeln!(

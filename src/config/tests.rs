@@ -628,6 +628,10 @@ fn persistence_keys() {
         c.persistence.unwrap().timeout,
         std::time::Duration::from_secs(3)
     );
+    let c = ok("persistence true\npersistence_max_backlog 65536\n");
+    assert_eq!(c.persistence.unwrap().max_backlog, 65536);
+    let e = err("persistence true\npersistence_max_backlog 100\n");
+    assert!(e.contains("persistence_max_backlog"), "{e}");
     let e = err("persistence true\npersistence_timeout 0\n");
     assert!(e.contains("persistence_timeout"), "{e}");
     let e = err("persistence true\npersistence_sync sometimes\n");

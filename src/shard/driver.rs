@@ -137,7 +137,7 @@ impl StoreStart {
                     base_ns: wall.max(rec.max_ts + 1),
                     immediate: p.sync == crate::config::SyncMode::None,
                     timeout: p.timeout,
-                    max_backlog: crate::shardcore::DEFAULT_MAX_BACKLOG,
+                    max_backlog: usize::try_from(p.max_backlog).unwrap_or(usize::MAX),
                 },
                 sync: p.sync,
                 dirs,
