@@ -30,6 +30,8 @@
 //! | `persistence_location`        | `.`                              | the directory is `persistence_location/persistence_file` |
 //! | `persistence_file`            | `midge.db`                       | a directory for Midge, a file for mosquitto |
 //! | `persistence_sync`            | `always`                         | Midge: `always`, `batch` (same promise, fewer fsyncs) or `none` (no fsync, acks not held) |
+//! | `persistence_timeout`         | `30` s                           | Midge: a client whose acknowledgement or input waited this long for the disk is closed (v5 0x97) |
+//! | `persistence_max_backlog`     | `67108864` (64 MiB)              | Midge: records per shard waiting for a failing disk before input that adds more is held |
 //! | `autosave_interval`           | `1800` s                         | accepted; Midge records changes as they happen |
 //! | `autosave_on_changes`         | `0`                              | accepted; Midge records changes as they happen |
 //! | `sys_interval`                | `10` s (`0` disables `$SYS`)     | |
@@ -81,6 +83,10 @@ pub const RETAIN_AVAILABLE: bool = true;
 pub const QUEUE_QOS0_MESSAGES: bool = false;
 pub const SYS_INTERVAL: Duration = Duration::from_secs(10);
 pub const AUTOSAVE_INTERVAL: Duration = Duration::from_secs(1800);
+/// `persistence_timeout`: how long an acknowledgement (or held input) may wait for the disk.
+pub const PERSISTENCE_TIMEOUT: Duration = Duration::from_secs(30);
+/// `persistence_max_backlog`: bytes of records per shard that may wait for a failing disk.
+pub const PERSISTENCE_MAX_BACKLOG: u64 = crate::shardcore::DEFAULT_MAX_BACKLOG as u64;
 pub const LOG_LEVEL: LevelFilter = LevelFilter::INFO;
 /// Address of `metrics_listener PORT` without an address: the metrics are not for the world.
 pub const METRICS_ADDRESS: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);

@@ -266,6 +266,8 @@ pub(crate) struct Builder {
     persistence_location: Option<PathBuf>,
     persistence_file: Option<String>,
     persistence_sync: Option<super::SyncMode>,
+    persistence_timeout: Option<Duration>,
+    persistence_max_backlog: Option<u64>,
     autosave_on_changes: u64,
     pid_file: Option<PathBuf>,
     per_listener_settings: bool,
@@ -353,6 +355,8 @@ impl Builder {
             persistence_location: None,
             persistence_file: None,
             persistence_sync: None,
+            persistence_timeout: None,
+            persistence_max_backlog: None,
             autosave_on_changes: 0,
             pid_file: None,
             per_listener_settings: false,
@@ -917,6 +921,13 @@ impl Builder {
                     }
                 });
             }
+            "persistence_timeout" => {
+                let secs = num(value, 1, 86_400)?;
+                self.persistence_timeout = Some(Duration::from_secs(secs));
+            }
+            "persistence_max_backlog" => {
+                self.persistence_max_backlog = Some(num(value, 4096, 1 << 40)?);
+            }
             "autosave_on_changes" => {
                 self.autosave_on_changes = num(value, 0, u32::MAX as u64)?;
                 self.warn(
@@ -1407,6 +1418,12 @@ impl Builder {
                         .unwrap_or_else(|| PathBuf::from("."))
                         .join(self.persistence_file.as_deref().unwrap_or("midge.db")),
                     sync: self.persistence_sync.unwrap_or_default(),
+                    timeout: self
+                        .persistence_timeout
+                        .unwrap_or(defaults::PERSISTENCE_TIMEOUT),
+                    max_backlog: self
+                        .persistence_max_backlog
+                        .unwrap_or(defaults::PERSISTENCE_MAX_BACKLOG),
                     autosave_on_changes: self.autosave_on_changes,
                 }),
             pid_file: self.pid_file,

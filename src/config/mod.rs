@@ -170,6 +170,12 @@ pub struct Persistence {
     /// directory).
     pub dir: PathBuf,
     pub sync: SyncMode,
+    /// `persistence_timeout` (default 30 s): a connection whose acknowledgement (or input)
+    /// waited this long for the disk is closed (v5: DISCONNECT 0x97) instead of acknowledged.
+    pub timeout: std::time::Duration,
+    /// `persistence_max_backlog` (default 64 MiB): bytes of records per shard waiting for the
+    /// disk at which input that would add more is held and persistent CONNECTs are refused.
+    pub max_backlog: u64,
     /// `autosave_on_changes`: accepted (Midge records every change as it happens).
     pub autosave_on_changes: u64,
 }

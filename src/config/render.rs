@@ -57,6 +57,8 @@ pub fn render_effective(config: &Config) -> String {
                 super::SyncMode::None => "none",
             };
             let _ = writeln!(s, "persistence_sync {sync}");
+            let _ = writeln!(s, "persistence_timeout {}", p.timeout.as_secs());
+            let _ = writeln!(s, "persistence_max_backlog {}", p.max_backlog);
         }
     }
     let _ = writeln!(

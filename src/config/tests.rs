@@ -622,6 +622,18 @@ fn persistence_keys() {
     assert_eq!(p.sync, crate::config::SyncMode::Batch);
     let c = ok("persistence true\npersistence_file m.db\n");
     assert_eq!(c.persistence.unwrap().sync, crate::config::SyncMode::Always);
+    assert_eq!(p.timeout, std::time::Duration::from_secs(30));
+    let c = ok("persistence true\npersistence_timeout 3\n");
+    assert_eq!(
+        c.persistence.unwrap().timeout,
+        std::time::Duration::from_secs(3)
+    );
+    let c = ok("persistence true\npersistence_max_backlog 65536\n");
+    assert_eq!(c.persistence.unwrap().max_backlog, 65536);
+    let e = err("persistence true\npersistence_max_backlog 100\n");
+    assert!(e.contains("persistence_max_backlog"), "{e}");
+    let e = err("persistence true\npersistence_timeout 0\n");
+    assert!(e.contains("persistence_timeout"), "{e}");
     let e = err("persistence true\npersistence_sync sometimes\n");
     assert!(e.contains("expected always, batch or none"), "{e}");
     let e = err("persistence maybe\n");

@@ -160,6 +160,20 @@ families! {
         "Subscribers cut loose after making no progress for stall_timeout with a full queue.";
     STALLED_SUBSCRIBERS: "midge_stalled_subscribers", Gauge, ["shard"],
         "Subscribers declared stalled right now.";
+    STORE_FSYNC_DURATION: "midge_store_fsync_duration_seconds", Histogram, ["shard"],
+        "Latency of each fdatasync of the shard's persistence log.";
+    STORE_WRITTEN_BYTES: "midge_store_written_bytes_total", Counter, ["shard"],
+        "Bytes of records written to the shard's persistence log.";
+    STORE_WRITE_ERRORS: "midge_store_write_errors_total", Counter, ["shard"],
+        "Writes or syncs of the shard's persistence log that failed (disk full, I/O error; each retry counts).";
+    STORE_FAILING: "midge_store_failing", Gauge, ["shard"],
+        "1 while the shard's persistence log cannot be written: acknowledgements that need it are held.";
+    STORE_BACKLOG_BYTES: "midge_store_backlog_bytes", Gauge, ["shard"],
+        "Bytes of records made by the shard and not yet confirmed durable.";
+    STORE_HELD_INPUTS: "midge_store_held_inputs_total", Counter, ["shard"],
+        "Times a connection's input was held because the shard's persistence backlog reached its bound.";
+    STORE_HELD_CLOSES: "midge_store_held_closes_total", Counter, ["shard"],
+        "Connections closed (v5: DISCONNECT 0x97) because their input waited on the persistence backlog longer than persistence_timeout.";
     TLS_HANDSHAKES: "midge_tls_handshakes_total", Counter, ["listener", "kind"],
         "TLS handshakes completed, full or resumed.";
     TLS_HANDSHAKE_FAILURES: "midge_tls_handshake_failures_total", Counter, ["listener", "reason"],

@@ -8,11 +8,12 @@
 //! decides when to count), where they are served from (`crate::shard::exporter`, `$SYS`): readers
 //! only load.
 //!
-//! Persistence (issue 11) adds its figures here when it lands: a per-shard fsync latency
-//! [`Histogram`] (`midge_store_fsync_duration_seconds`, buckets from 50 µs to 1 s) and a
-//! bytes-written [`Counter`] (`midge_store_written_bytes_total`), each written only by the
-//! shard that owns the log, plus their rows in `expose::ALL` and docs/metrics.md. Nothing is
-//! exported for them before there is a log to measure.
+//! Persistence (issue 11): each shard that owns a log also keeps its store figures here —
+//! fdatasync latency ([`FsyncHistogram`], buckets from 50 µs to 1 s), bytes written, failed
+//! writes, whether writes are failing now, the backlog of records not yet durable, and the
+//! connections whose input was held (or closed) because that backlog reached its bound.
+//! Written by the shard's log writer (`crate::shard::store_io`) and its core; with
+//! persistence off they stay 0 and the histogram stays empty.
 //!
 //! Why single-writer relaxed atomics: the counters sit on the message path, so they must cost
 //! what a plain `u64` costs. Only the owning shard writes a cell, so an increment is a relaxed
@@ -175,6 +176,31 @@ pub struct ShardCounters {
     pub paused_now: Gauge,
     /// Accepted sockets on this shard (all phases).
     pub sockets: Gauge,
+    /// Bytes of records written to this shard's log (what a successful write carried).
+    pub store_written_bytes: Counter,
+    /// Writes or syncs of this shard's log that failed (each retry counts).
+    pub store_write_errors: Counter,
+    /// 1 while this shard's log writes fail (acknowledgements that need them are held).
+    pub store_failing: Gauge,
+    /// Bytes of records made and not yet confirmed durable.
+    pub store_backlog_bytes: Gauge,
+    /// Times a connection's input was held because the backlog reached its bound.
+    pub store_held_inputs: Counter,
+    /// Connections closed because their input was held for the backlog longer than the
+    /// persistence timeout.
+    pub store_held_closes: Counter,
+    /// Latency of each fdatasync of this shard's log.
+    pub store_fsync: FsyncHistogram,
+}
+
+/// The fdatasync latency histogram of one shard's log ([`FSYNC_BUCKETS_NS`]).
+#[derive(Debug)]
+pub struct FsyncHistogram(pub Histogram<14>);
+
+impl Default for FsyncHistogram {
+    fn default() -> Self {
+        FsyncHistogram(Histogram::new(&FSYNC_BUCKETS_NS))
+    }
 }
 
 impl ShardCounters {
@@ -252,12 +278,15 @@ pub enum RefuseCause {
     ServerUnavailable,
     /// CONNACK 0x8B: the broker is shutting down.
     ShuttingDown,
+    /// CONNACK 0x97 / 3: a persistent session's CONNECT while the store's backlog is at its
+    /// bound (the disk is failing or far behind).
+    StoreFull,
     /// Any other CONNACK refusal (CONNECT outside the configured limits, ...).
     Other,
 }
 
 impl RefuseCause {
-    pub const ALL: [RefuseCause; 10] = [
+    pub const ALL: [RefuseCause; 11] = [
         RefuseCause::MaxConnections,
         RefuseCause::ConnectTimeout,
         RefuseCause::BadConnect,
@@ -267,6 +296,7 @@ impl RefuseCause {
         RefuseCause::NotAuthorized,
         RefuseCause::ServerUnavailable,
         RefuseCause::ShuttingDown,
+        RefuseCause::StoreFull,
         RefuseCause::Other,
     ];
 
@@ -282,6 +312,7 @@ impl RefuseCause {
             RefuseCause::NotAuthorized => "not_authorized",
             RefuseCause::ServerUnavailable => "server_unavailable",
             RefuseCause::ShuttingDown => "shutting_down",
+            RefuseCause::StoreFull => "store_full",
             RefuseCause::Other => "other",
         }
     }
@@ -383,6 +414,25 @@ pub const HANDSHAKE_BUCKETS_NS: [u64; 13] = [
     1_000_000_000,
     2_500_000_000,
     10_000_000_000,
+];
+
+/// Buckets of the fdatasync histogram: 50 µs (a write-back cache or NVMe with power-loss
+/// protection) to 1 s (a disk in trouble); a healthy SSD lands between 0.1 and 5 ms.
+pub const FSYNC_BUCKETS_NS: [u64; 14] = [
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    500_000_000,
+    1_000_000_000,
 ];
 
 #[cfg(test)]

@@ -136,7 +136,8 @@ impl StoreStart {
                     // Timestamps keep increasing across runs, whatever the wall clock did.
                     base_ns: wall.max(rec.max_ts + 1),
                     immediate: p.sync == crate::config::SyncMode::None,
-                    timeout: Duration::from_secs(30),
+                    timeout: p.timeout,
+                    max_backlog: usize::try_from(p.max_backlog).unwrap_or(usize::MAX),
                 },
                 sync: p.sync,
                 dirs,

@@ -159,6 +159,31 @@ pub(crate) fn render(shared: &Shared, format: Format) -> String {
     per_shard(&mut w, &m::PAUSED_PUBLISHERS, &|i| c[i].paused_now.get());
     per_shard(&mut w, &m::SUBSCRIBER_STALLS, &|i| c[i].stalls.get());
     per_shard(&mut w, &m::STALLED_SUBSCRIBERS, &|i| c[i].stalled_now.get());
+    // The store's figures exist only with a log to measure (`persistence true`).
+    let store = shared.store.is_some();
+    w.family(&m::STORE_FSYNC_DURATION);
+    if store {
+        for (i, s) in shards.iter().enumerate() {
+            w.histogram(&[("shard", s)], &c[i].store_fsync.0.snapshot());
+        }
+    }
+    type Get = fn(&crate::metrics::ShardCounters) -> u64;
+    let store_fams: [(&'static m::Family, Get); 6] = [
+        (&m::STORE_WRITTEN_BYTES, |c| c.store_written_bytes.get()),
+        (&m::STORE_WRITE_ERRORS, |c| c.store_write_errors.get()),
+        (&m::STORE_FAILING, |c| c.store_failing.get()),
+        (&m::STORE_BACKLOG_BYTES, |c| c.store_backlog_bytes.get()),
+        (&m::STORE_HELD_INPUTS, |c| c.store_held_inputs.get()),
+        (&m::STORE_HELD_CLOSES, |c| c.store_held_closes.get()),
+    ];
+    for (f, get) in store_fams {
+        w.family(f);
+        if store {
+            for (i, s) in shards.iter().enumerate() {
+                w.sample(&[("shard", s)], get(&c[i]));
+            }
+        }
+    }
 
     // TLS listeners: figures summed over shards (a handshake's shard is the kernel's choice).
     let tls: Vec<(&String, &super::TlsListener)> = listeners

@@ -4,9 +4,11 @@
 //! file API: no blocking file I/O on the shard), group commit (everything the core produced
 //! since the last write goes out as one aligned write and one fdatasync, then one
 //! `handle_durable` releases every acknowledgement that waited for it), segment rotation,
-//! and what a failing disk does (keep the records, log once, retry with a back-off; the core
-//! keeps acknowledgements held meanwhile). Must not touch: what is recorded (the core) or the
-//! format (`crate::store::log` plans every write; this task only carries the plan out).
+//! what a failing disk does (keep the records, log once, retry with a back-off; the core
+//! keeps acknowledgements held meanwhile, and bounds what it makes), and the log's figures
+//! (fdatasync latency, bytes written, failed writes, failing now: `ShardCounters::store_*`).
+//! Must not touch: what is recorded (the core) or the format (`crate::store::log` plans
+//! every write; this task only carries the plan out).
 
 use std::cell::Cell;
 use std::path::PathBuf;
@@ -116,15 +118,34 @@ pub(crate) async fn store_task(shard: Rc<Shard>) {
             let plan = w.plan(&pending);
             let mut buf = f.alloc_dma_buffer(plan.buf.len());
             buf.as_bytes_mut().copy_from_slice(&plan.buf);
-            let n = f.write_at(buf, plan.offset).await?;
+            let mut n = f.write_at(buf, plan.offset).await?;
+            // A filesystem that runs out of space mid-write returns a short count, not the
+            // error: write the aligned rest once more so the error the operator reads is the
+            // kernel's ("No space left on device"), not a byte count.
+            let align = f.alignment().max(512) as usize;
+            if n > 0 && n < plan.buf.len() && n % align == 0 {
+                let rest = &plan.buf[n..];
+                let mut buf = f.alloc_dma_buffer(rest.len());
+                buf.as_bytes_mut().copy_from_slice(rest);
+                n += f.write_at(buf, plan.offset + n as u64).await?;
+            }
             if n < plan.buf.len() {
                 return Err(glommio::GlommioError::IoError(std::io::Error::new(
                     std::io::ErrorKind::WriteZero,
-                    format!("short write: {n} of {} bytes", plan.buf.len()),
+                    format!(
+                        "short write ({n} of {} bytes; is the filesystem full?)",
+                        plan.buf.len()
+                    ),
                 )));
             }
             if io.sync != SyncMode::None {
+                let t = Instant::now();
                 f.fdatasync().await?;
+                shard
+                    .counters()
+                    .store_fsync
+                    .0
+                    .observe_ns(t.elapsed().as_nanos() as u64);
             }
             Ok(plan)
         }
@@ -134,9 +155,14 @@ pub(crate) async fn store_task(shard: Rc<Shard>) {
                 w.commit(&plan);
                 io.batches.set(io.batches.get() + 1);
                 io.bytes.set(io.bytes.get() + pending.len() as u64);
+                shard
+                    .counters()
+                    .store_written_bytes
+                    .add(pending.len() as u64);
                 pending.clear();
                 if failing {
                     failing = false;
+                    shard.counters().store_failing.set(0);
                     warn!(
                         shard = shard.id,
                         "persistence: writing to {} again",
@@ -156,8 +182,10 @@ pub(crate) async fn store_task(shard: Rc<Shard>) {
                 }
             }
             Err(e) => {
+                shard.counters().store_write_errors.inc();
                 if !failing {
                     failing = true;
+                    shard.counters().store_failing.set(1);
                     // Once per outage, not per retry.
                     warn!(
                         shard = shard.id,

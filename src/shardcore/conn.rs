@@ -74,6 +74,11 @@ pub(crate) struct Live {
     pub deferred: VecDeque<Packet>,
     /// Subscribers (here or elsewhere) that paused this publisher.
     pub pause_refs: u32,
+    /// Its deferred input waits for the store's backlog to drain (listed in `Store::held`).
+    pub store_held: bool,
+    /// The session's first packet (its CONNACK) has left: a close after this is a
+    /// DISCONNECT, before it a refusing CONNACK.
+    pub connack_sent: bool,
     /// Packets to send when no session is attached (refusal CONNACK, takeover DISCONNECT).
     pub last_words: VecDeque<Packet>,
     pub write_stalled_since: Option<Instant>,
@@ -96,6 +101,8 @@ impl Live {
             held_on: 0,
             deferred: VecDeque::new(),
             pause_refs: 0,
+            store_held: false,
+            connack_sent: false,
             last_words: VecDeque::new(),
             write_stalled_since: None,
             fed_retained: false,
@@ -155,11 +162,29 @@ impl ShardCore {
     pub(super) fn on_connect(&mut self, key: ConnKey, req: ConnectRequest, now: Instant) {
         let version = req.connect.protocol;
         let mut live = Live::new(version);
-        if self.stopping || self.peers_overloaded() {
+        // A persistent session's CONNECT records its start: with the store's backlog at its
+        // bound it is refused (v5 0x97, 3.1.1 3) rather than left waiting on a disk that may
+        // not come back; a clean, non-persistent one records nothing and is served.
+        let store_full = self.store.full
+            && (!req.connect.clean_start
+                || req
+                    .connect
+                    .properties
+                    .session_expiry_interval
+                    .is_some_and(|e| e != 0));
+        if self.stopping || self.peers_overloaded() || store_full {
             // A refused CONNECT costs no peer traffic: answer at once.
             let reason = if self.stopping {
                 self.counters.count_refusal(RefuseCause::ShuttingDown);
                 ReasonCode::SERVER_SHUTTING_DOWN
+            } else if store_full {
+                self.counters.count_refusal(RefuseCause::StoreFull);
+                debug!(
+                    shard = self.id,
+                    "CONNECT from {} refused (0x97): the store's backlog is at its bound",
+                    crate::logging::escape(&req.client_id)
+                );
+                ReasonCode::QUOTA_EXCEEDED
             } else {
                 self.counters.count_refusal(RefuseCause::ServerUnavailable);
                 warn!(
@@ -204,10 +229,24 @@ impl ShardCore {
     }
 
     pub(super) fn on_packet(&mut self, key: ConnKey, packet: Packet, now: Instant) {
+        // `store.full` first: the common case costs one load, not a lookup.
+        let store_full = self.store.full
+            && self
+                .conns
+                .get(&key)
+                .is_some_and(|l| l.phase == Phase::Active)
+            && self.holds_for_store(key, &packet);
         let Some(live) = self.conns.get_mut(&key) else {
             return;
         };
         if live.close {
+            return;
+        }
+        if store_full {
+            // The store's backlog is at its bound: this would add to it. It waits, and what
+            // the client sends after it waits behind it (order), up to max_deferred_input.
+            live.deferred.push_back(packet);
+            self.hold_for_store(key, now);
             return;
         }
         // Subscription changes of a session whose routes are switching wait for the switch
@@ -610,6 +649,9 @@ impl ShardCore {
         if live.held_on != 0 {
             self.held_pubs.retain(|k| *k != key);
         }
+        if live.store_held {
+            self.store.held.retain(|k| *k != key);
+        }
         self.settle.forget(key);
         if let Some(r) = self.registering.get_mut(&key) {
             r.abandoned = true;
@@ -668,10 +710,13 @@ impl ShardCore {
                 live.deferred.clear();
                 return;
             }
+            let Some(live) = self.conns.get(&key) else {
+                return;
+            };
             let Some(p) = live.deferred.front() else {
                 break;
             };
-            if live.paused() && !bypasses_pause(p) {
+            if live.store_held || (live.paused() && !bypasses_pause(p)) {
                 return;
             }
             if matches!(p, Packet::Subscribe(_) | Packet::Unsubscribe(_))
@@ -679,7 +724,17 @@ impl ShardCore {
             {
                 return;
             }
-            let p = live.deferred.pop_front().unwrap_or(Packet::PingReq);
+            if self.holds_for_store(key, p) {
+                self.hold_for_store(key, now);
+                return;
+            }
+            let Some(p) = self
+                .conns
+                .get_mut(&key)
+                .and_then(|l| l.deferred.pop_front())
+            else {
+                break;
+            };
             self.process(key, p, now);
         }
         // The driver may read its socket again and decode what it buffered.
@@ -701,6 +756,7 @@ impl ShardCore {
         }
         let e = self.sessions.get_mut(&key)?;
         if let Some(p) = e.session.poll_transmit() {
+            live.connack_sent = true;
             return Some(p);
         }
         if std::mem::take(&mut live.fed_retained) {
@@ -741,6 +797,21 @@ pub(super) fn refusal(reason: ReasonCode) -> Packet {
         reason,
         properties: ConnAckProperties::default(),
     }))
+}
+
+impl Live {
+    /// What a connection the core closes for `reason` is told last: a refusing CONNACK if
+    /// its CONNACK never left (nothing may precede a CONNACK, [MQTT-3.2.0-1]), a DISCONNECT
+    /// on v5, nothing on 3.1/3.1.1.
+    pub fn closing_words(&self, reason: ReasonCode) -> Option<Packet> {
+        if !self.connack_sent {
+            Some(refusal(reason))
+        } else if self.version.is_v5() {
+            Some(disconnect_packet(reason))
+        } else {
+            None
+        }
+    }
 }
 
 /// A v5 DISCONNECT with `reason`.

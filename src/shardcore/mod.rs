@@ -79,7 +79,7 @@ use crate::session::SessionConfig;
 
 pub use authz::{Authz, ConnAuth};
 pub use msg::{ParkedMsg, PeerMsg, Transfer};
-pub use persist::PersistConfig;
+pub use persist::{PersistConfig, DEFAULT_MAX_BACKLOG};
 pub use registry::{conn_key, conn_shard, home_shard, ConnKey, ShardId};
 
 use conn::{Entry, Live, Registering};
@@ -246,7 +246,7 @@ impl ShardCore {
             scratch: fanout::Scratch::default(),
             views: authz::views(&cfg.security),
             password_generations: authz::password_generations(&cfg.security),
-            store: persist::Store::new(cfg.persist),
+            store: persist::Store::new(id, cfg.persist),
             cfg: CoreConfig { shards, ..cfg },
         }
     }

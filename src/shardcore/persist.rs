@@ -3,7 +3,10 @@
 //! Owns: [`Store`] (the records this shard produced and the driver has not taken yet, how
 //! many are durable, the connections whose output waits on them, the record clock, the
 //! message sequence), the record each event becomes, the durability gate with its timeout,
-//! and installing sessions and retained messages recovered at start-up. Must not touch:
+//! the bound on the backlog of records not yet durable (what a failing disk may cost in
+//! memory: at `max_backlog` input that would add records is held, persistent CONNECTs are
+//! refused, and a connection held longer than the timeout is closed), and installing
+//! sessions and retained messages recovered at start-up. Must not touch:
 //! files or their format (`crate::store`, the driver writes), what a session decides.
 //!
 //! The rule: a connection's output waits until every record its input caused is durable —
@@ -22,11 +25,11 @@ use std::time::{Duration, Instant};
 use bytestring::ByteString;
 use tracing::warn;
 
-use super::conn::{disconnect_packet, Entry};
-use super::registry::ConnKey;
+use super::conn::Entry;
+use super::registry::{ConnKey, ShardId};
 use super::timers::TimerKind;
 use super::ShardCore;
-use crate::codec::{QoS, ReasonCode, SubscriptionOptions, TopicFilter};
+use crate::codec::{Packet, QoS, ReasonCode, SubscriptionOptions, TopicFilter};
 use crate::message::Message;
 use crate::session::{Note, Session, SessionState};
 use crate::store::log::push_record;
@@ -44,12 +47,24 @@ pub struct PersistConfig {
     /// later, without fdatasync): acknowledgements are not held. mosquitto's risk.
     pub immediate: bool,
     /// A connection whose output waited this long for the disk is closed (v5: DISCONNECT
-    /// 0x97) instead of acknowledging.
+    /// 0x97) instead of acknowledging; so is one whose input waited this long for the
+    /// backlog to drain.
     pub timeout: Duration,
+    /// Bytes of records not yet durable (made by the core, or taken by the driver and not
+    /// confirmed) at which input that would make more records is held (see [`Store`]'s
+    /// `full`): the bound on what a failing disk costs in memory.
+    pub max_backlog: usize,
 }
+
+/// The default of [`PersistConfig::max_backlog`]: 64 MiB. A healthy disk keeps the backlog at
+/// one batch (a few hundred KiB at 100k msg/s); this much means the disk is failing or far
+/// slower than the load, and holding input is then the only way to stay bounded without
+/// dropping what clients were promised.
+pub const DEFAULT_MAX_BACKLOG: usize = 64 << 20;
 
 #[derive(Default)]
 pub(crate) struct Store {
+    shard: ShardId,
     pub cfg: Option<PersistConfig>,
     last_ts: u64,
     next_seq: u64,
@@ -61,15 +76,42 @@ pub(crate) struct Store {
     waiting: Vec<ConnKey>,
     notes: Vec<Note>,
     failing: bool,
+    /// Bytes the driver took (`take_store_output`) that it has not confirmed durable yet.
+    taken_bytes: u64,
+    /// `appended` at the last take: a `handle_durable` for it confirms `taken_bytes`.
+    last_take: u64,
+    /// The backlog reached `max_backlog` and has not drained to half of it since: input that
+    /// would make records is held (deferred; its connection's socket is no longer read once
+    /// `max_deferred_input` packets wait), CONNECTs that would record are refused.
+    pub full: bool,
+    /// Connections whose input waits for the backlog to drain (each once: `Live::store_held`).
+    pub held: Vec<ConnKey>,
+    /// A connection was closed for waiting too long on the backlog in this episode (the
+    /// first such close is logged, the rest counted).
+    closed_logged: bool,
 }
 
 impl Store {
-    pub fn new(cfg: Option<PersistConfig>) -> Store {
+    pub fn new(shard: ShardId, cfg: Option<PersistConfig>) -> Store {
         Store {
+            shard,
             cfg,
             next_seq: 1,
             ..Store::default()
         }
+    }
+
+    /// Bytes of records made and not known durable: what this shard holds for the disk.
+    pub fn backlog_bytes(&self) -> u64 {
+        self.buf.len() as u64 + self.taken_bytes
+    }
+
+    fn max_backlog(&self) -> u64 {
+        self.cfg.map_or(u64::MAX, |c| (c.max_backlog as u64).max(1))
+    }
+
+    fn timeout(&self) -> Duration {
+        self.cfg.map_or(Duration::from_secs(30), |c| c.timeout)
     }
 
     pub fn on(&self) -> bool {
@@ -90,6 +132,22 @@ impl Store {
         self.appended += 1;
         if self.cfg.is_some_and(|c| c.immediate) {
             self.durable = self.appended;
+        }
+        if !self.full && self.backlog_bytes() >= self.max_backlog() {
+            // Checked after the record: the input that made it was accepted before the bound
+            // was reached, so the bound is exceeded by at most one packet's records (plus the
+            // small records of acknowledgements, which are never held: see `holds_for_store`).
+            self.full = true;
+            self.closed_logged = false;
+            warn!(
+                shard = self.shard,
+                "persistence: {} bytes of records wait for the disk (bound {}): holding \
+                 input that would add records (QoS 1/2 and retained publishes, subscription \
+                 changes of persistent sessions, persistent CONNECTs) until it drains; \
+                 nothing held is acknowledged, QoS 0 keeps flowing",
+                self.backlog_bytes(),
+                self.max_backlog()
+            );
         }
     }
 
@@ -113,17 +171,32 @@ impl ShardCore {
     /// Move the records made so far to `out` (appended); returns the count to pass to
     /// [`ShardCore::handle_durable`] once they are on disk.
     pub fn take_store_output(&mut self, out: &mut Vec<u8>) -> u64 {
+        self.store.taken_bytes += self.store.buf.len() as u64;
+        self.store.last_take = self.store.appended;
         if out.is_empty() {
             std::mem::swap(out, &mut self.store.buf);
         } else {
             out.append(&mut self.store.buf);
         }
+        self.counters
+            .store_backlog_bytes
+            .set(self.store.backlog_bytes());
         self.store.appended
     }
 
     /// The first `upto` records are durable: release what waited for them.
-    pub fn handle_durable(&mut self, upto: u64, _now: Instant) {
+    pub fn handle_durable(&mut self, upto: u64, now: Instant) {
+        if upto >= self.store.last_take {
+            // Everything taken is on disk (a driver that takes again before confirming keeps
+            // the older bytes counted until it confirms the newer take: over, never under).
+            self.store.taken_bytes = 0;
+        }
+        self.counters
+            .store_backlog_bytes
+            .set(self.store.backlog_bytes());
+        self.release_held_input(now);
         if upto <= self.store.durable {
+            self.run_pending(now);
             return;
         }
         self.store.durable = upto;
@@ -151,6 +224,93 @@ impl ShardCore {
         });
         waiting.append(&mut self.store.waiting);
         self.store.waiting = waiting;
+        self.run_pending(now);
+    }
+
+    /// The backlog drained to half its bound: input held for it runs again (in order, after
+    /// the current input: `run_pending`).
+    fn release_held_input(&mut self, _now: Instant) {
+        if !self.store.full || self.store.backlog_bytes() > self.store.max_backlog() / 2 {
+            return;
+        }
+        self.store.full = false;
+        let held = std::mem::take(&mut self.store.held);
+        warn!(
+            shard = self.id,
+            "persistence: the backlog drained to {} bytes: {} held connections resume",
+            self.store.backlog_bytes(),
+            held.len()
+        );
+        for k in held {
+            if let Some(live) = self.conns.get_mut(&k) {
+                if std::mem::take(&mut live.store_held) {
+                    self.resumable.push(k);
+                }
+            }
+        }
+    }
+
+    /// Whether `packet` from `key` must wait because the backlog is at its bound: it would
+    /// make a record. Acknowledgements and PINGREQ never wait (they make at most a small
+    /// record each and free more than they cost); nor do QoS 0 publishes, a clean session's
+    /// subscription changes, or a DISCONNECT.
+    pub(super) fn holds_for_store(&self, key: ConnKey, packet: &Packet) -> bool {
+        if !self.store.full {
+            return false;
+        }
+        match packet {
+            Packet::Publish(p) => p.qos != QoS::AtMostOnce || p.retain,
+            Packet::Subscribe(_) | Packet::Unsubscribe(_) => self
+                .sessions
+                .get(&key)
+                .is_some_and(|e| e.session.journaled()),
+            _ => false,
+        }
+    }
+
+    /// Input of `key` was deferred by [`ShardCore::holds_for_store`]: remember to resume it,
+    /// and bound the wait.
+    pub(super) fn hold_for_store(&mut self, key: ConnKey, now: Instant) {
+        let timeout = self.store.timeout();
+        let Some(live) = self.conns.get_mut(&key) else {
+            return;
+        };
+        if live.store_held {
+            return;
+        }
+        live.store_held = true;
+        self.store.held.push(key);
+        self.counters.store_held_inputs.inc();
+        self.timers.push(now + timeout, TimerKind::StoreHeld(key));
+    }
+
+    /// The backlog timer of `key` fired: still held, it is closed (v5: DISCONNECT 0x97), as
+    /// a connection whose acknowledgement waited too long for the disk is.
+    pub(super) fn check_store_held(&mut self, key: ConnKey, now: Instant) {
+        let Some(live) = self.conns.get(&key) else {
+            return;
+        };
+        if !live.store_held {
+            return;
+        }
+        let words = live.closing_words(ReasonCode::QUOTA_EXCEEDED);
+        self.counters.store_held_closes.inc();
+        if !std::mem::replace(&mut self.store.closed_logged, true) {
+            warn!(
+                shard = self.id,
+                "persistence: the disk has not taken the backlog for {}s: closing clients \
+                 whose input waits for it (v5: DISCONNECT 0x97); the rest are counted in \
+                 midge_store_held_closes_total",
+                self.store.timeout().as_secs()
+            );
+        }
+        self.store.held.retain(|k| *k != key);
+        self.lose_connection(key, now);
+        if let Some(live) = self.conns.get_mut(&key) {
+            live.store_held = false;
+            live.deferred.clear();
+            live.last_words.extend(words);
+        }
     }
 
     /// The driver could not write or sync (disk full, I/O error): acknowledgements stay
@@ -172,10 +332,7 @@ impl ShardCore {
             return;
         }
         let upto = self.store.appended;
-        let timeout = self
-            .store
-            .cfg
-            .map_or(Duration::from_secs(30), |c| c.timeout);
+        let timeout = self.store.timeout();
         let Some(live) = self.conns.get_mut(&key) else {
             return;
         };
@@ -195,16 +352,13 @@ impl ShardCore {
         if live.durable == 0 || upto <= self.store.durable {
             if live.durable != 0 {
                 // Gated again since: re-arm for the newer wait.
-                let timeout = self
-                    .store
-                    .cfg
-                    .map_or(Duration::from_secs(30), |c| c.timeout);
+                let timeout = self.store.timeout();
                 let up = live.durable;
                 self.timers.push(now + timeout, TimerKind::Durable(key, up));
             }
             return;
         }
-        let v5 = live.version.is_v5();
+        let words = live.closing_words(ReasonCode::QUOTA_EXCEEDED);
         warn!(
             shard = self.id,
             "persistence: the disk did not confirm a write in time: closing a client \
@@ -214,10 +368,7 @@ impl ShardCore {
         self.lose_connection(key, now);
         if let Some(live) = self.conns.get_mut(&key) {
             live.durable = 0;
-            if v5 {
-                live.last_words
-                    .push_back(disconnect_packet(ReasonCode::QUOTA_EXCEEDED));
-            }
+            live.last_words.extend(words);
         }
     }
 

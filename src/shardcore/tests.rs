@@ -448,6 +448,7 @@ fn persistent(cfg: &mut CoreConfig) {
         base_ns: 1,
         immediate: false,
         timeout: Duration::from_secs(30),
+        max_backlog: DEFAULT_MAX_BACKLOG,
     });
 }
 
@@ -563,4 +564,151 @@ fn a_qos2_forward_leaves_only_once_its_record_is_durable() {
     n.settle();
     assert_eq!(payloads(&n.out(sub)), ["two", "three"]);
     assert!(n.out(publ).iter().any(|p| matches!(p, Packet::PubRec(_))));
+}
+
+fn bounded_backlog(max: usize) -> impl Fn(&mut CoreConfig) {
+    move |cfg: &mut CoreConfig| {
+        persistent(cfg);
+        if let Some(p) = cfg.persist.as_mut() {
+            p.max_backlog = max;
+        }
+        cfg.max_deferred_input = 4;
+    }
+}
+
+const BODY: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+#[test]
+fn a_failing_disk_holds_input_at_the_backlog_bound_and_resumes_in_order() {
+    let mut n = Net::new(1, bounded_backlog(1024));
+    let sub = n.connect(0, "sub", false);
+    n.settle();
+    n.disk(0);
+    n.out(sub);
+    n.send(sub, subscribe(1, "t", QoS::AtLeastOnce));
+    n.settle();
+    n.disk(0);
+    assert_eq!(kinds(&n.out(sub)), [9]);
+    let publ = n.connect(0, "pub", true);
+    let q0 = n.connect(0, "q0", true);
+    n.settle();
+    n.out(publ);
+    n.out(q0);
+
+    // The disk fails: the driver took the first records and keeps retrying them.
+    n.cores[0].handle_store_failed(n.now);
+    let mut driver = Vec::new();
+    let mut pid = 0u16;
+    while !n.cores[0].input_paused(publ) {
+        pid += 1;
+        assert!(pid < 200, "the publisher was never held");
+        n.send(publ, publish(pid, "t", QoS::AtLeastOnce, BODY));
+        if pid == 3 {
+            n.cores[0].take_store_output(&mut driver);
+        }
+    }
+    let c = n.cores[0].counters.clone();
+    assert_eq!(c.store_held_inputs.get(), 1, "held once, counted once");
+    // Bounded: the bound plus at most one packet's records (and the deferred packets).
+    let backlog = n.cores[0].store.backlog_bytes();
+    assert!(
+        (1024..1024 + 256).contains(&backlog),
+        "backlog {backlog} bytes"
+    );
+    assert!(n.out(publ).is_empty(), "a PUBACK while nothing is durable");
+    // Routed before the hold: delivered (held messages are not).
+    let before: Vec<String> = payloads(&n.out(sub));
+    assert!(!before.is_empty() && before.len() < pid as usize);
+    // QoS 0 from a clean client keeps flowing; a clean CONNECT is served; a persistent one
+    // is refused with 0x97 instead of waiting on the disk.
+    n.send(q0, publish(0, "t", QoS::AtMostOnce, "zero"));
+    assert_eq!(payloads(&n.out(sub)), ["zero"]);
+    // (A clean CONNECT is not refused; its CONNACK waits for what was recorded before it,
+    // as it always did.)
+    let clean = n.connect(0, "clean", true);
+    n.settle();
+    assert!(n.out(clean).is_empty());
+    assert!(!n.cores[0].wants_close(clean));
+    let pers = n.connect(0, "pers", false);
+    n.settle();
+    assert!(
+        matches!(n.out(pers).first(), Some(Packet::ConnAck(a)) if a.reason == crate::codec::ReasonCode::QUOTA_EXCEEDED)
+    );
+    assert!(n.cores[0].wants_close(pers));
+    assert_eq!(c.refused(crate::metrics::RefuseCause::StoreFull), 1);
+
+    // The disk comes back: the driver's retry succeeds, the held input runs, and every
+    // message is acknowledged once durable and delivered in order.
+    let upto = n.cores[0].take_store_output(&mut driver);
+    n.cores[0].handle_durable(upto, n.now);
+    let mut acked = 0;
+    let mut got = before;
+    for _ in 0..100 {
+        n.disk(0);
+        acked += kinds(&n.out(publ)).iter().filter(|k| **k == 4).count();
+        for p in n.out(sub) {
+            if let Packet::Publish(pb) = p {
+                got.push(String::from_utf8_lossy(&pb.payload).into_owned());
+                n.send(sub, Packet::PubAck(PubResp::new(pb.packet_id)));
+            }
+        }
+        if acked == pid as usize && !n.cores[0].input_paused(publ) {
+            break;
+        }
+    }
+    assert_eq!(acked, pid as usize, "every held publish acknowledged");
+    assert_eq!(got.iter().filter(|b| *b == BODY).count(), pid as usize);
+    assert!(!n.cores[0].store.full);
+    n.disk(0); // the subscriber's last acknowledgements
+    assert!(matches!(n.out(clean).first(), Some(Packet::ConnAck(a)) if a.reason.0 == 0));
+    assert!(
+        n.cores[0].is_quiescent().is_ok(),
+        "{:?}",
+        n.cores[0].is_quiescent()
+    );
+}
+
+#[test]
+fn input_held_for_a_disk_that_never_returns_is_closed_not_acknowledged() {
+    let mut n = Net::new(1, bounded_backlog(256));
+    let publ = n.connect(0, "pub", true);
+    n.settle();
+    n.out(publ);
+    n.cores[0].handle_store_failed(n.now);
+    let mut pid = 0u16;
+    while !n.cores[0].input_paused(publ) {
+        pid += 1;
+        assert!(pid < 200, "the publisher was never held");
+        n.send(publ, publish(pid, "t", QoS::AtLeastOnce, BODY));
+    }
+    n.tick(Duration::from_secs(29));
+    assert!(!n.cores[0].wants_close(publ), "closed before the timeout");
+    n.tick(Duration::from_secs(2));
+    let out = n.out(publ);
+    assert!(!kinds(&out).contains(&4), "{out:?}");
+    assert!(
+        out.iter().any(|p| matches!(p, Packet::Disconnect(d) if d.reason == crate::codec::ReasonCode::QUOTA_EXCEEDED)),
+        "{out:?}"
+    );
+    assert!(n.cores[0].wants_close(publ));
+    assert_eq!(n.cores[0].counters.store_held_closes.get(), 1);
+    n.close(publ);
+    assert!(n.cores[0].store.held.is_empty());
+}
+
+#[test]
+fn a_connack_that_waited_too_long_for_the_disk_becomes_a_refusal_not_a_disconnect() {
+    let mut n = Net::new(1, persistent);
+    n.cores[0].handle_store_failed(n.now);
+    let c = n.connect(0, "late", false);
+    n.settle();
+    assert!(n.out(c).is_empty(), "CONNACK before the session's record");
+    n.tick(Duration::from_secs(31));
+    // Nothing may precede a CONNACK [MQTT-3.2.0-1]: the client is refused with 0x97.
+    let out = n.out(c);
+    assert!(
+        matches!(out.as_slice(), [Packet::ConnAck(a)] if a.reason == crate::codec::ReasonCode::QUOTA_EXCEEDED),
+        "{out:?}"
+    );
+    assert!(n.cores[0].wants_close(c));
 }

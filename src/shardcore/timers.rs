@@ -36,6 +36,8 @@ pub(crate) enum TimerKind {
     WriteStall(ConnKey),
     /// A connection's output waiting for the disk (for the record count given).
     Durable(ConnKey, u64),
+    /// A connection's input waiting for the store's backlog to drain.
+    StoreHeld(ConnKey),
 }
 
 #[derive(Default)]
@@ -76,6 +78,7 @@ impl ShardCore {
                 TimerKind::Switch(k) => self.check_switching(k, now),
                 TimerKind::WriteStall(k) => self.check_write_stall(k, now),
                 TimerKind::Durable(k, upto) => self.check_durable(k, upto, now),
+                TimerKind::StoreHeld(k) => self.check_store_held(k, now),
             }
         }
     }

@@ -321,6 +321,13 @@ impl World {
                 base_ns: 1,
                 immediate: false,
                 timeout: Duration::from_secs(30),
+                // Every other persistent seed bounds the backlog at 200 bytes, so held input (and
+                // its release when the disk catches up) runs under the same invariants.
+                max_backlog: if seed % 2 == 0 {
+                    200
+                } else {
+                    midge::shardcore::DEFAULT_MAX_BACKLOG
+                },
             }),
             ..CoreConfig::default()
         };
@@ -1497,6 +1504,14 @@ impl World {
     }
 
     /// Figures of a finished run, for the soak summary.
+    /// Connections whose input was held at the store's backlog bound, over every shard.
+    pub fn store_held(&self) -> u64 {
+        self.counters
+            .iter()
+            .map(|c| c.store_held_inputs.get())
+            .sum()
+    }
+
     pub fn summary(&self) -> (usize, usize, usize) {
         let acked = self.pubs.values().filter(|p| p.acked).count();
         (self.step as usize, acked, self.wire.len())
