@@ -76,6 +76,9 @@ pub(crate) struct Store {
     waiting: Vec<ConnKey>,
     notes: Vec<Note>,
     failing: bool,
+    /// Connections whose clean start ended an earlier persistent session on this shard: their
+    /// CONNACK waits for that `End` (see `record_install`).
+    ended_for: Vec<ConnKey>,
     /// Bytes the driver took (`take_store_output`) that it has not confirmed durable yet.
     taken_bytes: u64,
     /// `appended` at the last take: a `handle_durable` for it confirms `taken_bytes`.
@@ -534,7 +537,40 @@ impl ShardCore {
         } else if carried {
             self.store.push(&Record::End { ts, client });
         }
-        self.gate_durable(key, now);
+        // The CONNACK waits only for records it depends on: this session's start, or the end
+        // of the one it replaced. A clean, non-persistent client depends on none (an old
+        // session ended on another shard holds its Handover until that end is durable, see
+        // `send_after_durable`), so it connects, and its QoS 0 flows, while the disk fails.
+        let ended_here = match self.store.ended_for.iter().position(|k| *k == key) {
+            Some(i) => {
+                self.store.ended_for.swap_remove(i);
+                true
+            }
+            None => false,
+        };
+        if expiry != 0 || carried || ended_here {
+            self.gate_durable(key, now);
+        }
+    }
+
+    /// A clean start of `conn` ended the persistent session it replaced, recorded here.
+    pub(super) fn note_ended_for(&mut self, conn: ConnKey) {
+        if self.store.on() && super::registry::conn_shard(conn) == self.id {
+            self.store.ended_for.push(conn);
+        }
+    }
+
+    /// Send `msg` to shard `to` once everything recorded so far is durable (to this shard
+    /// itself: at once; its own gate covers it).
+    pub(super) fn send_after_durable(&mut self, to: super::ShardId, msg: super::msg::PeerMsg) {
+        if to != self.id && self.store.gate_needed() {
+            let upto = self.store.appended;
+            if let Some(q) = self.out.get_mut(to) {
+                q.push_back_after(msg, upto);
+            }
+        } else {
+            self.send(to, msg);
+        }
     }
 
     /// Turn the journal of an offline session rebuilt here on if it is persistent.

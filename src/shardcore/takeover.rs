@@ -153,9 +153,12 @@ impl ShardCore {
             if state.session_expiry_interval() != 0 {
                 let client = state.client_id().clone();
                 self.record_end(&client, now);
+                self.note_ended_for(conn);
             }
             self.drop_routes(previous, &filters);
-            self.send(conn_shard(conn), PeerMsg::Handover { conn, state: None });
+            // The new connection's CONNACK (no session present) must not leave before the
+            // old session's end is on disk, or a crash would bring the old one back.
+            self.send_after_durable(conn_shard(conn), PeerMsg::Handover { conn, state: None });
             return;
         }
         self.parked.insert(
@@ -208,9 +211,9 @@ impl ShardCore {
     fn pass_on(&mut self, state: Option<Transfer>, by: ConnKey, clean: bool, now: Instant) {
         if clean {
             if let Some(t) = state {
-                self.discard_transfer(t, now);
+                self.discard_transfer(t, by, now);
             }
-            self.send(
+            self.send_after_durable(
                 conn_shard(by),
                 PeerMsg::Handover {
                     conn: by,
@@ -224,7 +227,7 @@ impl ShardCore {
 
     /// A shipped session is discarded (clean start): its delayed will goes out now and its
     /// old host drops what it parked.
-    fn discard_transfer(&mut self, t: Transfer, now: Instant) {
+    fn discard_transfer(&mut self, t: Transfer, conn: ConnKey, now: Instant) {
         let mut state = *t.state;
         if let Some(will) = state.take_pending_will(now) {
             self.route_will(t.authz.as_deref(), will, now);
@@ -232,6 +235,7 @@ impl ShardCore {
         if state.session_expiry_interval() != 0 {
             let client = state.client_id().clone();
             self.record_end(&client, now);
+            self.note_ended_for(conn);
         }
         self.send(conn_shard(t.from), PeerMsg::ParkAbandon { old: t.from });
     }
@@ -243,7 +247,7 @@ impl ShardCore {
         let (from, prev) = match state {
             Some(t) if clean => {
                 // Cannot happen (a clean start is ended by the old host), but be exact.
-                self.discard_transfer(t, now);
+                self.discard_transfer(t, conn, now);
                 (None, None)
             }
             Some(t) => (Some(t.from), Some(*t.state)),

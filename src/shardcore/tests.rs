@@ -623,11 +623,10 @@ fn a_failing_disk_holds_input_at_the_backlog_bound_and_resumes_in_order() {
     // is refused with 0x97 instead of waiting on the disk.
     n.send(q0, publish(0, "t", QoS::AtMostOnce, "zero"));
     assert_eq!(payloads(&n.out(sub)), ["zero"]);
-    // (A clean CONNECT is not refused; its CONNACK waits for what was recorded before it,
-    // as it always did.)
+    // (A clean CONNECT depends on no record: answered at once, even with the disk full.)
     let clean = n.connect(0, "clean", true);
     n.settle();
-    assert!(n.out(clean).is_empty());
+    assert!(matches!(n.out(clean).first(), Some(Packet::ConnAck(a)) if a.reason.0 == 0));
     assert!(!n.cores[0].wants_close(clean));
     let pers = n.connect(0, "pers", false);
     n.settle();
@@ -660,7 +659,6 @@ fn a_failing_disk_holds_input_at_the_backlog_bound_and_resumes_in_order() {
     assert_eq!(got.iter().filter(|b| *b == BODY).count(), pid as usize);
     assert!(!n.cores[0].store.full);
     n.disk(0); // the subscriber's last acknowledgements
-    assert!(matches!(n.out(clean).first(), Some(Packet::ConnAck(a)) if a.reason.0 == 0));
     assert!(
         n.cores[0].is_quiescent().is_ok(),
         "{:?}",
@@ -711,4 +709,48 @@ fn a_connack_that_waited_too_long_for_the_disk_becomes_a_refusal_not_a_disconnec
         "{out:?}"
     );
     assert!(n.cores[0].wants_close(c));
+}
+
+#[test]
+fn a_clean_client_connects_while_the_disk_fails_but_not_past_an_unwritten_end() {
+    let mut n = Net::new(2, persistent);
+    // A persistent session on shard 1, durable.
+    let old = n.connect(1, "dev", false);
+    n.settle();
+    n.disk(1);
+    n.settle();
+    assert_eq!(kinds(&n.out(old)), [2]);
+    n.cores[1].handle_conn_closed(old, n.now);
+    n.settle();
+    n.disk(1);
+
+    // The disk stops confirming; records are pending on both shards.
+    let other = n.connect(0, "other", false);
+    n.settle();
+    assert!(n.out(other).is_empty());
+    n.cores[0].handle_store_failed(n.now);
+    n.cores[1].handle_store_failed(n.now);
+
+    // A clean, non-persistent client with no old session depends on no record.
+    let fresh = n.connect(0, "fresh", true);
+    n.settle();
+    assert_eq!(kinds(&n.out(fresh)), [2], "CONNACK held by others' records");
+
+    // A clean start that ends "dev"'s persistent session (on shard 1): its CONNACK waits
+    // for that end to be durable, or a crash would bring the old session back.
+    let again = n.connect(0, "dev", true);
+    n.settle();
+    assert!(
+        n.out(again).is_empty(),
+        "CONNACK before the old session's end"
+    );
+    n.disk(0);
+    n.settle();
+    assert!(
+        n.out(again).is_empty(),
+        "shard 0's disk is not the one that matters"
+    );
+    n.disk(1);
+    n.settle();
+    assert_eq!(kinds(&n.out(again)), [2]);
 }
