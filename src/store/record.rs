@@ -28,6 +28,7 @@ pub const KIND_ACK: u8 = 8;
 pub const KIND_SENT: u8 = 9;
 pub const KIND_REL: u8 = 10;
 pub const KIND_INREL: u8 = 11;
+pub const KIND_MARK: u8 = 12;
 
 /// `sid` of a message: origin shard and sequence.
 pub fn sid(origin: usize, seq: u64) -> u64 {
@@ -108,6 +109,14 @@ pub enum Record {
         ts: u64,
         client: ByteString,
         pid: u16,
+    },
+    /// Written by runtime compaction (`crate::store::compact`), never by a shard: what the
+    /// records it dropped still told recovery, the latest timestamp (`ts`) and the next message
+    /// sequence of each origin shard. `client` is empty.
+    Mark {
+        ts: u64,
+        client: ByteString,
+        next_seq: Vec<(u16, u64)>,
     },
 }
 
@@ -239,6 +248,7 @@ impl Record {
             Record::Sent { .. } => KIND_SENT,
             Record::Rel { .. } => KIND_REL,
             Record::InRel { .. } => KIND_INREL,
+            Record::Mark { .. } => KIND_MARK,
         }
     }
 
@@ -253,7 +263,8 @@ impl Record {
             | Record::Ack { ts, .. }
             | Record::Sent { ts, .. }
             | Record::Rel { ts, .. }
-            | Record::InRel { ts, .. } => *ts,
+            | Record::InRel { ts, .. }
+            | Record::Mark { ts, .. } => *ts,
         }
     }
 
@@ -268,7 +279,8 @@ impl Record {
             | Record::Ack { client, .. }
             | Record::Sent { client, .. }
             | Record::Rel { client, .. }
-            | Record::InRel { client, .. } => client,
+            | Record::InRel { client, .. }
+            | Record::Mark { client, .. } => client,
         }
     }
 
@@ -337,6 +349,18 @@ impl Record {
             }
             Record::InRel { ts, client, pid } => {
                 w.u64(*ts).bytes(client.as_bytes()).u16(*pid);
+            }
+            Record::Mark {
+                ts,
+                client,
+                next_seq,
+            } => {
+                w.u64(*ts)
+                    .bytes(client.as_bytes())
+                    .u32(next_seq.len() as u32);
+                for &(origin, next) in next_seq {
+                    w.u16(origin).u64(next);
+                }
             }
         }
     }
@@ -409,6 +433,26 @@ impl Record {
                 client,
                 pid: r.u16()?,
             },
+            KIND_MARK => {
+                let n = r.u32()? as usize;
+                // Each entry is 10 bytes: a count beyond the payload is damage, not a size
+                // to allocate.
+                if n > r.b.len() / 10 {
+                    return Err(BadRecord {
+                        kind,
+                        why: "payload too short",
+                    });
+                }
+                let mut next_seq = Vec::with_capacity(n);
+                for _ in 0..n {
+                    next_seq.push((r.u16()?, r.u64()?));
+                }
+                Record::Mark {
+                    ts,
+                    client,
+                    next_seq,
+                }
+            }
             _ => {
                 return Err(BadRecord {
                     kind,
@@ -519,6 +563,11 @@ mod tests {
                 ts: 13,
                 client: c.clone(),
                 sid: 2,
+            },
+            Record::Mark {
+                ts: 15,
+                client: ByteString::new(),
+                next_seq: vec![(0, 12), (3, 78)],
             },
             Record::InRel {
                 ts: 14,
