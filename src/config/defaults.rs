@@ -30,8 +30,8 @@
 //! | `persistence_location`        | `.`                              | the directory is `persistence_location/persistence_file` |
 //! | `persistence_file`            | `midge.db`                       | a directory for Midge, a file for mosquitto |
 //! | `persistence_sync`            | `always`                         | Midge: `always`, `batch` (same promise, fewer fsyncs) or `none` (no fsync, acks not held) |
-//! | `autosave_interval`           | `1800` s                         | accepted; Midge records changes as they happen |
-//! | `autosave_on_changes`         | `0`                              | accepted; Midge records changes as they happen |
+//! | `autosave_interval`           | `1800` s                         | Midge records every change as it happens; this is how often the log is compacted while running (segments sealed, folded into one file, old ones deleted); `0`: only at start-up |
+//! | `autosave_on_changes`         | `false`                          | `true`: `autosave_interval` counts records written (checked every second) instead of seconds |
 //! | `sys_interval`                | `10` s (`0` disables `$SYS`)     | |
 //! | `log_dest`                    | `stderr`                         | |
 //! | `log_timestamp`               | `true`                           | mosquitto: `TIMESTAMP: message` |

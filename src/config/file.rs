@@ -266,7 +266,7 @@ pub(crate) struct Builder {
     persistence_location: Option<PathBuf>,
     persistence_file: Option<String>,
     persistence_sync: Option<super::SyncMode>,
-    autosave_on_changes: u64,
+    autosave_on_changes: bool,
     pid_file: Option<PathBuf>,
     per_listener_settings: bool,
     /// First security line (`allow_anonymous`, `password_file`, `acl_file`,
@@ -353,7 +353,7 @@ impl Builder {
             persistence_location: None,
             persistence_file: None,
             persistence_sync: None,
-            autosave_on_changes: 0,
+            autosave_on_changes: false,
             pid_file: None,
             per_listener_settings: false,
             security_seen: None,
@@ -917,25 +917,19 @@ impl Builder {
                     }
                 });
             }
+            // mosquitto's bool (it also takes 0 and 1): count changes instead of seconds.
             "autosave_on_changes" => {
-                self.autosave_on_changes = num(value, 0, u32::MAX as u64)?;
-                self.warn(
-                    origin,
-                    key,
-                    "accepted: Midge records every change as it happens, so it needs no \
-                     save every N changes",
-                    true,
-                );
+                self.autosave_on_changes = match value {
+                    "1" => true,
+                    "0" => false,
+                    v => boolean(v)?,
+                };
             }
+            // Midge records every change as it happens; this is how often the log is
+            // compacted while running (0: only at start-up).
             "autosave_interval" => {
                 let secs = num(value, 0, u32::MAX as u64)?;
                 self.autosave_interval = Duration::from_secs(secs);
-                self.warn(
-                    origin,
-                    key,
-                    "accepted: Midge records every change as it happens (no periodic save)",
-                    true,
-                );
             }
             "sys_interval" => {
                 let secs = num(value, 0, u32::MAX as u64)?;
@@ -1407,7 +1401,15 @@ impl Builder {
                         .unwrap_or_else(|| PathBuf::from("."))
                         .join(self.persistence_file.as_deref().unwrap_or("midge.db")),
                     sync: self.persistence_sync.unwrap_or_default(),
-                    autosave_on_changes: self.autosave_on_changes,
+                    compaction: match self.autosave_interval.as_secs() {
+                        0 => None,
+                        n if self.autosave_on_changes => {
+                            Some(crate::store::compact::Cadence::Changes(n))
+                        }
+                        _ => Some(crate::store::compact::Cadence::Every(
+                            self.autosave_interval,
+                        )),
+                    },
                 }),
             pid_file: self.pid_file,
             per_listener_settings: self.per_listener_settings,
