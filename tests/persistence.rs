@@ -222,11 +222,18 @@ fn publish_and_kill(port: u16, round: usize, kill_after: usize, broker: &mut Mid
         .unwrap_or_default()
 }
 
-fn kill_rounds(shards: usize) {
+/// `autosave`: an `autosave_interval` for runtime compaction (kills then also land during
+/// and between compactions, and each restart reads a compacted file plus live segments).
+fn kill_rounds(shards: usize, autosave: Option<u64>) {
     let mut rng = Rng(seed().wrapping_add(shards as u64));
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let conf = config(dir.path(), port);
+    if let Some(a) = autosave {
+        let mut text = std::fs::read_to_string(&conf).unwrap();
+        text.push_str(&format!("autosave_interval {a}\n"));
+        std::fs::write(&conf, text).unwrap();
+    }
     let mut m = start(&conf, shards, port);
     // The persistent subscriber, then offline.
     {
@@ -377,12 +384,12 @@ fn kill_rounds(shards: usize) {
 
 #[test]
 fn kill9_loses_nothing_acknowledged_one_shard() {
-    kill_rounds(1);
+    kill_rounds(1, None);
 }
 
 #[test]
-fn kill9_loses_nothing_acknowledged_two_shards() {
-    kill_rounds(2);
+fn kill9_loses_nothing_acknowledged_two_shards_compacting_every_second() {
+    kill_rounds(2, Some(1));
 }
 
 /// Publish `n` QoS 1 messages to an offline persistent session and wait for every PUBACK.
