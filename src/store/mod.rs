@@ -4,9 +4,12 @@
 //! (`record.rs`, `log.rs`), recovery (`recover.rs`), and the start-up sequence: lock the
 //! directory, read every shard's log of the current generation (in parallel), rebuild the
 //! state, write it as the next generation's compacted log, switch `CURRENT`, delete the old
-//! generation. Must not touch: glommio (the runtime writes the live logs with glommio's DMA
-//! files in `crate::shard`; start-up runs before any shard, on plain threads, where blocking
-//! file I/O stalls nobody), broker logic (the shard core decides what is recorded).
+//! generation; and runtime compaction (`compact.rs`: a compactor thread folds the segments
+//! shards have sealed into `gen-N/compact-E.log` while the broker runs, so the log and
+//! recovery time stay bounded by what is still needed). Must not touch: glommio (the runtime
+//! writes the live logs with glommio's DMA files in `crate::shard`; start-up runs before any
+//! shard, and the compactor on its own thread, where blocking file I/O stalls nobody),
+//! broker logic (the shard core decides what is recorded).
 //!
 //! # Layout
 //! ```text
@@ -29,6 +32,9 @@
 //!   one log line; damage anywhere else is a start-up error naming the file and offset.
 //! * A crash during start-up leaves either the old generation (CURRENT not yet switched) or
 //!   the new one complete.
+//! * A crash during a runtime compaction leaves either its inputs in force (the new file not
+//!   yet renamed into place) or the new file, whose cover makes recovery skip the inputs a
+//!   crash left behind: no record lost, none counted twice.
 
 pub mod compact;
 pub mod crc32c;
