@@ -222,11 +222,18 @@ fn publish_and_kill(port: u16, round: usize, kill_after: usize, broker: &mut Mid
         .unwrap_or_default()
 }
 
-fn kill_rounds(shards: usize) {
+/// `autosave`: an `autosave_interval` for runtime compaction (kills then also land during
+/// and between compactions, and each restart reads a compacted file plus live segments).
+fn kill_rounds(shards: usize, autosave: Option<u64>) {
     let mut rng = Rng(seed().wrapping_add(shards as u64));
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let conf = config(dir.path(), port);
+    if let Some(a) = autosave {
+        let mut text = std::fs::read_to_string(&conf).unwrap();
+        text.push_str(&format!("autosave_interval {a}\n"));
+        std::fs::write(&conf, text).unwrap();
+    }
     let mut m = start(&conf, shards, port);
     // The persistent subscriber, then offline.
     {
@@ -377,12 +384,12 @@ fn kill_rounds(shards: usize) {
 
 #[test]
 fn kill9_loses_nothing_acknowledged_one_shard() {
-    kill_rounds(1);
+    kill_rounds(1, None);
 }
 
 #[test]
-fn kill9_loses_nothing_acknowledged_two_shards() {
-    kill_rounds(2);
+fn kill9_loses_nothing_acknowledged_two_shards_compacting_every_second() {
+    kill_rounds(2, Some(1));
 }
 
 /// Publish `n` QoS 1 messages to an offline persistent session and wait for every PUBACK.
@@ -719,6 +726,160 @@ fn a_delayed_will_is_published_after_a_kill9_restart() {
     }
     let log = m.lines().join("\n");
     assert_eq!(wills, ["dev-lost lost"], "broker log:\n{log}");
+    m.sigterm();
+    assert!(m.wait_exit(Duration::from_secs(15)).is_some());
+}
+
+fn dir_bytes(p: &Path) -> u64 {
+    let mut n = 0;
+    if let Ok(rd) = std::fs::read_dir(p) {
+        for e in rd.flatten() {
+            let m = e.metadata().unwrap();
+            n += if m.is_dir() {
+                dir_bytes(&e.path())
+            } else {
+                m.len()
+            };
+        }
+    }
+    n
+}
+
+/// Segment files of the current generation, as "shard-K/0000000S.log".
+fn segments_now(data: &Path) -> Vec<String> {
+    let cur = std::fs::read_to_string(data.join("CURRENT")).unwrap();
+    let gen = data.join(format!("gen-{}", cur.trim().strip_prefix("gen ").unwrap()));
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(&gen).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.starts_with("shard-") {
+            for s in std::fs::read_dir(e.path()).unwrap().flatten() {
+                v.push(format!("{name}/{}", s.file_name().to_string_lossy()));
+            }
+        }
+    }
+    v.sort();
+    v
+}
+
+/// Runtime compaction (`autosave_interval 1`): while QoS 1 messages queue for an offline
+/// session and a retained message is overwritten thousands of times, the log is compacted
+/// every second: the sealed segments go, the directory stays near the size of what is still
+/// needed, and after kill -9 every PUBACKed message still arrives.
+#[test]
+fn runtime_compaction_bounds_the_log_and_loses_nothing() {
+    const ROUNDS: usize = 4;
+    const KEPT: usize = 150;
+    const OVERWRITES: usize = 1_000;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let conf = config(dir.path(), port);
+    let mut text = std::fs::read_to_string(&conf).unwrap();
+    text.push_str("autosave_interval 1\n");
+    std::fs::write(&conf, text).unwrap();
+    let data = dir.path().join("data").join("midge.db");
+    let mut m = start(&conf, 2, port);
+    let (s, mut sc) = client("comp-sub", port, false);
+    s.subscribe("comp/keep", QoS::AtLeastOnce).unwrap();
+    wait_for(&mut sc, |p| matches!(p, Packet::SubAck(_)));
+    drop(s);
+    drop(sc);
+    let compactions = |m: &Midge| {
+        m.lines()
+            .iter()
+            .filter(|l| l.contains("persistence: compacted"))
+            .count()
+    };
+    let big = "r".repeat(1024);
+    let mut written = 0u64;
+    for round in 0..ROUNDS {
+        let (c, mut conn) = client(&format!("comp-pub-{round}"), port, true);
+        let big = big.clone();
+        let t = std::thread::spawn(move || {
+            for i in 0..OVERWRITES {
+                c.publish(
+                    "comp/ret",
+                    QoS::AtLeastOnce,
+                    true,
+                    format!("{round}:{i}:{big}"),
+                )
+                .unwrap();
+                if i % (OVERWRITES / KEPT) == 0 && i / (OVERWRITES / KEPT) < KEPT {
+                    c.publish("comp/keep", QoS::AtLeastOnce, false, format!("{round}:{i}"))
+                        .unwrap();
+                }
+            }
+            c
+        });
+        let n = OVERWRITES + KEPT;
+        let mut acks = 0;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while acks < n && Instant::now() < deadline {
+            if let Ok(Ok(Event::Incoming(Packet::PubAck(_)))) =
+                conn.recv_timeout(Duration::from_millis(100))
+            {
+                acks += 1;
+            }
+        }
+        assert_eq!(acks, n, "round {round}");
+        let _ = t.join();
+        written += (OVERWRITES * 1024) as u64;
+        // A compaction after this round's messages (the cadence is 1 s; allow a busy box).
+        let before = compactions(&m);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while compactions(&m) <= before {
+            assert!(
+                Instant::now() < deadline,
+                "no compaction in 20 s:\n{}",
+                m.lines().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    // Everything written is sealed and folded within a few cadences: the first segments are
+    // gone and the directory holds about what is still needed (600 small queued messages and
+    // one retained message), far less than the 4 MiB of retained overwrites written.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let segs = segments_now(&data);
+        let bytes = dir_bytes(&data);
+        if !segs.iter().any(|s| s.ends_with("/00000001.log")) && bytes < written / 4 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "log not bounded: {bytes} bytes of {written} written, segments {segs:?}\n{}",
+            m.lines().join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(compactions(&m) >= ROUNDS);
+    kill9(&mut m, port);
+    m = start(&conf, 2, port);
+    let (_s, mut sc) = client("comp-sub", port, false);
+    let mut bodies = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while bodies.len() < ROUNDS * KEPT && Instant::now() < deadline {
+        if let Ok(Ok(Event::Incoming(Packet::Publish(p)))) =
+            sc.recv_timeout(Duration::from_millis(100))
+        {
+            bodies.insert(String::from_utf8_lossy(&p.payload).to_string());
+        }
+    }
+    assert_eq!(bodies.len(), ROUNDS * KEPT, "after kill -9");
+    // The retained message is the last one written.
+    let (r, mut rc) = client("comp-ret", port, true);
+    r.subscribe("comp/ret", QoS::AtLeastOnce).unwrap();
+    let p = wait_for(&mut rc, |p| matches!(p, Packet::Publish(_)));
+    let Packet::Publish(p) = p else {
+        unreachable!()
+    };
+    assert!(
+        p.payload
+            .starts_with(format!("{}:{}:", ROUNDS - 1, OVERWRITES - 1).as_bytes()),
+        "retained: {:?}",
+        String::from_utf8_lossy(&p.payload[..20])
+    );
     m.sigterm();
     assert!(m.wait_exit(Duration::from_secs(15)).is_some());
 }

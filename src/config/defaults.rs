@@ -32,8 +32,8 @@
 //! | `persistence_sync`            | `always`                         | Midge: `always`, `batch` (same promise, fewer fsyncs) or `none` (no fsync, acks not held) |
 //! | `persistence_timeout`         | `30` s                           | Midge: a client whose acknowledgement or input waited this long for the disk is closed (v5 0x97) |
 //! | `persistence_max_backlog`     | `67108864` (64 MiB)              | Midge: records per shard waiting for a failing disk before input that adds more is held |
-//! | `autosave_interval`           | `1800` s                         | accepted; Midge records changes as they happen |
-//! | `autosave_on_changes`         | `0`                              | accepted; Midge records changes as they happen |
+//! | `autosave_interval`           | `1800` s                         | Midge records every change as it happens; this is how often the log is compacted while running (segments sealed, folded into one file, old ones deleted); `0`: only at start-up |
+//! | `autosave_on_changes`         | `false`                          | `true`: `autosave_interval` counts records written (checked every second) instead of seconds |
 //! | `sys_interval`                | `10` s (`0` disables `$SYS`)     | |
 //! | `log_dest`                    | `stderr`                         | |
 //! | `log_timestamp`               | `true`                           | mosquitto: `TIMESTAMP: message` |

@@ -268,7 +268,7 @@ pub(crate) struct Builder {
     persistence_sync: Option<super::SyncMode>,
     persistence_timeout: Option<Duration>,
     persistence_max_backlog: Option<u64>,
-    autosave_on_changes: u64,
+    autosave_on_changes: bool,
     pid_file: Option<PathBuf>,
     per_listener_settings: bool,
     /// First security line (`allow_anonymous`, `password_file`, `acl_file`,
@@ -357,7 +357,7 @@ impl Builder {
             persistence_sync: None,
             persistence_timeout: None,
             persistence_max_backlog: None,
-            autosave_on_changes: 0,
+            autosave_on_changes: false,
             pid_file: None,
             per_listener_settings: false,
             security_seen: None,
@@ -928,25 +928,19 @@ impl Builder {
             "persistence_max_backlog" => {
                 self.persistence_max_backlog = Some(num(value, 4096, 1 << 40)?);
             }
+            // mosquitto's bool (it also takes 0 and 1): count changes instead of seconds.
             "autosave_on_changes" => {
-                self.autosave_on_changes = num(value, 0, u32::MAX as u64)?;
-                self.warn(
-                    origin,
-                    key,
-                    "accepted: Midge records every change as it happens, so it needs no \
-                     save every N changes",
-                    true,
-                );
+                self.autosave_on_changes = match value {
+                    "1" => true,
+                    "0" => false,
+                    v => boolean(v)?,
+                };
             }
+            // Midge records every change as it happens; this is how often the log is
+            // compacted while running (0: only at start-up).
             "autosave_interval" => {
                 let secs = num(value, 0, u32::MAX as u64)?;
                 self.autosave_interval = Duration::from_secs(secs);
-                self.warn(
-                    origin,
-                    key,
-                    "accepted: Midge records every change as it happens (no periodic save)",
-                    true,
-                );
             }
             "sys_interval" => {
                 let secs = num(value, 0, u32::MAX as u64)?;
@@ -1424,7 +1418,15 @@ impl Builder {
                     max_backlog: self
                         .persistence_max_backlog
                         .unwrap_or(defaults::PERSISTENCE_MAX_BACKLOG),
-                    autosave_on_changes: self.autosave_on_changes,
+                    compaction: match self.autosave_interval.as_secs() {
+                        0 => None,
+                        n if self.autosave_on_changes => {
+                            Some(crate::store::compact::Cadence::Changes(n))
+                        }
+                        _ => Some(crate::store::compact::Cadence::Every(
+                            self.autosave_interval,
+                        )),
+                    },
                 }),
             pid_file: self.pid_file,
             per_listener_settings: self.per_listener_settings,

@@ -127,9 +127,10 @@ pub struct Config {
     /// `GET /healthz` are served, plain HTTP; `None` (the default) serves nothing. ADDRESS
     /// defaults to 127.0.0.1.
     pub metrics_listener: Option<SocketAddr>,
-    /// `autosave_interval`: accepted for mosquitto compatibility. Midge makes every
-    /// acknowledged change durable as it happens (see [`Persistence`]) and compacts its log
-    /// at each start; it takes no periodic snapshots.
+    /// `autosave_interval` as read (seconds, or a count of changes with
+    /// `autosave_on_changes true`). Midge makes every acknowledged change durable as it
+    /// happens (see [`Persistence`]); this is its compaction cadence
+    /// ([`Persistence::compaction`]).
     pub autosave_interval: Duration,
     /// `persistence true` and its settings; `None` = everything lives in memory.
     pub persistence: Option<Persistence>,
@@ -157,7 +158,8 @@ pub enum SyncMode {
     Batch,
     /// Records are written without fdatasync and acknowledgements are not held: a kill -9
     /// loses nothing the kernel already has, a power loss may lose recent acknowledged
-    /// messages (mosquitto's kind of risk, over milliseconds instead of `autosave_interval`).
+    /// messages (mosquitto's kind of risk, over milliseconds instead of mosquitto's
+    /// `autosave_interval`).
     None,
 }
 
@@ -176,8 +178,9 @@ pub struct Persistence {
     /// `persistence_max_backlog` (default 64 MiB): bytes of records per shard waiting for the
     /// disk at which input that would add more is held and persistent CONNECTs are refused.
     pub max_backlog: u64,
-    /// `autosave_on_changes`: accepted (Midge records every change as it happens).
-    pub autosave_on_changes: u64,
+    /// How often the log is compacted while the broker runs (`autosave_interval`,
+    /// `autosave_on_changes`); `None` (`autosave_interval 0`): only at start-up.
+    pub compaction: Option<crate::store::compact::Cadence>,
 }
 
 /// One network listener.

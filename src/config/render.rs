@@ -66,6 +66,14 @@ pub fn render_effective(config: &Config) -> String {
         "autosave_interval {}",
         config.autosave_interval.as_secs()
     );
+    if let Some(p) = &config.persistence {
+        if matches!(
+            p.compaction,
+            Some(crate::store::compact::Cadence::Changes(_))
+        ) {
+            let _ = writeln!(s, "autosave_on_changes true");
+        }
+    }
     let dest = match config.log.dest {
         LogDest::Stderr => "stderr",
         LogDest::Stdout => "stdout",

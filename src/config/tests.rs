@@ -1369,3 +1369,33 @@ fn capath_is_a_directory_of_cas() {
 }
 
 mod auth;
+
+#[test]
+fn autosave_keys_set_the_compaction_cadence() {
+    use crate::store::compact::Cadence;
+    let cadence = |text: &str| {
+        ok(&format!("persistence true\n{text}"))
+            .persistence
+            .unwrap()
+            .compaction
+    };
+    assert_eq!(cadence(""), Some(Cadence::Every(Duration::from_secs(1800))));
+    assert_eq!(
+        cadence("autosave_interval 60\n"),
+        Some(Cadence::Every(Duration::from_secs(60)))
+    );
+    assert_eq!(cadence("autosave_interval 0\n"), None);
+    assert_eq!(
+        cadence("autosave_on_changes true\nautosave_interval 500\n"),
+        Some(Cadence::Changes(500))
+    );
+    assert_eq!(
+        cadence("autosave_interval 500\nautosave_on_changes 1\n"),
+        Some(Cadence::Changes(500))
+    );
+    assert_eq!(
+        cadence("autosave_on_changes false\n"),
+        Some(Cadence::Every(Duration::from_secs(1800)))
+    );
+    assert!(err("autosave_on_changes 2\n").contains("expected true or false"));
+}

@@ -82,6 +82,13 @@ pub(crate) struct StoreStart {
     pub persist: crate::shardcore::PersistConfig,
     pub sync: crate::config::SyncMode,
     pub dirs: Vec<std::path::PathBuf>,
+    /// The generation in use (runtime compaction writes there).
+    pub gen_dir: std::path::PathBuf,
+    /// Runtime compaction: the shards' seals and the cadence (`None`: off).
+    pub compaction: Option<(
+        std::sync::Arc<crate::store::compact::SealBoard>,
+        crate::store::compact::Cadence,
+    )>,
     /// Per shard, taken once by that shard: its sessions (it is their home shard), the
     /// retained set, the message sequence to continue from.
     #[allow(clippy::type_complexity)]
@@ -141,6 +148,13 @@ impl StoreStart {
                 },
                 sync: p.sync,
                 dirs,
+                compaction: p.compaction.map(|c| {
+                    (
+                        std::sync::Arc::new(crate::store::compact::SealBoard::new(shards)),
+                        c,
+                    )
+                }),
+                gen_dir: opened.gen_dir.clone(),
                 recovered: per
                     .into_iter()
                     .map(|r| std::sync::Mutex::new(Some(r)))
@@ -645,6 +659,11 @@ pub(crate) async fn shard_main(
         verify_slots: glommio::sync::Semaphore::new(MAX_VERIFYING),
         store: shared.store.as_ref().map(|s| {
             super::store_io::StoreIo::new(s.dirs[id].clone(), s.sync, Duration::from_millis(2))
+                .with_seal(
+                    s.compaction
+                        .as_ref()
+                        .map(|(board, c)| (board.clone(), c.seal_every())),
+                )
         }),
     });
 

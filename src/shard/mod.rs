@@ -220,6 +220,8 @@ pub struct Broker {
     pub control: Arc<Control>,
     threads: Vec<JoinHandle<()>>,
     shared: Arc<driver::Shared>,
+    /// Runtime compaction's thread (stopped and joined before the lock is released).
+    _compactor: Option<crate::store::compact::Compactor>,
     /// The persistence directory's lock, held while the broker runs.
     _store_lock: Option<std::fs::File>,
 }
@@ -405,7 +407,27 @@ pub fn start(cfg: RuntimeConfig) -> Result<Broker, StartError> {
             tracing::info!(target: crate::logging::NOTICE, "metrics listener on http://{a}/metrics");
         }
     }
+    // Runtime compaction, off the shards (a plain thread: blocking file I/O is fine there).
+    let compactor = match shared.store.as_ref().and_then(|s| {
+        s.compaction
+            .as_ref()
+            .map(|(board, c)| (s.gen_dir.clone(), board.clone(), *c))
+    }) {
+        Some((gen, board, cadence)) => {
+            match crate::store::compact::Compactor::spawn(gen, board, cadence) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::warn!(
+                        "persistence: cannot start the compaction thread: {e}; the log is                          compacted at start-up only"
+                    );
+                    None
+                }
+            }
+        }
+        None => None,
+    };
     Ok(Broker {
+        _compactor: compactor,
         listen_addrs: resolved.iter().map(|l| l.addr).collect(),
         shard_addrs: shard_addrs.into_iter().flatten().collect(),
         metrics_addr,

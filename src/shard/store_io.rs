@@ -5,14 +5,19 @@
 //! since the last write goes out as one aligned write and one fdatasync, then one
 //! `handle_durable` releases every acknowledgement that waited for it), segment rotation,
 //! what a failing disk does (keep the records, log once, retry with a back-off; the core
-//! keeps acknowledgements held meanwhile, and bounds what it makes), and the log's figures
-//! (fdatasync latency, bytes written, failed writes, failing now: `ShardCounters::store_*`).
-//! Must not touch: what is recorded (the core) or the format (`crate::store::log` plans
-//! every write; this task only carries the plan out).
+//! keeps acknowledgements held meanwhile, and bounds what it makes), the log's figures
+//! (fdatasync latency, bytes written, failed writes, failing now: `ShardCounters::store_*`),
+//! and sealing for runtime compaction (a segment that holds records is sealed once per
+//! `autosave_interval` by moving to the next one; the seal is published on the `SealBoard`
+//! for the compactor thread, see `crate::store::compact`). Must not touch: what is recorded
+//! (the core) or the format (`crate::store::log` plans every write; this task only carries
+//! the plan out).
 
 use std::cell::Cell;
 use std::path::PathBuf;
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use glommio::io::{Directory, DmaFile};
@@ -21,6 +26,7 @@ use tracing::{debug, warn};
 use super::driver::Shard;
 use super::notify::Notify;
 use crate::config::SyncMode;
+use crate::store::compact::SealBoard;
 use crate::store::{self, LogWriter};
 
 /// Wait between retries of a failed write.
@@ -37,6 +43,10 @@ pub(crate) struct StoreIo {
     pub idle: Cell<bool>,
     pub batches: Cell<u64>,
     pub bytes: Cell<u64>,
+    /// Runtime compaction: where seals are published, and how often a segment is sealed.
+    pub seal: Option<(Arc<SealBoard>, Duration)>,
+    /// The seal ticker fired: seal the segment at the next chance.
+    pub seal_due: Cell<bool>,
 }
 
 impl StoreIo {
@@ -49,7 +59,26 @@ impl StoreIo {
             idle: Cell::new(true),
             batches: Cell::new(0),
             bytes: Cell::new(0),
+            seal: None,
+            seal_due: Cell::new(false),
         }
+    }
+
+    pub fn with_seal(mut self, seal: Option<(Arc<SealBoard>, Duration)>) -> StoreIo {
+        self.seal = seal;
+        self
+    }
+}
+
+/// One timer per seal interval (not per batch): marks the seal due and wakes the writer.
+async fn seal_ticker(shard: Rc<Shard>, every: Duration) {
+    let Some(io) = shard.store.as_ref() else {
+        return;
+    };
+    while !shard.stopping.get() {
+        glommio::timer::sleep(every).await;
+        io.seal_due.set(true);
+        io.wake.notify();
     }
 }
 
@@ -86,16 +115,42 @@ pub(crate) async fn store_task(shard: Rc<Shard>) {
         }
     };
     let mut seg = 1u64;
-    let mut file = None;
+    let mut file: Option<DmaFile> = None;
     let mut w = LogWriter::new(4096, 1, 1);
     let mut pending: Vec<u8> = Vec::new();
     let mut upto = 0u64;
     let mut failing = false;
+    // Runtime compaction: the record clock when the batch being written was taken (its seal
+    // horizon), and how many records the board has been told of.
+    let mut clock: u64;
+    let mut counted = 0u64;
+    if let Some((_, every)) = &io.seal {
+        glommio::spawn_local(seal_ticker(shard.clone(), *every)).detach();
+    }
     loop {
         if pending.is_empty() {
             io.idle.set(true);
-            while !shard.core.borrow().store_pending() {
+            while !shard.core.borrow().store_pending() && !io.seal_due.get() {
                 io.wake.notified().await;
+            }
+            if !shard.core.borrow().store_pending() {
+                // Idle at a seal tick: everything taken is written, nothing is waiting, so
+                // the clock's next value is a horizon no later record can be at or below.
+                io.seal_due.set(false);
+                if !w.is_empty() {
+                    if let Some(f) = file.take() {
+                        if let Err(e) = f.close().await {
+                            debug!("persistence: closing a segment: {e}");
+                        }
+                    }
+                    seg += 1;
+                    w = w.next_segment();
+                }
+                if let Some((board, _)) = &io.seal {
+                    let h = shard.core.borrow_mut().store_horizon(Instant::now());
+                    board.publish(shard.id, seg, h);
+                }
+                continue;
             }
             io.idle.set(false);
             if io.sync == SyncMode::Batch && !io.batch_delay.is_zero() {
@@ -103,6 +158,7 @@ pub(crate) async fn store_task(shard: Rc<Shard>) {
             }
         }
         upto = upto.max(shard.core.borrow_mut().take_store_output(&mut pending));
+        clock = shard.core.borrow().store_clock();
         let result = async {
             if file.is_none() {
                 let path = io.dir.join(store::segment_name(seg));
@@ -171,7 +227,12 @@ pub(crate) async fn store_task(shard: Rc<Shard>) {
                 }
                 shard.core.borrow_mut().handle_durable(upto, Instant::now());
                 shard.after_input();
-                if w.len() >= store::SEGMENT_BYTES {
+                if let Some((board, _)) = &io.seal {
+                    board.written[shard.id].fetch_add(upto - counted, Ordering::Relaxed);
+                    counted = upto;
+                }
+                let seal = io.seal.is_some() && io.seal_due.replace(false);
+                if w.len() >= store::SEGMENT_BYTES || seal {
                     if let Some(f) = file.take() {
                         if let Err(e) = f.close().await {
                             debug!("persistence: closing a segment: {e}");
@@ -179,6 +240,10 @@ pub(crate) async fn store_task(shard: Rc<Shard>) {
                     }
                     seg += 1;
                     w = w.next_segment();
+                    // Every record taken up to `clock` is in the segments below `seg`.
+                    if let Some((board, _)) = &io.seal {
+                        board.publish(shard.id, seg, clock);
+                    }
                 }
             }
             Err(e) => {

@@ -187,6 +187,18 @@ impl ShardCore {
         self.store.appended
     }
 
+    /// Timestamp of the last record made: every record taken so far has one ≤ this, every
+    /// later one a larger one (runtime compaction's seal horizon, `crate::store::compact`).
+    pub fn store_clock(&self) -> u64 {
+        self.store.last_ts
+    }
+
+    /// Advance the record clock to `now` and return it: no later record gets a timestamp ≤
+    /// it. With nothing pending, the horizon of an idle shard's seal.
+    pub fn store_horizon(&mut self, now: Instant) -> u64 {
+        self.store.ts(now)
+    }
+
     /// The first `upto` records are durable: release what waited for them.
     pub fn handle_durable(&mut self, upto: u64, now: Instant) {
         if upto >= self.store.last_take {

@@ -4,9 +4,12 @@
 //! (`record.rs`, `log.rs`), recovery (`recover.rs`), and the start-up sequence: lock the
 //! directory, read every shard's log of the current generation (in parallel), rebuild the
 //! state, write it as the next generation's compacted log, switch `CURRENT`, delete the old
-//! generation. Must not touch: glommio (the runtime writes the live logs with glommio's DMA
-//! files in `crate::shard`; start-up runs before any shard, on plain threads, where blocking
-//! file I/O stalls nobody), broker logic (the shard core decides what is recorded).
+//! generation; and runtime compaction (`compact.rs`: a compactor thread folds the segments
+//! shards have sealed into `gen-N/compact-E.log` while the broker runs, so the log and
+//! recovery time stay bounded by what is still needed). Must not touch: glommio (the runtime
+//! writes the live logs with glommio's DMA files in `crate::shard`; start-up runs before any
+//! shard, and the compactor on its own thread, where blocking file I/O stalls nobody),
+//! broker logic (the shard core decides what is recorded).
 //!
 //! # Layout
 //! ```text
@@ -14,6 +17,8 @@
 //!   LOCK                      flock'ed while a broker uses the directory
 //!   CURRENT                   "gen N": the generation in use (replaced by rename)
 //!   gen-N/compact.log         everything the previous generation still needed
+//!   gen-N/compact-E.log       runtime compaction E: stands for compact.log, earlier
+//!                             compact-e.log and the shard segments its cover names
 //!   gen-N/shard-K/00000001.log, 00000002.log, …   shard K's live log, in segments
 //! ```
 //! Records carry their own timestamps and ids, so which file holds a record does not matter
@@ -27,7 +32,11 @@
 //!   one log line; damage anywhere else is a start-up error naming the file and offset.
 //! * A crash during start-up leaves either the old generation (CURRENT not yet switched) or
 //!   the new one complete.
+//! * A crash during a runtime compaction leaves either its inputs in force (the new file not
+//!   yet renamed into place) or the new file, whose cover makes recovery skip the inputs a
+//!   crash left behind: no record lost, none counted twice.
 
+pub mod compact;
 pub mod crc32c;
 pub mod log;
 pub mod record;
@@ -139,7 +148,9 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
 }
 
 /// Records of one file sequence (a shard's segments in order, or the compacted log).
-fn read_files(files: &[PathBuf]) -> Result<Vec<Record>, StoreError> {
+/// `strict`: the files are complete (sealed segments, a compacted file), so damage anywhere
+/// is corruption; otherwise a torn tail of the last file is dropped.
+fn read_files(files: &[PathBuf], strict: bool) -> Result<Vec<Record>, StoreError> {
     let mut out = Vec::new();
     let (mut seq, mut batch) = (0u64, 0u64);
     for (i, path) in files.iter().enumerate() {
@@ -147,8 +158,9 @@ fn read_files(files: &[PathBuf]) -> Result<Vec<Record>, StoreError> {
         let scan = log::scan_segment(&buf, seq, batch);
         let last_file = i + 1 == files.len();
         if let Some((at, why)) = &scan.damage {
-            let later =
-                log::later_batch_after(&buf, at + 1, scan.last_batch).is_some() || !last_file;
+            let later = strict
+                || log::later_batch_after(&buf, at + 1, scan.last_batch).is_some()
+                || !last_file;
             if later {
                 return Err(StoreError::Corrupt {
                     file: path.clone(),
@@ -166,7 +178,7 @@ fn read_files(files: &[PathBuf]) -> Result<Vec<Record>, StoreError> {
         seq = scan.last_seq;
         batch = scan.last_batch;
         for f in &scan.frames {
-            if f.kind == log::KIND_BATCH {
+            if f.kind == log::KIND_BATCH || f.kind == compact::KIND_COVER {
                 continue;
             }
             let payload = &buf[f.payload.0..f.payload.1];
@@ -181,7 +193,8 @@ fn read_files(files: &[PathBuf]) -> Result<Vec<Record>, StoreError> {
     Ok(out)
 }
 
-fn segments(dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
+/// A shard directory's segments, by number.
+fn segments_numbered(dir: &Path) -> Result<Vec<(u64, PathBuf)>, StoreError> {
     let mut v: Vec<(u64, PathBuf)> = Vec::new();
     let rd = match fs::read_dir(dir) {
         Ok(rd) => rd,
@@ -205,7 +218,7 @@ fn segments(dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
         }
     }
     v.sort();
-    Ok(v.into_iter().map(|(_, p)| p).collect())
+    Ok(v)
 }
 
 /// Open `dir` for a run with `shards` shards: recover, compact into a new generation, and
@@ -226,22 +239,19 @@ pub fn open(dir: &Path, shards: usize, now: Instant, now_ns: u64) -> Result<Open
     let mut records = Vec::new();
     if let Some(g) = current {
         let gen = dir.join(format!("gen-{g}"));
-        let mut sources: Vec<Vec<PathBuf>> = vec![vec![gen.join("compact.log")]
-            .into_iter()
-            .filter(|p| p.exists())
-            .collect()];
-        let rd = fs::read_dir(&gen).map_err(io_err(&gen))?;
-        for e in rd {
-            let e = e.map_err(io_err(&gen))?;
-            if e.file_name().to_string_lossy().starts_with("shard-") {
-                sources.push(segments(&e.path())?);
-            }
+        // The compacted file in force and the segments it does not cover (runtime
+        // compaction); what it covers is ignored, whatever a crash left of it.
+        let files = compact::gen_files(&gen)?;
+        let mut sources: Vec<(bool, Vec<PathBuf>)> =
+            vec![(files.cover.epoch > 0, files.base.iter().cloned().collect())];
+        for (_, segs) in files.shards {
+            sources.push((false, segs.into_iter().map(|(_, p)| p).collect()));
         }
         // Every shard's log in parallel (start-up time is recovery time).
         let results: Vec<Result<Vec<Record>, StoreError>> = std::thread::scope(|s| {
             let hs: Vec<_> = sources
                 .iter()
-                .map(|files| s.spawn(move || read_files(files)))
+                .map(|(strict, files)| s.spawn(move || read_files(files, *strict)))
                 .collect();
             hs.into_iter()
                 .map(|h| {
@@ -278,7 +288,7 @@ pub fn open(dir: &Path, shards: usize, now: Instant, now_ns: u64) -> Result<Open
         fs::remove_dir_all(&gen_dir).map_err(io_err(&gen_dir))?;
     }
     fs::create_dir_all(&gen_dir).map_err(io_err(&gen_dir))?;
-    write_compacted(&gen_dir.join("compact.log"), &recovered.compacted)?;
+    write_compacted(&gen_dir.join("compact.log"), None, &recovered.compacted)?;
     for k in 0..shards {
         let d = shard_dir(&gen_dir, k);
         fs::create_dir_all(&d).map_err(io_err(&d))?;
@@ -321,10 +331,17 @@ pub fn open(dir: &Path, shards: usize, now: Instant, now_ns: u64) -> Result<Open
     })
 }
 
-fn write_compacted(path: &Path, records: &[Record]) -> Result<(), StoreError> {
+fn write_compacted(
+    path: &Path,
+    cover: Option<&compact::Cover>,
+    records: &[Record],
+) -> Result<(), StoreError> {
     let mut f = fs::File::create(path).map_err(io_err(path))?;
     let mut w = LogWriter::new(4096, 1, 1);
     let mut buf = Vec::new();
+    if let Some(c) = cover {
+        compact::cover_frame(c, &mut buf);
+    }
     let mut payload = Vec::new();
     let flush = |w: &mut LogWriter, f: &mut fs::File, buf: &mut Vec<u8>| {
         let p = w.plan(buf);

@@ -33,6 +33,28 @@ pub const KIND_WILL_GONE: u8 = 13;
 
 /// `Will::listener` of a will whose listener checks nothing (no ACL, no password file).
 pub const NO_LISTENER: u16 = u16::MAX;
+pub const KIND_MARK: u8 = 14;
+/// The first frame of a compacted file (`crate::store::compact`): which segments it covers.
+pub const KIND_COVER: u8 = 15;
+/// Every frame kind of the log, in one place so two can never share a number (the batch
+/// marker is `log::KIND_BATCH`).
+pub const ALL_KINDS: [u8; 15] = [
+    super::log::KIND_BATCH,
+    KIND_MSG,
+    KIND_START,
+    KIND_SUB,
+    KIND_UNSUB,
+    KIND_DISC,
+    KIND_END,
+    KIND_ACK,
+    KIND_SENT,
+    KIND_REL,
+    KIND_INREL,
+    KIND_WILL,
+    KIND_WILL_GONE,
+    KIND_MARK,
+    KIND_COVER,
+];
 
 /// `sid` of a message: origin shard and sequence.
 pub fn sid(origin: usize, seq: u64) -> u64 {
@@ -129,6 +151,14 @@ pub enum Record {
     },
     /// The will of `client` is gone: published, or discarded by a normal DISCONNECT.
     WillGone { ts: u64, client: ByteString },
+    /// Written by runtime compaction (`crate::store::compact`), never by a shard: what the
+    /// records it dropped still told recovery, the latest timestamp (`ts`) and the next message
+    /// sequence of each origin shard. `client` is empty.
+    Mark {
+        ts: u64,
+        client: ByteString,
+        next_seq: Vec<(u16, u64)>,
+    },
 }
 
 pub fn options_byte(o: SubscriptionOptions) -> u8 {
@@ -261,6 +291,7 @@ impl Record {
             Record::InRel { .. } => KIND_INREL,
             Record::Will { .. } => KIND_WILL,
             Record::WillGone { .. } => KIND_WILL_GONE,
+            Record::Mark { .. } => KIND_MARK,
         }
     }
 
@@ -277,7 +308,8 @@ impl Record {
             | Record::Rel { ts, .. }
             | Record::InRel { ts, .. }
             | Record::Will { ts, .. }
-            | Record::WillGone { ts, .. } => *ts,
+            | Record::WillGone { ts, .. }
+            | Record::Mark { ts, .. } => *ts,
         }
     }
 
@@ -294,7 +326,8 @@ impl Record {
             | Record::Rel { client, .. }
             | Record::InRel { client, .. }
             | Record::Will { client, .. }
-            | Record::WillGone { client, .. } => client,
+            | Record::WillGone { client, .. }
+            | Record::Mark { client, .. } => client,
         }
     }
 
@@ -383,6 +416,18 @@ impl Record {
             Record::WillGone { ts, client } => {
                 w.u64(*ts).bytes(client.as_bytes());
             }
+            Record::Mark {
+                ts,
+                client,
+                next_seq,
+            } => {
+                w.u64(*ts)
+                    .bytes(client.as_bytes())
+                    .u32(next_seq.len() as u32);
+                for &(origin, next) in next_seq {
+                    w.u16(origin).u64(next);
+                }
+            }
         }
     }
 
@@ -469,6 +514,26 @@ impl Record {
                 }
             }
             KIND_WILL_GONE => Record::WillGone { ts, client },
+            KIND_MARK => {
+                let n = r.u32()? as usize;
+                // Each entry is 10 bytes: a count beyond the payload is damage, not a size
+                // to allocate.
+                if n > r.b.len() / 10 {
+                    return Err(BadRecord {
+                        kind,
+                        why: "payload too short",
+                    });
+                }
+                let mut next_seq = Vec::with_capacity(n);
+                for _ in 0..n {
+                    next_seq.push((r.u16()?, r.u64()?));
+                }
+                Record::Mark {
+                    ts,
+                    client,
+                    next_seq,
+                }
+            }
             _ => {
                 return Err(BadRecord {
                     kind,
@@ -574,6 +639,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn frame_kinds_are_distinct() {
+        let mut k = ALL_KINDS.to_vec();
+        k.sort_unstable();
+        k.dedup();
+        assert_eq!(k.len(), ALL_KINDS.len(), "two frame kinds share a number");
+    }
+
+    #[test]
     fn records_round_trip() {
         let c = ByteString::from("dev-1");
         let all = vec![
@@ -627,6 +700,11 @@ mod tests {
                 ts: 13,
                 client: c.clone(),
                 sid: 2,
+            },
+            Record::Mark {
+                ts: 15,
+                client: ByteString::new(),
+                next_seq: vec![(0, 12), (3, 78)],
             },
             Record::InRel {
                 ts: 14,
