@@ -17,7 +17,7 @@ run() { # name, command (with CONF), conf text
   rm -rf "$D"; mkdir -p "$D/data"
   printf '%s\n' "$3" > "$D/broker.conf"
   local CONF=$D/broker.conf
-  start() { eval "$cmd" >>"$D/log" 2>&1 & echo $! > "$D/pid"; }
+  start() { eval "exec $cmd" >>"$D/log" 2>&1 & echo $! > "$D/pid"; }
   wait_listen() { for _ in $(seq 1 2000); do ss -ltn | grep -q "127.0.0.1:$PORT " && return 0; sleep 0.01; done; echo "$name did not listen" >&2; exit 2; }
   start; wait_listen
   mosquitto_sub -p "$PORT" -i k9-sub -c -q 1 -t bench/x -E
