@@ -98,6 +98,17 @@ async fn open_segment(dir: &Directory, path: &std::path::Path) -> glommio::Resul
     Ok(f)
 }
 
+/// Close the current segment (its last batch is synced) and move on to the next one.
+async fn next_segment(file: &mut Option<DmaFile>, seg: &mut u64, w: &mut LogWriter) {
+    if let Some(f) = file.take() {
+        if let Err(e) = f.close().await {
+            debug!("persistence: closing a segment: {e}");
+        }
+    }
+    *seg += 1;
+    *w = w.next_segment();
+}
+
 /// Write the core's records until the shard stops.
 pub(crate) async fn store_task(shard: Rc<Shard>) {
     let Some(io) = shard.store.as_ref() else {
@@ -138,13 +149,7 @@ pub(crate) async fn store_task(shard: Rc<Shard>) {
                 // the clock's next value is a horizon no later record can be at or below.
                 io.seal_due.set(false);
                 if !w.is_empty() {
-                    if let Some(f) = file.take() {
-                        if let Err(e) = f.close().await {
-                            debug!("persistence: closing a segment: {e}");
-                        }
-                    }
-                    seg += 1;
-                    w = w.next_segment();
+                    next_segment(&mut file, &mut seg, &mut w).await;
                 }
                 if let Some((board, _)) = &io.seal {
                     let h = shard.core.borrow_mut().store_horizon(Instant::now());
@@ -233,13 +238,7 @@ pub(crate) async fn store_task(shard: Rc<Shard>) {
                 }
                 let seal = io.seal.is_some() && io.seal_due.replace(false);
                 if w.len() >= store::SEGMENT_BYTES || seal {
-                    if let Some(f) = file.take() {
-                        if let Err(e) = f.close().await {
-                            debug!("persistence: closing a segment: {e}");
-                        }
-                    }
-                    seg += 1;
-                    w = w.next_segment();
+                    next_segment(&mut file, &mut seg, &mut w).await;
                     // Every record taken up to `clock` is in the segments below `seg`.
                     if let Some((board, _)) = &io.seal {
                         board.publish(shard.id, seg, clock);
