@@ -366,11 +366,10 @@ impl ShardCore {
             }
             _ => false,
         };
-        let q = &mut self.out[to];
-        if needs && self.store.durable() < self.store.appended {
-            q.push_back_after(m, self.store.appended);
+        if needs {
+            self.send_after_durable(to, m);
         } else {
-            q.push_back(m);
+            self.out[to].push_back(m);
         }
     }
 

@@ -76,9 +76,6 @@ pub(crate) struct Store {
     waiting: Vec<ConnKey>,
     notes: Vec<Note>,
     failing: bool,
-    /// Connections whose clean start ended an earlier persistent session on this shard: their
-    /// CONNACK waits for that `End` (see `record_install`).
-    ended_for: Vec<ConnKey>,
     /// Bytes the driver took (`take_store_output`) that it has not confirmed durable yet.
     taken_bytes: u64,
     /// `appended` at the last take: a `handle_durable` for it confirms `taken_bytes`.
@@ -510,25 +507,17 @@ impl ShardCore {
         e.session.set_journal(expiry != 0);
         let ts = self.store.ts(now);
         if expiry != 0 {
-            let will = e
-                .session
-                .durable_will()
-                .map(record::encode_will)
-                .map(|publish| {
-                    let delay = e
-                        .session
-                        .durable_will()
-                        .and_then(|w| w.properties.will_delay_interval)
-                        .unwrap_or(0);
-                    let (listener, username) = match e.authz.as_deref() {
-                        Some(a) => (
-                            u16::try_from(a.listener).unwrap_or(record::NO_LISTENER),
-                            a.subject.client().username.map(ByteString::from),
-                        ),
-                        None => (record::NO_LISTENER, None),
-                    };
-                    (delay, listener, username, publish)
-                });
+            let will = e.session.durable_will().map(|w| {
+                let delay = w.properties.will_delay_interval.unwrap_or(0);
+                let (listener, username) = match e.authz.as_deref() {
+                    Some(a) => (
+                        u16::try_from(a.listener).unwrap_or(record::NO_LISTENER),
+                        a.subject.client().username.map(ByteString::from),
+                    ),
+                    None => (record::NO_LISTENER, None),
+                };
+                (delay, listener, username, record::encode_will(w))
+            });
             self.store.push(&Record::Start {
                 ts,
                 client: client.clone(),
@@ -550,25 +539,20 @@ impl ShardCore {
             self.store.push(&Record::End { ts, client });
         }
         // The CONNACK waits only for records it depends on: this session's start, or the end
-        // of the one it replaced. A clean, non-persistent client depends on none (an old
-        // session ended on another shard holds its Handover until that end is durable, see
-        // `send_after_durable`), so it connects, and its QoS 0 flows, while the disk fails.
-        let ended_here = match self.store.ended_for.iter().position(|k| *k == key) {
-            Some(i) => {
-                self.store.ended_for.swap_remove(i);
-                true
-            }
-            None => false,
-        };
-        if expiry != 0 || carried || ended_here {
+        // of the one it replaced (see `gate_on_end`). A clean, non-persistent client depends
+        // on none, so it connects, and its QoS 0 flows, while the disk fails.
+        if expiry != 0 || carried {
             self.gate_durable(key, now);
         }
     }
 
-    /// A clean start of `conn` ended the persistent session it replaced, recorded here.
-    pub(super) fn note_ended_for(&mut self, conn: ConnKey) {
-        if self.store.on() && super::registry::conn_shard(conn) == self.id {
-            self.store.ended_for.push(conn);
+    /// A clean start of `conn` ended the persistent session it replaced, just recorded here:
+    /// its CONNACK must not leave before that end is durable, or a crash would bring the old
+    /// session back. On this shard the connection's own gate holds it (set now, while it
+    /// registers); on another, its Handover waits (`send_after_durable`).
+    pub(super) fn gate_on_end(&mut self, conn: ConnKey, now: Instant) {
+        if super::registry::conn_shard(conn) == self.id {
+            self.gate_durable(conn, now);
         }
     }
 

@@ -153,7 +153,7 @@ impl ShardCore {
             if state.session_expiry_interval() != 0 {
                 let client = state.client_id().clone();
                 self.record_end(&client, now);
-                self.note_ended_for(conn);
+                self.gate_on_end(conn, now);
             }
             self.drop_routes(previous, &filters);
             // The new connection's CONNACK (no session present) must not leave before the
@@ -235,7 +235,7 @@ impl ShardCore {
         if state.session_expiry_interval() != 0 {
             let client = state.client_id().clone();
             self.record_end(&client, now);
-            self.note_ended_for(conn);
+            self.gate_on_end(conn, now);
         }
         self.send(conn_shard(t.from), PeerMsg::ParkAbandon { old: t.from });
     }

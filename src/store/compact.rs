@@ -597,7 +597,7 @@ mod tests {
     fn compaction_and_crashes_at_any_step_recover_the_same_state() {
         let now = Instant::now();
         for seed in 1..40u64 {
-            let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+            let mut rng = Rng::seeded(seed);
             let n = 30 + rng.below(150) as usize;
             let all = random_history(&mut rng, n);
             let now_ns = all.last().map_or(0, Record::ts) + rng.below(10 * SEC);

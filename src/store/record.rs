@@ -562,6 +562,10 @@ pub fn encode_publish(msg: &crate::message::Message) -> Bytes {
             .unwrap_or_default()
             .into(),
     };
+    encode_v5(p)
+}
+
+fn encode_v5(p: Publish) -> Bytes {
     let mut buf = BytesMut::new();
     codec::encode(&Packet::Publish(p), ProtocolVersion::V5, &mut buf);
     buf.freeze()
@@ -603,9 +607,7 @@ pub fn encode_will(w: &LastWill) -> Bytes {
         payload: w.payload.clone(),
         properties: props.into(),
     };
-    let mut buf = BytesMut::new();
-    codec::encode(&Packet::Publish(p), ProtocolVersion::V5, &mut buf);
-    buf.freeze()
+    encode_v5(p)
 }
 
 /// The will a `Will` record stores, with its delay.

@@ -924,6 +924,10 @@ pub(crate) mod tests {
     /// xorshift64*: seeded, no crate.
     pub(crate) struct Rng(pub u64);
     impl Rng {
+        /// A generator for test seed `seed` (spread over the state; never 0).
+        pub fn seeded(seed: u64) -> Rng {
+            Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+        }
         pub fn next(&mut self) -> u64 {
             self.0 ^= self.0 >> 12;
             self.0 ^= self.0 << 25;
@@ -1063,7 +1067,7 @@ pub(crate) mod tests {
     fn runtime_compaction_is_invisible_to_any_later_recovery() {
         let now = Instant::now();
         for seed in 1..3000u64 {
-            let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+            let mut rng = Rng::seeded(seed);
             let n = 5 + rng.below(120) as usize;
             let all = random_history(&mut rng, n);
             let last_ts = all.last().map_or(0, Record::ts);
