@@ -31,6 +31,8 @@ use tls_support::{client_config, load_certs, load_key};
 #[derive(Default)]
 struct Half {
     buf: VecDeque<u8>,
+    /// Successful writes into this direction (a socket's send calls).
+    writes: usize,
     closed: bool,
     reader: Option<Waker>,
     writer: Option<Waker>,
@@ -119,6 +121,7 @@ impl AsyncWrite for End {
         }
         let n = room.min(b.len());
         tx.buf.extend(&b[..n]);
+        tx.writes += 1;
         if let Some(w) = tx.reader.take() {
             w.wake();
         }
@@ -335,6 +338,78 @@ fn resumes(server: &Arc<rustls::ServerConfig>, client: &Arc<ClientConfig>) {
     assert_eq!(id.common_name.as_deref(), Some("device-1"));
     exchange(&mut s, &mut c);
     assert_eq!(s.idle_memory(), 0);
+}
+
+/// A client that sends its first packet right behind its Finished (as an MQTT client sends
+/// CONNECT): the session tickets wait for the server's first reply and leave in the same
+/// transport write, and the client can still resume with them.
+#[test]
+fn tickets_leave_with_the_first_reply_when_the_client_spoke_first() {
+    let server = PKI.with(|p| p.server());
+    let client = PKI.with(|p| p.client());
+    let (s_io, c_io) = pipe(65536, usize::MAX);
+    let to_client = c_io.rx.clone();
+    let (s, c) = block_on(future::zip(accept(server.clone(), s_io), async {
+        let mut c = connect(&client, c_io).await?;
+        // Written in the same poll as the Finished: the server reads both at once.
+        c.write_all(b"\x10\x00").await?;
+        c.flush().await?;
+        io::Result::Ok(c)
+    }));
+    let (mut s, mut c) = (s.unwrap(), c.unwrap());
+    let before = to_client.borrow().writes;
+    assert_eq!(before, 1, "only the server's handshake flight was sent");
+    assert!(s.idle_memory() > 0, "the tickets wait for the reply");
+    block_on(async {
+        let mut b = [0u8; 2];
+        s.read_exact(&mut b).await.unwrap();
+        assert_eq!(&b, b"\x10\x00");
+        s.write_all(b"\x20\x00").await.unwrap();
+        s.flush().await.unwrap();
+        assert_eq!(
+            to_client.borrow().writes,
+            2,
+            "tickets and reply in one write"
+        );
+        c.read_exact(&mut b).await.unwrap();
+        assert_eq!(&b, b"\x20\x00");
+    });
+    assert_eq!(s.idle_memory(), 0);
+    drop((s, c));
+    let (s, c) = handshake(&server, &client, 65536, usize::MAX);
+    let (s, _c) = (s.unwrap(), c.unwrap());
+    assert_eq!(s.handshake_kind(), Some(HandshakeKind::Resumed));
+}
+
+/// The TLS 1.3 suite a default rustls client (which lists TLS13_AES_256_GCM_SHA384 first)
+/// gets from a server built from `opts`.
+fn suite_chosen(opts: &TlsOptions) -> rustls::CipherSuite {
+    let server = build_server_config(opts).unwrap();
+    let client = PKI.with(|p| p.client());
+    let first = client.crypto_provider().cipher_suites[0].suite();
+    assert_eq!(first, rustls::CipherSuite::TLS13_AES_256_GCM_SHA384);
+    let (s, c) = handshake(&server, &client, 65536, usize::MAX);
+    let (_s, c) = (s.unwrap(), c.unwrap());
+    c.get_ref().1.negotiated_cipher_suite().unwrap().suite()
+}
+
+/// By default the server picks a SHA-256 suite (a cheaper key schedule than SHA-384) over the
+/// client's first choice; a configured `ciphers_tls1.3` list leaves the choice to the client.
+#[test]
+fn default_suites_prefer_sha256_and_a_configured_list_follows_the_client() {
+    let dir = PKI.with(|p| p.dir.clone());
+    let mut o = TlsOptions::new(dir.join("server.crt"), dir.join("server.key"));
+    o.cafile = Some(dir.join("ca.crt"));
+    o.require_certificate = true;
+    assert_eq!(
+        suite_chosen(&o),
+        rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+    );
+    o.ciphers_tls13 = Some("TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384".into());
+    assert_eq!(
+        suite_chosen(&o),
+        rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
+    );
 }
 
 #[test]

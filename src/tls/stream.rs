@@ -90,6 +90,9 @@ pub struct ServerTlsStream<IO> {
     /// The transport reached end of stream.
     eof: bool,
     close_queued: bool,
+    /// `outgoing` holds post-handshake messages (at most a few hundred bytes) that the next
+    /// write may join instead of waiting for them to be sent first.
+    join_queued: bool,
 }
 
 /// What [`ServerTlsStream::process`] should do once rustls allows sending application data.
@@ -99,8 +102,11 @@ enum Action<'a> {
     CloseNotify,
 }
 
-/// Runs the server handshake over `io` with a connection from `config`, flushing the server's
-/// post-handshake messages (TLS 1.3 session tickets) before returning.
+/// Runs the server handshake over `io` with a connection from `config`. The server's
+/// post-handshake messages (TLS 1.3 session tickets) are flushed before returning, unless the
+/// client's first application data arrived with its Finished (an MQTT client sends CONNECT at
+/// once): then they stay queued and leave in one write with the first reply (CONNACK), which
+/// saves a send, and the wake-up of the client it causes, per handshake.
 pub async fn accept<IO>(
     config: Arc<ServerConfig>,
     io: IO,
@@ -122,8 +128,13 @@ where
         peer_closed: false,
         eof: false,
         close_queued: false,
+        join_queued: false,
     };
     loop {
+        if !s.conn.is_handshaking() && s.failed.is_none() && s.plain_pos < s.plain.len() {
+            s.join_queued = true;
+            break;
+        }
         let flushed = poll_fn(|cx| s.poll_flush_out(cx)).await;
         if let Some(e) = s.failed.take() {
             // The alert went out (or the transport failed first); the TLS error is the news.
@@ -502,8 +513,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ServerTlsStream<IO> {
         if let Some(e) = this.failed_io() {
             return Poll::Ready(Err(e));
         }
-        // Backpressure: nothing new is accepted until the previous record is on its way.
-        ready!(this.poll_flush_out(cx))?;
+        // Backpressure: nothing new is accepted until the previous record is on its way;
+        // except the tickets `accept` left queued, which go out together with this record.
+        if !std::mem::take(&mut this.join_queued) {
+            ready!(this.poll_flush_out(cx))?;
+        }
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
