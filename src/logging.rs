@@ -19,8 +19,8 @@
 //! bring back what `connection_messages false` turned off.
 //!
 //! # Connection spans
-//! The connection task opens a span per connection (`conn`, with `shard`, `peer` and, once
-//! CONNECT is read, `client`) and gives it as the explicit parent of its own lines; both
+//! The connection task gives its own lines a span as explicit parent (`conn`, with `shard`,
+//! `peer` and, once CONNECT is read, `client`; made for the line, not held per connection); both
 //! formats print the span's fields with the line (`[conn shard=0 peer=… client=…]`, or a
 //! `"span"` object), so `grep` on a client id or an address finds one device's story. The
 //! shard core's lines name their client in the message itself: they are often about another

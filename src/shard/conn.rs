@@ -134,6 +134,23 @@ async fn read_connect<S: AsyncRead + Unpin>(
     .await
 }
 
+/// The connection's span: the explicit parent of this task's own lines, so grep on a client id
+/// or an address finds one device's story. Made when a line is written, not held for the
+/// connection's life: a live span cost ~480 bytes per connection (the subscriber's registry
+/// slot and its formatted fields), over 5% of an idle TLS device.
+fn conn_span(shard: usize, peer: Option<SocketAddr>, client: Option<&str>) -> tracing::Span {
+    let span = tracing::info_span!(
+        "conn",
+        shard,
+        peer = tracing::field::display(PeerAddr(peer)),
+        client = tracing::field::Empty
+    );
+    if let Some(c) = client {
+        span.record("client", tracing::field::display(crate::logging::escape(c)));
+    }
+    span
+}
+
 /// A peer address as a span field (`-` if the socket had none).
 struct PeerAddr(Option<SocketAddr>);
 
@@ -168,20 +185,11 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     peer: Option<SocketAddr>,
 ) {
     let mut rbuf = BytesMut::new();
-    // The connection's span: the explicit parent of this task's lines (not entered on every
-    // poll: that would cost on the message path), so grep on a client id or an address finds
-    // one device's story. `client` is filled in once CONNECT is read, escaped.
-    let span = tracing::info_span!(
-        "conn",
-        shard = shard.id,
-        peer = tracing::field::display(PeerAddr(peer)),
-        client = tracing::field::Empty
-    );
     // Boxed: the CONNECT phase's state is large and short-lived; keeping it out of this
     // future keeps every idle connection small.
-    let admitted = Box::pin(admit(&shard, &mut io, &mut rbuf, auth, peer, &span)).await;
+    let admitted = Box::pin(admit(&shard, &mut io, &mut rbuf, auth, peer)).await;
     let Some(a) = admitted else { return };
-    run_session(&shard, &mut io, rbuf, &a).await;
+    run_session(&shard, &mut io, rbuf, &a, peer).await;
     let now = Instant::now();
     shard.forget_conn(a.key);
     shard.core.borrow_mut().handle_conn_closed(a.key, now);
@@ -194,7 +202,8 @@ struct Admitted {
     version: ProtocolVersion,
     max_packet_size: u32,
     handle: Rc<ConnHandle>,
-    span: tracing::Span,
+    /// For this task's own log lines (shares the session's copy of the bytes).
+    client_id: ByteString,
 }
 
 /// What woke the session loop.
@@ -222,6 +231,7 @@ async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
     io: &mut S,
     mut rbuf: BytesMut,
     a: &Admitted,
+    peer: Option<SocketAddr>,
 ) {
     let key = a.key;
     let limits = Limits {
@@ -348,7 +358,10 @@ async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
             }
             Wake::Notified => {}
             Wake::Gone => {
-                debug!(parent: &a.span, "connection closed by the peer or failed");
+                debug!(
+                    parent: &conn_span(shard.id, peer, Some(&a.client_id)),
+                    "connection closed by the peer or failed"
+                );
                 return;
             }
             Wake::Done => {
@@ -415,7 +428,6 @@ async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
     rbuf: &mut BytesMut,
     auth: Auth,
     peer: Option<SocketAddr>,
-    span: &tracing::Span,
 ) -> Option<Admitted> {
     let mut wbuf = BytesMut::new();
     shard.connecting.set(shard.connecting.get() + 1);
@@ -468,7 +480,7 @@ async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
         Err(e) => {
             // The error quotes the certificate's subject: peer-chosen text.
             warn!(
-                parent: span,
+                parent: &conn_span(shard.id, peer, None),
                 "connection refused: {}",
                 crate::logging::escape(&e.to_string())
             );
@@ -542,13 +554,9 @@ async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
 
-    span.record(
-        "client",
-        tracing::field::display(crate::logging::escape(&client_id)),
-    );
     let req = ConnectRequest {
         connect,
-        client_id,
+        client_id: client_id.clone(),
         config: *cfg,
         username: username.map(ByteString::from),
         peer,
@@ -567,7 +575,7 @@ async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
         version,
         max_packet_size: cfg.max_packet_size,
         handle,
-        span: span.clone(),
+        client_id,
     })
 }
 
