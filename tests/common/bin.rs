@@ -8,12 +8,25 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// A port nothing listens on now, and never handed out before in this test process. The
+/// kernel may give the same free port to two `bind(0)` calls in a row; two brokers (or two
+/// listeners of one test) given the same port would then share it (SO_REUSEPORT, or the
+/// probe refusing the second broker while its test talks to the first), which made tests
+/// fail now and then for reasons that were not theirs.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// A running `midge`; killed on drop unless it already exited.
