@@ -177,23 +177,41 @@ pub(crate) struct Auth {
     pub listener: Option<usize>,
 }
 
-/// Serve one accepted connection until it closes.
-pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+/// Serve one accepted connection until it closes: `start` yields the stream to speak MQTT on
+/// (after the TLS handshake, if any) and who may connect on it; `guard` is held until the
+/// end (the driver's connection count).
+///
+/// Not an `async fn`: an async fn keeps its arguments in its future for its whole life, even
+/// once they are moved out. Here the start and CONNECT phases own them in one box, freed when
+/// the session starts, so the future an idle connection keeps holds only the session loop
+/// and a few words; every byte of it is paid per connected device.
+pub(crate) fn serve<S, P, G>(
     shard: Rc<Shard>,
-    mut io: S,
-    auth: Auth,
+    start: P,
     peer: Option<SocketAddr>,
-) {
-    let mut rbuf = BytesMut::new();
-    // Boxed: the CONNECT phase's state is large and short-lived; keeping it out of this
-    // future keeps every idle connection small.
-    let admitted = Box::pin(admit(&shard, &mut io, &mut rbuf, auth, peer)).await;
-    let Some(a) = admitted else { return };
-    run_session(&shard, &mut io, rbuf, &a, peer).await;
-    let now = Instant::now();
-    shard.forget_conn(a.key);
-    shard.core.borrow_mut().handle_conn_closed(a.key, now);
-    shard.after_input();
+    guard: G,
+) -> impl std::future::Future<Output = ()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    P: std::future::Future<Output = Option<(S, Auth)>>,
+{
+    let connect = Box::pin(async move {
+        let (mut io, auth) = start.await?;
+        let mut rbuf = BytesMut::new();
+        let a = admit(&shard, &mut io, &mut rbuf, auth, peer).await?;
+        Some((shard, io, rbuf, a))
+    });
+    async move {
+        let _guard = guard;
+        let Some((shard, mut io, rbuf, a)) = connect.await else {
+            return;
+        };
+        run_session(&shard, &mut io, rbuf, &a, peer).await;
+        let now = Instant::now();
+        shard.forget_conn(a.key);
+        shard.core.borrow_mut().handle_conn_closed(a.key, now);
+        shard.after_input();
+    }
 }
 
 /// What the CONNECT phase hands to the session loop.

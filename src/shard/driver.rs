@@ -544,31 +544,23 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, idx: Option<usize>
         };
         // Separate task types for TLS and plain connections: each task is sized for its
         // own future, so plain connections do not pay for TLS state.
+        let count = ConnCount::new(&shard, idx);
         match &tls {
             Some(t) => {
-                let t = t.clone();
-                glommio::spawn_local(conn_task(
-                    shard.clone(),
-                    idx,
-                    async move |shard: Rc<Shard>| {
-                        let hs = Box::pin(super::tls::handshake(&shard, &t, stream, peer)).await;
-                        drop(permit);
-                        if let Some((io, identity)) = hs {
-                            conn::serve(shard, io, conn::Auth { identity, ..auth }, peer).await;
-                        }
-                    },
-                ))
-                .detach();
+                let (t, sh) = (t.clone(), shard.clone());
+                let start = async move {
+                    let hs = super::tls::handshake(&sh, &t, stream, peer).await;
+                    drop(permit);
+                    let (io, identity) = hs?;
+                    Some((io, conn::Auth { identity, ..auth }))
+                };
+                // Boxed: the handshake's state is freed when it ends, before CONNECT is read.
+                let start = Box::pin(start);
+                glommio::spawn_local(conn::serve(shard.clone(), start, peer, count)).detach();
             }
             None => {
-                glommio::spawn_local(conn_task(
-                    shard.clone(),
-                    idx,
-                    async move |shard: Rc<Shard>| {
-                        conn::serve(shard, stream, auth, peer).await;
-                    },
-                ))
-                .detach();
+                let start = async move { Some((stream, auth)) };
+                glommio::spawn_local(conn::serve(shard.clone(), start, peer, count)).detach();
             }
         }
     }
@@ -580,19 +572,32 @@ pub(crate) async fn stop_wait(shard: &Shard) {
     }
 }
 
-/// Run one connection's future with the shard's connection accounting around it.
-async fn conn_task<F, Fut>(shard: Rc<Shard>, idx: Option<usize>, f: F)
-where
-    F: FnOnce(Rc<Shard>) -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    shard.live_conns.set(shard.live_conns.get() + 1);
-    shard.counters().sockets.inc();
-    f(shard.clone()).await;
-    shard.live_conns.set(shard.live_conns.get() - 1);
-    shard.counters().sockets.dec();
-    if let Some(i) = idx {
-        shard.shared.connections[i].fetch_sub(1, Ordering::AcqRel);
+/// The shard's count of one connection's task, from accept until the task ends (or is
+/// dropped with the executor).
+struct ConnCount {
+    shard: Rc<Shard>,
+    idx: Option<usize>,
+}
+
+impl ConnCount {
+    fn new(shard: &Rc<Shard>, idx: Option<usize>) -> ConnCount {
+        shard.live_conns.set(shard.live_conns.get() + 1);
+        shard.counters().sockets.inc();
+        ConnCount {
+            shard: shard.clone(),
+            idx,
+        }
+    }
+}
+
+impl Drop for ConnCount {
+    fn drop(&mut self) {
+        let shard = &self.shard;
+        shard.live_conns.set(shard.live_conns.get() - 1);
+        shard.counters().sockets.dec();
+        if let Some(i) = self.idx {
+            shard.shared.connections[i].fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
