@@ -148,3 +148,37 @@ fn inbound_qos1_allocates_nothing_per_message() {
     }
     assert_eq!(allocs() - before, 0);
 }
+
+/// An idle session holds one slot per queue it used, not the four a `VecDeque` takes on its
+/// first push, and nothing once `shrink_idle` ran (the shard core runs it when the session's
+/// keepalive timer comes due).
+#[test]
+fn an_idle_session_holds_one_slot_per_queue_then_none() {
+    use std::mem::size_of;
+    let mut s = session(ProtocolVersion::V311);
+    assert_eq!(
+        s.queue_memory(),
+        size_of::<Packet>(),
+        "the CONNACK's one slot"
+    );
+    let now = Instant::now();
+    let p = Publish {
+        dup: false,
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        topic: TopicName::new("fleet/dev/telemetry").unwrap(),
+        packet_id: 1,
+        payload: Bytes::from_static(b"21.5"),
+        properties: PublishProps::none(),
+    };
+    s.handle_packet(Packet::Publish(p), now).unwrap();
+    assert!(matches!(s.poll_transmit(), Some(Packet::PubAck(_))));
+    assert!(s.poll_event().is_some());
+    let one_event = s.queue_memory() - size_of::<Packet>();
+    assert!(
+        one_event > 0 && one_event < 2 * 160,
+        "one event slot, not four: {one_event} bytes"
+    );
+    s.shrink_idle();
+    assert_eq!(s.queue_memory(), 0);
+}

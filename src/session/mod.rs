@@ -639,7 +639,9 @@ impl Session {
             config: *config,
             state,
             conn: Some(conn),
-            transmit: VecDeque::new(),
+            // The CONNACK goes in at once; an idle device then holds at most one packet at a
+            // time (SUBACK, PINGRESP), so one slot is all most sessions ever allocate.
+            transmit: VecDeque::with_capacity(1),
             events,
             retained_requests: VecDeque::new(),
             retained_waiting: ahash::AHashSet::new(),
@@ -650,13 +652,11 @@ impl Session {
             journal: None,
             last_in_pid: 0,
         };
-        session
-            .transmit
-            .push_back(Packet::ConnAck(Box::new(ConnAck {
-                session_present,
-                reason: ReasonCode::SUCCESS,
-                properties: ack,
-            })));
+        session.push_transmit(Packet::ConnAck(Box::new(ConnAck {
+            session_present,
+            reason: ReasonCode::SUCCESS,
+            properties: ack,
+        })));
         if session_present {
             for (filter, sub) in &session.state.subscriptions {
                 session.events.push_back(SessionEvent::Subscribe {
@@ -713,8 +713,37 @@ impl Session {
         (!self.ended).then_some(self.state)
     }
 
-    /// Give back the memory of empty queues (the runtime calls this when a connection has
-    /// been idle for a while, so idle sessions stay small).
+    /// Queues a packet to send. Like [`Session::push_event`], the first one allocates one
+    /// slot (104 bytes), not four: an idle device holds one packet at a time (PINGRESP).
+    fn push_transmit(&mut self, p: Packet) {
+        if self.transmit.capacity() == 0 {
+            self.transmit.reserve_exact(1);
+        }
+        self.transmit.push_back(p);
+    }
+
+    /// Queues an event for the runtime. The first event allocates one slot, not the four a
+    /// `VecDeque` takes on its first push: most sessions never hold more than one at a time
+    /// (the runtime drains them after each input), and an event is 144 bytes.
+    fn push_event(&mut self, e: SessionEvent) {
+        if self.events.capacity() == 0 {
+            self.events.reserve_exact(1);
+        }
+        self.events.push_back(e);
+    }
+
+    /// Heap bytes held by the session's queues (not its subscriptions or in-flight state).
+    pub fn queue_memory(&self) -> usize {
+        use std::mem::size_of;
+        self.transmit.capacity() * size_of::<Packet>()
+            + self.events.capacity() * size_of::<SessionEvent>()
+            + self.retained_backlog.capacity() * size_of::<Outgoing>()
+            + self.retained_requests.capacity() * size_of::<TopicFilter>()
+            + self.retained_waiting.capacity() * size_of::<TopicFilter>()
+    }
+
+    /// Give back the memory of empty queues (the shard core calls this each time the
+    /// session's keepalive or expiry timer comes due, so idle sessions stay small).
     pub fn shrink_idle(&mut self) {
         if self.transmit.is_empty() {
             self.transmit.shrink_to_fit();
@@ -844,7 +873,7 @@ impl Session {
                 Ok(())
             }
             Packet::PingReq => {
-                self.transmit.push_back(Packet::PingResp);
+                self.push_transmit(Packet::PingResp);
                 Ok(())
             }
             Packet::Disconnect(d) => self.on_disconnect(d, now),
@@ -1147,7 +1176,7 @@ impl Session {
     /// shard core uses it when it cannot take new subscriptions (a peer shard's backlog is
     /// too long), so nothing is granted that routing cannot carry out.
     pub fn refuse_subscribe(&mut self, s: &Subscribe, reason: ReasonCode) {
-        self.transmit.push_back(Packet::SubAck(SubAck {
+        self.push_transmit(Packet::SubAck(SubAck {
             packet_id: s.packet_id,
             reason_codes: vec![reason; s.filters.len()],
             properties: AckProperties::default(),
@@ -1220,9 +1249,9 @@ impl Session {
                     return false;
                 }
             }
-            self.transmit.push_back(packet);
+            self.push_transmit(packet);
         } else {
-            self.transmit.push_back(Packet::Publish(p));
+            self.push_transmit(Packet::Publish(p));
         }
         true
     }
@@ -1274,8 +1303,7 @@ impl Session {
         f.resend = false;
         let packet_id = f.packet_id;
         if f.state == InflightState::AwaitingPubComp {
-            self.transmit
-                .push_back(Packet::PubRel(PubResp::new(packet_id)));
+            self.push_transmit(Packet::PubRel(PubResp::new(packet_id)));
             return;
         }
         let out = f.out.clone();
@@ -1374,8 +1402,8 @@ impl Session {
             };
             match p.qos {
                 QoS::AtMostOnce => {}
-                QoS::AtLeastOnce => self.transmit.push_back(Packet::PubAck(refused)),
-                QoS::ExactlyOnce => self.transmit.push_back(Packet::PubRec(refused)),
+                QoS::AtLeastOnce => self.push_transmit(Packet::PubAck(refused)),
+                QoS::ExactlyOnce => self.push_transmit(Packet::PubRec(refused)),
             }
             if broker_only {
                 self.events
@@ -1389,15 +1417,13 @@ impl Session {
         match p.qos {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => {
-                self.transmit
-                    .push_back(Packet::PubAck(PubResp::new(p.packet_id)));
+                self.push_transmit(Packet::PubAck(PubResp::new(p.packet_id)));
             }
             QoS::ExactlyOnce => {
                 if self.state.incoming_qos2.contains(&p.packet_id) {
                     // Retransmission before PUBREL: acknowledge again, do not route twice
                     // [MQTT-4.3.3-10].
-                    self.transmit
-                        .push_back(Packet::PubRec(PubResp::new(p.packet_id)));
+                    self.push_transmit(Packet::PubRec(PubResp::new(p.packet_id)));
                     return Ok(());
                 }
                 if v5
@@ -1410,8 +1436,7 @@ impl Session {
                 }
                 self.state.incoming_qos2.insert(p.packet_id);
                 self.last_in_pid = p.packet_id;
-                self.transmit
-                    .push_back(Packet::PubRec(PubResp::new(p.packet_id)));
+                self.push_transmit(Packet::PubRec(PubResp::new(p.packet_id)));
             }
         }
 
@@ -1420,7 +1445,7 @@ impl Session {
         // Per-hop properties are not routed; the subscriber's session adds its own.
         props.subscription_identifiers.clear();
         let properties = (!props.is_empty()).then(|| Arc::new(props));
-        self.events.push_back(SessionEvent::Publish(Message {
+        self.push_event(SessionEvent::Publish(Message {
             topic: p.topic,
             payload: p.payload,
             qos: p.qos,
@@ -1466,12 +1491,11 @@ impl Session {
                     if first {
                         self.note(Note::Released { sid });
                     }
-                    self.transmit
-                        .push_back(Packet::PubRel(PubResp::new(r.packet_id)));
+                    self.push_transmit(Packet::PubRel(PubResp::new(r.packet_id)));
                 }
                 InflightState::AwaitingPubAck => {}
             },
-            None if v5 => self.transmit.push_back(Packet::PubRel(PubResp {
+            None if v5 => self.push_transmit(Packet::PubRel(PubResp {
                 packet_id: r.packet_id,
                 reason: ReasonCode::PACKET_IDENTIFIER_NOT_FOUND,
                 properties: AckProperties::default(),
@@ -1500,7 +1524,7 @@ impl Session {
         } else {
             ReasonCode::PACKET_IDENTIFIER_NOT_FOUND
         };
-        self.transmit.push_back(Packet::PubComp(PubResp {
+        self.push_transmit(Packet::PubComp(PubResp {
             packet_id,
             reason,
             properties: AckProperties::default(),
@@ -1585,7 +1609,7 @@ impl Session {
             {
                 self.retained_requests.push_back(filter.clone());
             }
-            self.events.push_back(SessionEvent::Subscribe {
+            self.push_event(SessionEvent::Subscribe {
                 filter,
                 options,
                 subscription_id: sub_id,
@@ -1601,7 +1625,7 @@ impl Session {
                     first,
                 }));
         }
-        self.transmit.push_back(Packet::SubAck(SubAck {
+        self.push_transmit(Packet::SubAck(SubAck {
             packet_id: s.packet_id,
             reason_codes: codes,
             properties: AckProperties::default(),
@@ -1623,10 +1647,10 @@ impl Session {
                 });
             }
             if existed {
-                self.events.push_back(SessionEvent::Unsubscribe { filter });
+                self.push_event(SessionEvent::Unsubscribe { filter });
             }
         }
-        self.transmit.push_back(Packet::UnsubAck(UnsubAck {
+        self.push_transmit(Packet::UnsubAck(UnsubAck {
             packet_id: u.packet_id,
             reason_codes: codes,
             properties: AckProperties::default(),
@@ -1686,10 +1710,10 @@ impl Session {
                 if conn.client_max_packet_size.is_none_or(|m| m >= 256) {
                     d.properties.reason_string = self.detail.take().map(ByteString::from_static);
                 }
-                self.transmit.push_back(Packet::Disconnect(d));
+                self.push_transmit(Packet::Disconnect(d));
             }
         }
-        self.events.push_back(SessionEvent::Close { reason });
+        self.push_event(SessionEvent::Close { reason });
         let expiry = self.state.session_expiry;
         if expiry != EXPIRY_NEVER {
             self.state.expires_at = Some(now + secs(expiry));
@@ -1723,7 +1747,7 @@ impl Session {
                 self.note(Note::WillGone);
             }
             let msg = will_message(&self.state.client_id, *pw.will, now);
-            self.events.push_back(SessionEvent::Will(msg));
+            self.push_event(SessionEvent::Will(msg));
         }
     }
 
@@ -1738,7 +1762,7 @@ impl Session {
         self.state.queued_bytes = 0;
         self.state.incoming_qos2.clear();
         self.ended = true;
-        self.events.push_back(SessionEvent::Ended);
+        self.push_event(SessionEvent::Ended);
     }
 }
 

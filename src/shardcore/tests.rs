@@ -421,6 +421,13 @@ fn an_idle_connection_costs_one_timer_entry() {
     let c = n.connect(0, "idle", true);
     n.settle();
     n.out(c);
+    // One message first: the session's event queue has been used.
+    n.send(
+        c,
+        publish(1, "fleet/idle/telemetry", QoS::AtLeastOnce, "21.5"),
+    );
+    n.settle();
+    assert_eq!(kinds(&n.out(c)), [4], "PUBACK");
     // Keepalive 60 s: the grace is 90 s. A device that pings every 30 s stays connected, and
     // its pings never add heap entries: the deadline moves forward without touching it.
     for _ in 0..10 {
@@ -434,6 +441,10 @@ fn an_idle_connection_costs_one_timer_entry() {
             n.cores[0].timer_entries()
         );
     }
+    // Its timer came due while it pinged: the session's empty queues were given back, and
+    // each PINGRESP since took one slot, not four.
+    let held = n.cores[0].sessions[&c].session.queue_memory();
+    assert!(held <= std::mem::size_of::<Packet>(), "{held} bytes");
     // Silence: closed once the grace has passed, not before.
     n.tick(Duration::from_secs(80));
     assert!(!n.cores[0].wants_close(c));

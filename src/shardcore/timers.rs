@@ -91,6 +91,8 @@ impl ShardCore {
             return; // superseded by an earlier entry, which already ran or will run
         }
         e.timer_armed = None;
+        // Once per keepalive period at most: an idle session gives back its empty queues.
+        e.session.shrink_idle();
         match e.session.poll_timeout() {
             Some(t) if t <= now => {
                 e.session.handle_timeout(now);
