@@ -326,6 +326,7 @@ impl ShardCore {
         let has_output = e.session.pending_transmit() > 0;
         let deadline = e.session.poll_timeout();
         if let Some(t) = deadline {
+            let t = self.timers.coarse(t);
             if e.timer_armed.is_none_or(|a| t < a) {
                 e.timer_armed = Some(t);
                 self.timers.push(t, TimerKind::Session(key));

@@ -453,6 +453,20 @@ fn an_idle_connection_costs_one_timer_entry() {
     assert_eq!(n.cores[0].counters.keepalive_timeouts.get(), 1);
 }
 
+/// 200 devices connecting 3 ms apart have 200 keepalive deadlines spread over 600 ms: the
+/// shard's timer wakes for them at a few grid points, not 200 times.
+#[test]
+fn keepalive_timers_of_many_devices_share_wakeups() {
+    let mut n = Net::new(1, |_| {});
+    for i in 0..200 {
+        n.connect(0, &format!("dev-{i}"), true);
+        n.settle();
+        n.tick(Duration::from_millis(3));
+    }
+    let wakeups = n.cores[0].session_timer_wakeups();
+    assert!((1..=4).contains(&wakeups), "{wakeups} distinct wake-ups");
+}
+
 fn persistent(cfg: &mut CoreConfig) {
     cfg.persist = Some(PersistConfig {
         base: Instant::now(),
