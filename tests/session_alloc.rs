@@ -181,4 +181,25 @@ fn an_idle_session_holds_one_slot_per_queue_then_none() {
     );
     s.shrink_idle();
     assert_eq!(s.queue_memory(), 0);
+
+    // A SUBSCRIBE queues a retained-message request; once the runtime has taken it, the
+    // request queue and its set are given back at once (not at the next keepalive check).
+    let sub = midge::codec::Subscribe {
+        packet_id: 2,
+        filters: vec![(
+            midge::codec::TopicFilter::new("fleet/dev/cmd").unwrap(),
+            SubscriptionOptions::default(),
+        )],
+        properties: Default::default(),
+    };
+    s.handle_packet(Packet::Subscribe(sub), now).unwrap();
+    assert!(matches!(s.poll_transmit(), Some(Packet::SubAck(_))));
+    assert!(s.poll_event().is_some());
+    assert!(s.next_retained_request().is_some());
+    assert!(s.next_retained_request().is_none());
+    assert_eq!(
+        s.queue_memory(),
+        size_of::<Packet>() + one_event,
+        "one SUBACK slot, one event slot, no retained-request queue"
+    );
 }
