@@ -453,6 +453,28 @@ fn an_idle_connection_costs_one_timer_entry() {
     assert_eq!(n.cores[0].counters.keepalive_timeouts.get(), 1);
 }
 
+#[test]
+fn coarse_rounds_up_onto_one_grid() {
+    let mut t = super::timers::Timers::default();
+    let t0 = Instant::now();
+    assert_eq!(t.coarse(t0), t0, "the first deadline is the grid's origin");
+    for ms in [1u64, 249, 250, 251, 999, 30_000, 45_123] {
+        let d = t0 + Duration::from_millis(ms);
+        let c = t.coarse(d);
+        assert!(
+            c >= d && c - d < super::timers::SESSION_TIMER_GRID,
+            "{ms} ms -> {:?}",
+            c - t0
+        );
+        assert_eq!(
+            (c - t0).as_nanos() % super::timers::SESSION_TIMER_GRID.as_nanos(),
+            0
+        );
+    }
+    let before = t0 - Duration::from_millis(5);
+    assert_eq!(t.coarse(before), before);
+}
+
 /// 200 devices connecting 3 ms apart have 200 keepalive deadlines spread over 600 ms: the
 /// shard's timer wakes for them at a few grid points, not 200 times.
 #[test]

@@ -142,27 +142,3 @@ impl ShardCore {
         self.timers.len()
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn coarse_rounds_up_onto_one_grid() {
-        let mut t = Timers::default();
-        let t0 = Instant::now();
-        assert_eq!(t.coarse(t0), t0, "the first deadline is the grid's origin");
-        for ms in [1u64, 249, 250, 251, 999, 30_000, 45_123] {
-            let d = t0 + Duration::from_millis(ms);
-            let c = t.coarse(d);
-            assert!(
-                c >= d && c - d < SESSION_TIMER_GRID,
-                "{ms} ms -> {:?}",
-                c - t0
-            );
-            assert_eq!((c - t0).as_nanos() % SESSION_TIMER_GRID.as_nanos(), 0);
-        }
-        let before = t0 - Duration::from_millis(5);
-        assert_eq!(t.coarse(before), before);
-    }
-}
