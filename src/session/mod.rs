@@ -514,6 +514,16 @@ pub enum Note {
     WillGone,
 }
 
+/// Pushes onto a session queue (`transmit`, `events`), which mostly holds one item at a time:
+/// the first push allocates one slot, not the four a `VecDeque` takes on its first push (a
+/// packet is 104 bytes, an event 144). An idle device then keeps one packet slot (PINGRESP).
+fn push_one_slot<T>(q: &mut VecDeque<T>, item: T) {
+    if q.capacity() == 0 {
+        q.reserve_exact(1);
+    }
+    q.push_back(item);
+}
+
 impl Session {
     /// Starts a session for an accepted CONNECT. `client_id` is the effective id: the
     /// CONNECT's, or one the runtime generated when it was empty (then a v5 CONNACK carries it
@@ -639,9 +649,7 @@ impl Session {
             config: *config,
             state,
             conn: Some(conn),
-            // The CONNACK goes in at once; an idle device then holds at most one packet at a
-            // time (SUBACK, PINGRESP), so one slot is all most sessions ever allocate.
-            transmit: VecDeque::with_capacity(1),
+            transmit: VecDeque::new(),
             events,
             retained_requests: VecDeque::new(),
             retained_waiting: ahash::AHashSet::new(),
@@ -713,25 +721,6 @@ impl Session {
         (!self.ended).then_some(self.state)
     }
 
-    /// Queues a packet to send. Like [`Session::push_event`], the first one allocates one
-    /// slot (104 bytes), not four: an idle device holds one packet at a time (PINGRESP).
-    fn push_transmit(&mut self, p: Packet) {
-        if self.transmit.capacity() == 0 {
-            self.transmit.reserve_exact(1);
-        }
-        self.transmit.push_back(p);
-    }
-
-    /// Queues an event for the runtime. The first event allocates one slot, not the four a
-    /// `VecDeque` takes on its first push: most sessions never hold more than one at a time
-    /// (the runtime drains them after each input), and an event is 144 bytes.
-    fn push_event(&mut self, e: SessionEvent) {
-        if self.events.capacity() == 0 {
-            self.events.reserve_exact(1);
-        }
-        self.events.push_back(e);
-    }
-
     /// Heap bytes held by the session's queues (not its subscriptions or in-flight state).
     pub fn queue_memory(&self) -> usize {
         use std::mem::size_of;
@@ -740,6 +729,16 @@ impl Session {
             + self.retained_backlog.capacity() * size_of::<Outgoing>()
             + self.retained_requests.capacity() * size_of::<TopicFilter>()
             + self.retained_waiting.capacity() * size_of::<TopicFilter>()
+    }
+
+    /// Queues a packet to send (one slot on the first push, see [`push_one_slot`]).
+    fn push_transmit(&mut self, p: Packet) {
+        push_one_slot(&mut self.transmit, p);
+    }
+
+    /// Queues an event for the runtime (one slot on the first push, see [`push_one_slot`]).
+    fn push_event(&mut self, e: SessionEvent) {
+        push_one_slot(&mut self.events, e);
     }
 
     /// Give back the memory of empty queues (the shard core calls this each time the
@@ -754,7 +753,14 @@ impl Session {
         if self.retained_backlog.is_empty() {
             self.retained_backlog.shrink_to_fit();
         }
-        if self.retained_requests.is_empty() {
+        self.release_retained_requests();
+    }
+
+    /// Gives back the retained-request queue and its set once no request is left.
+    fn release_retained_requests(&mut self) {
+        if self.retained_requests.is_empty()
+            && (self.retained_requests.capacity() > 0 || self.retained_waiting.capacity() > 0)
+        {
             self.retained_requests.shrink_to_fit();
             self.retained_waiting.shrink_to_fit();
         }
@@ -973,12 +979,9 @@ impl Session {
                 return Some((filter, sub.options, sub.subscription_id));
             }
         }
-        // All asked for: give the queue and the set back (SUBSCRIBE-time memory, ~340 bytes
-        // per device otherwise kept until the next keepalive check).
-        if self.retained_requests.capacity() > 0 || self.retained_waiting.capacity() > 0 {
-            self.retained_requests.shrink_to_fit();
-            self.retained_waiting.shrink_to_fit();
-        }
+        // All asked for: SUBSCRIBE-time memory (~280 bytes per device) need not wait for the
+        // next keepalive check.
+        self.release_retained_requests();
         None
     }
 

@@ -218,7 +218,8 @@ fn provider_for(opts: &TlsOptions, warnings: &mut Vec<String>) -> Result<CryptoP
                 .filter(|s| matches!(s, SupportedCipherSuite::Tls13(_)))
                 .collect();
             // SHA-256 suites first (stable: AES-128-GCM, ChaCha20, then AES-256-GCM-SHA384).
-            // See `server_prefers_sha256` for why the server chooses by default.
+            // Why the server, not the client, chooses by default: at `ignore_client_order`
+            // in `build_server_config_with_warnings`.
             v.sort_by_key(|s| {
                 s.tls13().map(|t| t.common.hash_provider.algorithm()) != Some(HashAlgorithm::SHA256)
             });
