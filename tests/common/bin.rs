@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// A port nothing listens on now, and never handed out before in this test process. The
@@ -34,6 +34,9 @@ pub struct Midge {
     pub child: Child,
     /// Every stderr line so far (the log goes to stderr by default).
     pub log: Arc<Mutex<Vec<String>>>,
+    /// Set by the reader thread once stderr reached end of file: every line the process
+    /// wrote is in `log` from then on.
+    eof: Arc<(Mutex<bool>, Condvar)>,
 }
 
 impl Midge {
@@ -53,13 +56,32 @@ impl Midge {
         let log = Arc::new(Mutex::new(Vec::new()));
         let stderr = child.stderr.take().unwrap();
         let sink = log.clone();
+        let eof = Arc::new((Mutex::new(false), Condvar::new()));
+        let done = eof.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 sink.lock().unwrap().push(line);
             }
+            *done.0.lock().unwrap() = true;
+            done.1.notify_all();
         });
-        Midge { child, log }
+        Midge { child, log, eof }
+    }
+
+    /// Once the process has exited, wait (up to 5 s) until the reader thread has taken
+    /// every line it wrote. The exit status can be seen before the last lines are read
+    /// from the pipe; a test that then read `lines()` saw an empty log (CI, stop 19).
+    fn drain_log(&self) {
+        let (lock, cv) = &*self.eof;
+        let guard = lock.lock().unwrap();
+        let (_guard, res) = cv
+            .wait_timeout_while(guard, Duration::from_secs(5), |eof| !*eof)
+            .unwrap();
+        assert!(
+            !res.timed_out(),
+            "midge's stderr stayed open 5 s after it exited"
+        );
     }
 
     /// `midge -c FILE`.
@@ -78,10 +100,13 @@ impl Midge {
             if let Some(l) = self.log.lock().unwrap().iter().find(|l| pred(l)) {
                 return Some(l.clone());
             }
-            if Instant::now() >= deadline || self.child.try_wait().unwrap().is_some() {
-                // One last look: the reader thread may still be pushing the last lines.
-                std::thread::sleep(Duration::from_millis(50));
+            if self.child.try_wait().unwrap().is_some() {
+                // One last look once every line the process wrote has been read.
+                self.drain_log();
                 return self.log.lock().unwrap().iter().find(|l| pred(l)).cloned();
+            }
+            if Instant::now() >= deadline {
+                return None;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -92,6 +117,7 @@ impl Midge {
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(addr).is_err() {
             if let Some(st) = self.child.try_wait().unwrap() {
+                self.drain_log();
                 panic!(
                     "midge exited during start-up: {st}\n{}",
                     self.lines().join("\n")
@@ -124,6 +150,7 @@ impl Midge {
         let deadline = Instant::now() + within;
         loop {
             if let Some(st) = self.child.try_wait().unwrap() {
+                self.drain_log();
                 return Some(st);
             }
             if Instant::now() > deadline {
