@@ -89,6 +89,7 @@ fn start(conf: &Path, shards: usize, port: u16) -> Midge {
                 return m;
             }
             if let Some(st) = m.child.try_wait().unwrap() {
+                m.drain_log();
                 let lines = m.lines();
                 assert!(
                     lines.iter().any(|l| l.contains("already in use")) && Instant::now() < deadline,

@@ -72,7 +72,7 @@ impl Midge {
     /// Once the process has exited, wait (up to 5 s) until the reader thread has taken
     /// every line it wrote. The exit status can be seen before the last lines are read
     /// from the pipe; a test that then read `lines()` saw an empty log (CI, stop 19).
-    fn drain_log(&self) {
+    pub fn drain_log(&self) {
         let (lock, cv) = &*self.eof;
         let guard = lock.lock().unwrap();
         let (_guard, res) = cv
