@@ -61,7 +61,7 @@ impl Broker {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn midge");
-        let log = collect_stderr(&mut child);
+        let (log, _) = collect_stderr(&mut child);
         let b = Broker { child, log };
         b.wait_count(&["listening on", &format!("127.0.0.1:{port}")], 2);
         b

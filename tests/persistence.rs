@@ -88,8 +88,7 @@ fn start(conf: &Path, shards: usize, port: u16) -> Midge {
             if listening(&m) >= shards {
                 return m;
             }
-            if let Some(st) = m.child.try_wait().unwrap() {
-                m.drain_log();
+            if let Some(st) = m.exited() {
                 let lines = m.lines();
                 assert!(
                     lines.iter().any(|l| l.contains("already in use")) && Instant::now() < deadline,

@@ -10,7 +10,7 @@
 mod common;
 
 use common::bin::free_port;
-use common::proc::collect_stderr;
+use common::proc::{collect_stderr, Eof};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -303,6 +303,7 @@ impl Pki {
 struct Broker {
     child: Child,
     log: Arc<Mutex<String>>,
+    eof: Eof,
 }
 
 impl Broker {
@@ -317,8 +318,8 @@ impl Broker {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn midge");
-        let log = collect_stderr(&mut child);
-        let mut b = Broker { child, log };
+        let (log, eof) = collect_stderr(&mut child);
+        let mut b = Broker { child, log, eof };
         let deadline = Instant::now() + Duration::from_secs(10);
         // Wait for the start-up log line of every shard rather than probing the TLS port
         // (a probe would log an aborted handshake).
@@ -329,6 +330,7 @@ impl Broker {
             .unwrap_or(1);
         loop {
             if let Some(st) = b.child.try_wait().unwrap() {
+                b.eof.wait();
                 panic!("midge exited during start-up ({st}); log:\n{}", b.log());
             }
             let listening = b.log().matches("listening on").count();

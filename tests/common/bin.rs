@@ -1,12 +1,13 @@
 //! The real `midge` binary under test: spawned with arguments or a config file, its log read
 //! line by line as it runs, stopped with SIGTERM, killed if a test fails half-way.
 
-use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use super::proc::{read_stderr, Eof};
 
 /// A port nothing listens on now, and never handed out before in this test process. The
 /// kernel may give the same free port to two `bind(0)` calls in a row; two brokers (or two
@@ -34,9 +35,8 @@ pub struct Midge {
     pub child: Child,
     /// Every stderr line so far (the log goes to stderr by default).
     pub log: Arc<Mutex<Vec<String>>>,
-    /// Set by the reader thread once stderr reached end of file: every line the process
-    /// wrote is in `log` from then on.
-    eof: Arc<(Mutex<bool>, Condvar)>,
+    /// Set once stderr reached end of file: every line the process wrote is in `log`.
+    eof: Eof,
 }
 
 impl Midge {
@@ -54,34 +54,17 @@ impl Midge {
         };
         let mut child = cmd.spawn().expect("spawn midge");
         let log = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().unwrap();
         let sink = log.clone();
-        let eof = Arc::new((Mutex::new(false), Condvar::new()));
-        let done = eof.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                sink.lock().unwrap().push(line);
-            }
-            *done.0.lock().unwrap() = true;
-            done.1.notify_all();
-        });
+        let eof = read_stderr(&mut child, move |line| sink.lock().unwrap().push(line));
         Midge { child, log, eof }
     }
 
-    /// Once the process has exited, wait (up to 5 s) until the reader thread has taken
-    /// every line it wrote. The exit status can be seen before the last lines are read
-    /// from the pipe; a test that then read `lines()` saw an empty log (CI, stop 19).
-    pub fn drain_log(&self) {
-        let (lock, cv) = &*self.eof;
-        let guard = lock.lock().unwrap();
-        let (_guard, res) = cv
-            .wait_timeout_while(guard, Duration::from_secs(5), |eof| !*eof)
-            .unwrap();
-        assert!(
-            !res.timed_out(),
-            "midge's stderr stayed open 5 s after it exited"
-        );
+    /// The exit status once the process has exited, and then only after its log has been
+    /// read to the end (see `Eof`).
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        let st = self.child.try_wait().unwrap()?;
+        self.eof.wait();
+        Some(st)
     }
 
     /// `midge -c FILE`.
@@ -100,9 +83,8 @@ impl Midge {
             if let Some(l) = self.log.lock().unwrap().iter().find(|l| pred(l)) {
                 return Some(l.clone());
             }
-            if self.child.try_wait().unwrap().is_some() {
-                // One last look once every line the process wrote has been read.
-                self.drain_log();
+            if self.exited().is_some() {
+                // One last look: every line the process wrote has been read.
                 return self.log.lock().unwrap().iter().find(|l| pred(l)).cloned();
             }
             if Instant::now() >= deadline {
@@ -116,8 +98,7 @@ impl Midge {
     pub fn wait_listening(&mut self, addr: SocketAddr) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(addr).is_err() {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                self.drain_log();
+            if let Some(st) = self.exited() {
                 panic!(
                     "midge exited during start-up: {st}\n{}",
                     self.lines().join("\n")
@@ -149,8 +130,7 @@ impl Midge {
     pub fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + within;
         loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                self.drain_log();
+            if let Some(st) = self.exited() {
                 return Some(st);
             }
             if Instant::now() > deadline {
